@@ -1,0 +1,111 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"): quantize one column at a time and push the rounding error of each
+column onto the columns not yet quantized, weighted by the inverse Hessian of the layer's
+reconstruction loss ||W X - Q X||^2, H = 2 X^T X / n.
+
+As in the paper: the inverse Hessian comes from a Cholesky factorisation of the dampened H
+(damp * mean(diag H) on the diagonal); updates are applied lazily, `block_size` columns at a
+time; optional act-order visits columns in decreasing diag(H). Group parameters are fitted when
+the first column of a group is reached, on the current (already error-corrected) values of that
+group's columns. Groups are always the contiguous column ranges of the layout, also under
+act-order, so storage and the runtime need no group index.
+
+Only the grid interface is used (fit / encode / decode), so any scalar grid works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..formats import Grid, GroupLayout, Params
+from ..qtensor import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # columns per lazy batch update
+    act_order: bool = False  # visit columns in order of decreasing diag(H)
+
+
+class GPTQError(RuntimeError):
+    pass
+
+
+def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, computed in float64.
+    The damping is raised tenfold (up to 3 times) if H is not positive definite."""
+    h = h.double()
+    mean_diag = torch.diag(h).mean()
+    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    for attempt in range(4):
+        lower, info = torch.linalg.cholesky_ex(h + eye * damp * 10**attempt * mean_diag)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0:
+                return upper.float()
+    raise GPTQError(
+        f"the Hessian is not positive definite even with damping {damp * 1000:g}; "
+        "use more calibration samples or a larger --damp"
+    )
+
+
+@torch.inference_mode()
+def gptq_quantize(
+    w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig = GPTQConfig()
+) -> QuantizedWeight:
+    """`w: [out, in]`, `hessian: [in, in]` (2 X^T X / n) -> codes and parameters."""
+    n_cols = w.shape[1]
+    if hessian.shape != (n_cols, n_cols):
+        raise GPTQError(f"Hessian shape {tuple(hessian.shape)} does not match weight width {n_cols}")
+    W = w.float().clone()
+    H = hessian.float().clone()
+    dead = torch.diag(H) == 0  # inputs never active in calibration: no information, weight irrelevant
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(n_cols)
+    inv_perm = torch.argsort(perm)
+    W, H = W[:, perm], H[perm][:, perm]
+    hinv = inverse_hessian_cholesky(H, config.damp)
+    del H
+
+    group_at = layout.group_of_column()[perm]  # [in] group of each visited position
+    n_groups = layout.n_groups
+    params: Params = {}
+    fitted = [False] * n_groups
+    codes = torch.zeros(W.shape, dtype=torch.uint8)
+
+    def fit_group(g: int, i1: int, i2: int, W1: torch.Tensor) -> None:
+        pos = inv_perm[layout.group_columns(g)]  # visit positions of the group's columns, all >= now
+        cur = W[:, pos].clone()
+        inside = (pos >= i1) & (pos < i2)
+        cur[:, inside] = W1[:, pos[inside] - i1]
+        for name, value in layout.fit_block(grid, cur).items():
+            if name not in params:
+                params[name] = torch.zeros(layout.param_rows, n_groups)
+            params[name][:, g : g + 1] = value
+        fitted[g] = True
+
+    for i1 in range(0, n_cols, config.block_size):
+        i2 = min(i1 + config.block_size, n_cols)
+        W1 = W[:, i1:i2].clone()
+        err1 = torch.zeros_like(W1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = int(group_at[i1 + i])
+            if not fitted[g]:
+                fit_group(g, i1, i2, W1)
+            col_params = {k: v[:, g : g + 1] for k, v in params.items()}
+            col = W1[:, i : i + 1]
+            c = grid.encode(col, col_params)
+            codes[:, i1 + i] = c[:, 0]
+            err = (col - grid.decode(c, col_params)) / hinv1[i, i]
+            W1[:, i:] -= err @ hinv1[i : i + 1, i:]
+            err1[:, i : i + 1] = err
+        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    return QuantizedWeight(codes[:, inv_perm].contiguous(), params, grid, layout)

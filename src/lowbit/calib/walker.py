@@ -1,0 +1,115 @@
+"""Block-by-block calibration walk (as in GPTQ's sequential quantization).
+
+Capture the inputs of block 0; then for each block i: accumulate the Hessian of each of its
+linear layers from its inputs, let the caller quantize the block, run the *quantized* block to
+make the inputs of block i+1. Only one block's activations are held at a time.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..models import find_linears
+from .hessian import HessianAccumulator
+
+BlockInputs = list[tuple[tuple, dict]]  # (args, kwargs) of one block call, per calibration batch
+OnBlock = Callable[[int, str, nn.Module, dict[str, torch.Tensor]], None]
+
+
+class _Captured(Exception):
+    pass
+
+
+def _model_inputs(ids: torch.Tensor, kind: str) -> dict:
+    if kind == "causal-lm":
+        return {"input_ids": ids, "use_cache": False}
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+@torch.inference_mode()
+def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list[torch.Tensor], kind: str) -> BlockInputs:
+    captured: BlockInputs = []
+
+    def grab(_module, args, kwargs):
+        captured.append((args, kwargs))
+        raise _Captured
+
+    handle = first_block.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(**_model_inputs(ids, kind))
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+@torch.inference_mode()
+def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Callable[[], None]) -> dict[str, torch.Tensor]:
+    """Hessians of the linears of `root` whose full names are in `names`, over the inputs `run()` feeds."""
+    linears = {n: m for n, m in find_linears(root, prefix).items() if n in names}
+    accs = {n: HessianAccumulator(m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[0]) for n, m in linears.items()}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0])) for n, m in linears.items()
+    ]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian() for n, a in accs.items()}
+
+
+@torch.inference_mode()
+def walk_blocks(
+    model: nn.Module,
+    blocks_name: str,
+    blocks: nn.ModuleList,
+    batches: list[torch.Tensor],
+    kind: str,
+    hessian_names: set[str],
+    on_block: OnBlock,
+) -> None:
+    """Call `on_block(i, prefix, block, hessians)` for each block, in order, with the Hessians of
+    the block's linears listed in `hessian_names`, computed from the outputs of the blocks before it
+    as already quantized by earlier calls."""
+    inputs = capture_block_inputs(model, blocks[0], batches, kind)
+    for i, block in enumerate(blocks):
+        prefix = f"{blocks_name}.{i}"
+
+        def run_block() -> None:
+            for args, kwargs in inputs:
+                block(*args, **kwargs)
+
+        hessians = accumulate_hessians(block, prefix, hessian_names, run_block) if hessian_names else {}
+        on_block(i, prefix, block, hessians)
+        del hessians
+        if i + 1 < len(blocks):
+            next_inputs: BlockInputs = []
+            for args, kwargs in inputs:
+                out = block(*args, **kwargs)
+                hidden = out[0] if isinstance(out, (tuple, list)) else out
+                next_inputs.append(_with_hidden(args, kwargs, hidden))
+            inputs = next_inputs
+
+
+@torch.inference_mode()
+def whole_model_hessians(model: nn.Module, batches: list[torch.Tensor], kind: str, names: set[str]) -> dict[str, torch.Tensor]:
+    """Fallback for models without a recognisable block list: one pass of the whole model."""
+
+    def run() -> None:
+        for ids in batches:
+            model(**_model_inputs(ids, kind))
+
+    return accumulate_hessians(model, "", names, run)

@@ -1,0 +1,94 @@
+"""The grid interface that every number format implements.
+
+A grid is a set of representable values with a few parameters (a scale, a zero point, ...)
+shared by one block of weights. Algorithms (RTN, GPTQ, ...) only ever call the four methods
+below, so any algorithm works with any grid that implements them:
+
+    params = grid.fit(w)             # w: [rows, k]; every row is one block; params: [rows, 1] each
+    codes  = grid.encode(w, params)  # integer codes in [0, 2**grid.bits), uint8, same shape as w
+    w_hat  = grid.decode(codes, params)
+    grid.param_fields                # how each parameter is stored, hence what it costs in bits
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Params = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ParamField:
+    """How one per-block parameter is stored: an fp16 number, or an unsigned integer code
+    packed at `bits` width (a zero point, for instance)."""
+
+    name: str
+    kind: Literal["float16", "code"]
+    bits: int
+
+    @classmethod
+    def fp16(cls, name: str) -> "ParamField":
+        return cls(name, "float16", 16)
+
+    @classmethod
+    def code(cls, name: str, bits: int) -> "ParamField":
+        return cls(name, "code", bits)
+
+
+def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
+    """Round a float32 parameter to the nearest fp16 value that is finite and non-zero in
+    magnitude, and return it as float32. Parameters are fitted this way so that what is stored
+    (fp16) decodes to exactly what the algorithm used."""
+    tiny = torch.finfo(torch.float16).tiny
+    big = torch.finfo(torch.float16).max
+    mag = x.abs().clamp(min=tiny, max=big)
+    return (torch.where(x < 0, -mag, mag)).to(torch.float16).to(torch.float32)
+
+
+class Grid(ABC):
+    """A scalar number format applied block-wise (see the module docstring)."""
+
+    #: width of one stored code, in bits
+    bits: int
+
+    @property
+    @abstractmethod
+    def name(self) -> str:
+        """The format's name as recipes and the CLI spell it (`int4`, ...)."""
+
+    @property
+    @abstractmethod
+    def param_fields(self) -> tuple[ParamField, ...]:
+        """The per-block parameters, in storage order."""
+
+    @abstractmethod
+    def fit(self, w: torch.Tensor) -> Params:
+        """Fit parameters for each row of `w: [rows, k]`; each returned tensor is [rows, 1]."""
+
+    @abstractmethod
+    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+        """Map `w: [rows, k]` to uint8 codes in [0, 2**bits) with `params` ([rows, 1] each)."""
+
+    @abstractmethod
+    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
+        """The float32 values that `codes` stand for under `params`."""
+
+    def spec(self) -> dict[str, Any]:
+        """A JSON-able description from which `formats.grid_from_spec` rebuilds this grid."""
+        return {"format": self.name}
+
+    def quantize(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+        """Round `w` onto the grid: decode(encode(w))."""
+        return self.decode(self.encode(w, params), params)
+
+    @property
+    def param_bits(self) -> int:
+        """Bits that one block's parameters cost in storage."""
+        return sum(f.bits for f in self.param_fields)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.spec()})"

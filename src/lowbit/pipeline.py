@@ -1,0 +1,98 @@
+"""The user-level jobs that the CLI, the demo and the benchmarks share: quantize a model from
+its source to an artifact, and evaluate an artifact against its original."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .artifact import load, read_header, save
+from .calib.sources import default_text, sentences
+from .calib.text import consecutive_windows, random_windows, read_text
+from .eval import artifact_size, causal_lm_fidelity, encoder_fidelity
+from .models import LoadedModel, load_model
+from .quantize import QuantizeReport, quantize_model
+from .recipe import Recipe
+
+
+@dataclass
+class QuantizeJob:
+    loaded: LoadedModel
+    report: QuantizeReport
+    calib: dict  # where the calibration text came from
+
+
+def calibration_batches(loaded: LoadedModel, recipe: Recipe) -> tuple[list[torch.Tensor], dict]:
+    c = recipe.calib
+    if c.path:
+        text, desc = read_text(c.path), str(c.path)
+    else:
+        text, desc = default_text("calib")
+    seq_len = min(c.seq_len, getattr(loaded.model.config, "max_position_embeddings", c.seq_len))
+    windows = random_windows(loaded.tokenizer, text, seq_len, c.n_samples, c.seed)
+    info = {
+        "text": desc,
+        "text_sha256": hashlib.sha256(text.encode()).hexdigest(),
+        "seq_len": seq_len,
+        "n_samples": c.n_samples,
+        "seed": c.seed,
+    }
+    return list(windows.split(c.batch_size)), info
+
+
+def quantize(source: str, recipe: Recipe, show_progress: bool = True) -> QuantizeJob:
+    """Load `source` and quantize it in memory by `recipe`."""
+    loaded = load_model(source)
+    needs_calib = any(
+        s is not None and s.method == "gptq"
+        for s in (recipe.scheme_for(n) for n, _ in loaded.model.named_modules())
+    )
+    batches, calib = calibration_batches(loaded, recipe) if needs_calib else (None, {})
+    report = quantize_model(loaded.model, recipe, loaded.kind, batches, show_progress)
+    return QuantizeJob(loaded, report, calib)
+
+
+def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = False) -> Path:
+    loaded = job.loaded
+    source = {
+        "model": loaded.source,
+        "path": loaded.path,
+        "kind": loaded.kind,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "calibration": job.calib,
+    }
+    return save(
+        loaded.model, out, tokenizer=loaded.tokenizer, source=source, recipe=recipe.to_dict(),
+        module_info={n: {"method": m["method"]} for n, m in job.report.modules.items()},
+        skipped=job.report.skipped, dense_dtype=loaded.dtype, force=force,
+    )
+
+
+def evaluate(
+    path: str | Path,
+    text_path: str | None = None,
+    reference: str | None = None,
+    max_tokens: int = 4096,
+    seq_len: int = 512,
+    n_sentences: int = 256,
+) -> dict:
+    """Fidelity of the artifact at `path` to its original model (or to `reference`), plus its size."""
+    header = read_header(path)
+    quantized = load(path, verify=False)  # read_header just verified every file
+    ref = load_model(reference or header["source"].get("path") or header["source"]["model"])
+    if text_path:
+        text, text_desc = read_text(text_path), str(text_path)
+    else:
+        text, text_desc = default_text("eval")
+    result: dict = {"artifact": str(path), "text": text_desc}
+    if ref.kind == "causal-lm":
+        seq = min(seq_len, getattr(ref.model.config, "max_position_embeddings", seq_len))
+        windows = consecutive_windows(ref.tokenizer, text, seq, max_tokens)
+        result.update(causal_lm_fidelity(ref.model, quantized, windows))
+    else:
+        result.update(encoder_fidelity(ref.model, quantized, ref.tokenizer, sentences(text, n_sentences)))
+    result.update(artifact_size(path, header))
+    return result

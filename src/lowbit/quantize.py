@@ -1,0 +1,134 @@
+"""Quantize a model in place by a recipe: plan which layers get which scheme, gather calibration
+Hessians block by block where an algorithm needs them, and swap each nn.Linear for a QuantLinear."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+
+from .algos import GPTQConfig, gptq_quantize, rtn_quantize
+from .calib.walker import walk_blocks, whole_model_hessians
+from .formats import GroupLayout
+from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
+from .nn import QuantLinear
+from .recipe import Recipe, Scheme
+
+
+class QuantizeError(RuntimeError):
+    pass
+
+
+@dataclass
+class LayerPlan:
+    scheme: Scheme
+    layout: GroupLayout
+
+
+@dataclass
+class QuantizeReport:
+    modules: dict[str, dict] = field(default_factory=dict)  # name -> what was done, bpw, seconds
+    skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stays unquantized
+    seconds: float = 0.0
+
+
+def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan], dict[str, str]]:
+    """Decide every linear layer's scheme and layout up front, so a bad group size fails before any work."""
+    tied = tied_parameter_names(model)
+    plans: dict[str, LayerPlan] = {}
+    skipped: dict[str, str] = {}
+    for name, module in find_linears(model).items():
+        scheme = recipe.scheme_for(name)
+        if name in tied:
+            skipped[name] = "weight tied to another module (e.g. the embedding): kept unquantized"
+            continue
+        if scheme is None:
+            skipped[name] = "excluded by the recipe (ignore/override)"
+            continue
+        out_f, in_f = linear_weight(module).shape
+        try:
+            layout = GroupLayout(out_f, in_f, scheme.group_size, recipe.ragged)
+        except ValueError as exc:
+            raise QuantizeError(f"{name}: {exc}") from None
+        plans[name] = LayerPlan(scheme, layout)
+    if not plans:
+        raise QuantizeError("no linear layer to quantize: check the recipe's ignore patterns and overrides")
+    return plans, skipped
+
+
+def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch.Tensor | None, recipe: Recipe) -> dict:
+    module = model.get_submodule(name)
+    w = linear_weight(module).detach().float()
+    if not torch.isfinite(w).all():
+        raise QuantizeError(f"{name}: the weight holds NaN or infinite values; fix the checkpoint first")
+    grid = plan.scheme.grid()
+    start = time.perf_counter()
+    if plan.scheme.method == "gptq":
+        if hessian is None:
+            raise QuantizeError(f"{name}: GPTQ needs calibration inputs but none reached this layer")
+        cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
+        qw = gptq_quantize(w, hessian, grid, plan.layout, cfg)
+    else:
+        qw = rtn_quantize(w, grid, plan.layout)
+    bias = getattr(module, "bias", None)
+    model.set_submodule(name, QuantLinear.from_quantized(qw, None if bias is None else bias.detach()))
+    return {
+        "method": plan.scheme.method,
+        "grid": grid.spec(),
+        "group_size": plan.layout.group_size,
+        "shape": list(qw.shape),
+        "bpw": qw.bits_per_weight(),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.fields[layer]}"), transient=True,
+    )
+
+
+@torch.inference_mode()
+def quantize_model(
+    model: nn.Module,
+    recipe: Recipe,
+    kind: str = "causal-lm",
+    calib_batches: list[torch.Tensor] | None = None,
+    show_progress: bool = True,
+) -> QuantizeReport:
+    """Quantize `model` in place. `calib_batches` ([batch, seq] token ids each) are needed for GPTQ."""
+    started = time.perf_counter()
+    plans, skipped = plan_layers(model, recipe)
+    report = QuantizeReport(skipped=skipped)
+    needs_hessian = {n for n, p in plans.items() if p.scheme.method == "gptq"}
+    if needs_hessian and not calib_batches:
+        raise QuantizeError("GPTQ needs calibration data: pass a text file with --calib")
+
+    with _progress() as progress:
+        task = progress.add_task("quantizing", total=len(plans), layer="", visible=show_progress)
+
+        def do(name: str, hessian: torch.Tensor | None) -> None:
+            progress.update(task, layer=name)
+            report.modules[name] = _quantize_layer(model, name, plans[name], hessian, recipe)
+            progress.advance(task)
+
+        blocks = find_blocks(model) if needs_hessian else None
+        if blocks is not None:
+            blocks_name, block_list = blocks
+
+            def on_block(_i: int, prefix: str, _block: nn.Module, hessians: dict[str, torch.Tensor]) -> None:
+                for name in [n for n in plans if n.startswith(prefix + ".")]:
+                    do(name, hessians.get(name))
+
+            walk_blocks(model, blocks_name, block_list, calib_batches, kind, needs_hessian, on_block)
+        remaining_hessian = needs_hessian - set(report.modules)
+        hessians = whole_model_hessians(model, calib_batches, kind, remaining_hessian) if remaining_hessian else {}
+        for name in plans:
+            if name not in report.modules:
+                do(name, hessians.get(name))
+    report.seconds = time.perf_counter() - started
+    return report

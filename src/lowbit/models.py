@@ -84,6 +84,9 @@ def checkpoint_dtype(config) -> torch.dtype:
 def load_model(source: str | Path) -> LoadedModel:
     """Load in float32 for quantization and evaluation on the CPU."""
     from transformers import AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
     path = resolve(source)
     try:

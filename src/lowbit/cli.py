@@ -150,7 +150,8 @@ def inspect(
     src = header["source"]
     out.print(f"[bold]{artifact}[/]  source: {src.get('model')} ({src.get('kind')}), lowbit {header['lowbit_version']}")
     table = Table()
-    for col in ("module", "method", "format", "group", "shape", "params", "bpw"):
+    table.add_column("module", overflow="fold")
+    for col in ("method", "format", "group", "shape", "params", "bpw"):
         table.add_column(col, justify="right" if col in ("params", "bpw", "group") else "left")
     for name, m in header["modules"].items():
         grid = m["grid"]

@@ -1,0 +1,74 @@
+"""Model discovery: other decoder families, encoders, and plain nn.Modules."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.models import ModelLoadError, find_blocks, load_model, resolve
+from lowbit.nn import QuantLinear
+from lowbit.pipeline import quantize
+from lowbit.quantize import QuantizeError, quantize_model
+from lowbit.recipe import Recipe
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="not found"):
+        resolve(str(tmp_path / "no-such-model"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        resolve(str(tmp_path / "empty"))
+
+
+def test_block_discovery_on_llama(tiny_llama):
+    name, blocks = find_blocks(load_model(str(tiny_llama)).model)
+    assert name == "model.layers" and len(blocks) == 2
+
+
+def test_another_family_quantizes_without_code_changes(tiny_qwen2, calib_text):
+    """Qwen2: biased q/k/v projections, tied embeddings (the tied lm_head is kept and reported)."""
+    r = Recipe.from_dict({"format": "int4", "group_size": 32, "calib": {"path": str(calib_text), "n_samples": 4, "seq_len": 64}})
+    job = quantize(str(tiny_qwen2), r, show_progress=False)
+    model = job.loaded.model
+    assert len(job.report.modules) == 2 * 7
+    assert "lm_head" in job.report.skipped
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinear)
+    assert model.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.inference_mode():
+        assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_generic_module_fallback_quantizes_every_linear():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(64, 32), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 64))
+    batches = [torch.randint(0, 64, (4, 16))]
+
+    class Wrapper(nn.Module):  # accepts the input_ids keyword the walker passes
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, **_):
+            return self.inner(input_ids)
+
+    wrapped = Wrapper(model)
+    with torch.inference_mode():
+        ref = wrapped(batches[0])
+    report = quantize_model(wrapped, Recipe(format="int8", group_size=16), "encoder", batches, show_progress=False)
+    assert set(report.modules) == {"inner.1", "inner.3"}
+    with torch.inference_mode():
+        out = wrapped(batches[0])
+    assert (out - ref).abs().max() < 0.05 * ref.abs().max()
+
+
+def test_gptq_without_calibration_is_refused(tiny_llama):
+    loaded = load_model(str(tiny_llama))
+    with pytest.raises(QuantizeError, match="calibration"):
+        quantize_model(loaded.model, Recipe(), loaded.kind, None, show_progress=False)
+
+
+def test_ragged_error_rule_is_refused_before_any_work(tiny_llama):
+    loaded = load_model(str(tiny_llama))
+    r = Recipe(method="rtn", group_size=64, ragged="error")
+    with pytest.raises(QuantizeError, match="down_proj: group size 64 does not divide the input width 96"):
+        quantize_model(loaded.model, r, loaded.kind, None, show_progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in loaded.model.modules())

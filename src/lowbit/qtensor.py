@@ -35,7 +35,7 @@ class QuantizedWeight:
     def storage_bytes(self) -> dict[str, int]:
         """Exact bytes each stored tensor takes: packed codes and every parameter field."""
         sets = self.layout.n_param_sets
-        sizes = {"codes": packed_nbytes(self.numel, self.grid.bits)}
+        sizes = {"codes": self.grid.packed_nbytes(self.numel)}
         for f in self.grid.param_fields:
             sizes[f.name] = 2 * sets if f.kind == "float16" else packed_nbytes(sets, f.bits)
         return sizes

@@ -49,8 +49,9 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
             skipped[name] = "excluded by the recipe (ignore/override)"
             continue
         out_f, in_f = linear_weight(module).shape
+        fixed = scheme.grid().fixed_group_size  # a format with its own block size (MXFP4) sets the groups
         try:
-            layout = GroupLayout(out_f, in_f, scheme.group_size, recipe.ragged)
+            layout = GroupLayout(out_f, in_f, fixed or scheme.group_size, recipe.ragged)
         except ValueError as exc:
             raise QuantizeError(f"{name}: {exc}") from None
         plans[name] = LayerPlan(scheme, layout)

@@ -18,6 +18,8 @@ from typing import Any, Literal
 
 import torch
 
+from ..pack import pack_codes, packed_nbytes, unpack_codes
+
 Params = dict[str, torch.Tensor]
 
 
@@ -52,8 +54,10 @@ def round_to_fp16(x: torch.Tensor) -> torch.Tensor:
 class Grid(ABC):
     """A scalar number format applied block-wise (see the module docstring)."""
 
-    #: width of one stored code, in bits
+    #: width of one code, in bits (codes lie in [0, 2**bits))
     bits: int
+    #: a block size the format itself prescribes (MXFP4: 32), overriding the recipe's group size
+    fixed_group_size: int | None = None
 
     @property
     @abstractmethod
@@ -84,6 +88,19 @@ class Grid(ABC):
     def quantize(self, w: torch.Tensor, params: Params) -> torch.Tensor:
         """Round `w` onto the grid: decode(encode(w))."""
         return self.decode(self.encode(w, params), params)
+
+    # Storage of the codes. The default packs `bits`-wide codes densely; a format whose codes pack
+    # tighter (ternary: 5 trits per byte) overrides all three.
+    def packed_nbytes(self, n_codes: int) -> int:
+        return packed_nbytes(n_codes, self.bits)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        """uint8 codes (any shape) -> flat uint8 bytes."""
+        return pack_codes(codes, self.bits)
+
+    def unpack(self, packed: torch.Tensor, n_codes: int) -> torch.Tensor:
+        """Flat bytes -> the first `n_codes` codes, flat uint8."""
+        return unpack_codes(packed, self.bits, n_codes)
 
     @property
     def param_bits(self) -> int:

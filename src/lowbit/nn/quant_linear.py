@@ -21,7 +21,7 @@ class QuantLinear(nn.Module):
         self.out_features = layout.out_features
         n = layout.out_features * layout.in_features
         sets = layout.n_param_sets
-        self.register_buffer("codes", torch.zeros(-(-n * grid.bits // 8), dtype=torch.uint8))
+        self.register_buffer("codes", torch.zeros(grid.packed_nbytes(n), dtype=torch.uint8))
         for f in grid.param_fields:
             if f.kind == "float16":
                 self.register_buffer(f.name, torch.zeros(sets, dtype=torch.float16))
@@ -34,7 +34,7 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None) -> "QuantLinear":
         layer = cls(qw.grid, qw.layout, bias is not None)
-        layer.codes.copy_(pack_codes(qw.codes, qw.grid.bits))
+        layer.codes.copy_(qw.grid.pack(qw.codes))
         for f in qw.grid.param_fields:
             value = qw.params[f.name].reshape(-1)
             if f.kind == "float16":
@@ -49,7 +49,7 @@ class QuantLinear(nn.Module):
         """Unpack the stored tensors into codes and parameters."""
         layout = self.layout
         n = layout.out_features * layout.in_features
-        codes = unpack_codes(self.codes, self.grid.bits, n).reshape(layout.out_features, layout.in_features)
+        codes = self.grid.unpack(self.codes, n).reshape(layout.out_features, layout.in_features)
         params = {}
         for f in self.grid.param_fields:
             stored = getattr(self, f.name)

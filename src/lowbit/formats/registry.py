@@ -3,36 +3,162 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from .base import Grid
+from .binary import BinaryGrid
 from .int import IntGrid
+from .log import LogGrid
+from .lookup import LookupGrid, NormalFloatGrid
+from .minifloat import MinifloatGrid, MXFP4Grid, NVFP4Grid
+from .power import PowerGrid
+from .ternary import TernaryGrid
 
 
 class UnknownFormatError(ValueError):
     pass
 
 
-# name pattern -> (builder from the regex match and options, a one-line description)
-_FORMATS: list[tuple[re.Pattern[str], Callable[[re.Match[str], dict[str, Any]], Grid], str]] = [
-    (
+class FormatOptionError(UnknownFormatError):
+    """A known format name with options it does not accept (or a name whose numbers do not fit)."""
+
+
+@dataclass(frozen=True)
+class _Format:
+    pattern: re.Pattern[str]
+    build: Callable[[re.Match[str], dict[str, Any]], Grid]
+    description: str
+    bits: str  # width of one code, for the listing
+    params: str  # what each block stores besides its codes
+
+
+def _options(name: str, given: dict[str, Any], accepted: tuple[str, ...]) -> dict[str, Any]:
+    """The options a builder uses; `symmetric` (passed by recipes to every format) is ignored
+    where the format has no such choice, anything else unknown is refused."""
+    unknown = sorted(set(given) - set(accepted) - {"symmetric"})
+    if unknown:
+        allowed = ", ".join(accepted) or "none"
+        raise FormatOptionError(f"format {name!r} does not take option(s) {', '.join(unknown)} (options: {allowed})")
+    return {k: v for k, v in given.items() if k in accepted}
+
+
+def _minifloat(m: re.Match[str], o: dict[str, Any]) -> Grid:
+    total, e, mant = (int(g) for g in m.groups())
+    if 1 + e + mant != total:
+        raise FormatOptionError(f"{m.group(0)}: 1 sign + {e} exponent + {mant} mantissa bits is {1 + e + mant}, not {total}")
+    return MinifloatGrid(e, mant, **_options(m.group(0), o, ("subnormals", "bias")))
+
+
+_FORMATS: list[_Format] = [
+    _Format(
         re.compile(r"int([2-8])"),
         lambda m, o: IntGrid(int(m.group(1)), symmetric=bool(o.get("symmetric", False))),
         "uniform integer grid, 2-8 bits; options: symmetric (default false: asymmetric with a zero point)",
+        "2-8", "fp16 scale (+ b-bit zero point if asymmetric)",
+    ),
+    _Format(
+        re.compile(r"fp([3-8])_e([1-7])m([0-6])"),
+        _minifloat,
+        "ExMy minifloat (LLM-FP4, FLIQS), e.g. fp4_e2m1, fp4_e1m2, fp4_e3m0, fp6_e3m2, fp8_e4m3, fp8_e5m2; "
+        "absmax maps to the format's max; options: subnormals (default true), bias (default 2^(E-1)-1)",
+        "3-8", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"mxfp4"),
+        lambda m, o: MXFP4Grid(**_options("mxfp4", o, ("scale_rule",))),
+        "OCP MXFP4: E2M1 in blocks of 32 (fixed), shared power-of-two scale as an 8-bit E8M0 code; "
+        "option scale_rule: ocp (default) | mse",
+        "4", "8-bit E8M0 scale exponent per 32",
+    ),
+    _Format(
+        re.compile(r"nvfp4"),
+        lambda m, o: NVFP4Grid(**_options("nvfp4", o, ("scale_rule", "tensor_scale_exp"))),
+        "NVFP4: E2M1 in blocks of 16 (fixed), scale as an 8-bit FP8 E4M3 code times a fixed 2^tensor_scale_exp "
+        "(default -7, in place of the per-tensor FP32 scale); option scale_rule: nearest (default) | mse",
+        "4", "8-bit E4M3 scale per 16",
+    ),
+    _Format(
+        re.compile(r"nf([2-8])"),
+        lambda m, o: NormalFloatGrid(int(m.group(1)), **_options(m.group(0), o, ())),
+        "NormalFloat (QLoRA): normal-quantile levels with an exact zero, absmax scale; nf4, nf3, ...",
+        "2-8", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"lut"),
+        lambda m, o: _lut(o),
+        "user lookup table: get_grid('lut', levels=[...]) (2-256 distinct values), code = index of the nearest "
+        "level, absmax scale; the table is stored in the spec",
+        "1-8", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"power([2-8])"),
+        lambda m, o: PowerGrid(int(m.group(1)), **_options(m.group(0), o, ("alpha",))),
+        "NUPES power grid: levels sign(q)|q/qmax|^alpha * scale for integer q; option alpha (default 1.25)",
+        "2-8", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"post([3-8])"),
+        lambda m, o: LogGrid(int(m.group(1)), "post", **_options(m.group(0), o, ())),
+        "powers of sqrt(2) (ASQ's POST): +-scale*2^(-k/2) and zero, absmax scale",
+        "3-8", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"log([3-8])"),
+        lambda m, o: LogGrid(int(m.group(1)), "log", **_options(m.group(0), o, ())),
+        "powers of two (log2 quantization, RepQuant): +-scale*2^(-k) and zero, absmax scale",
+        "3-8", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"ternary"),
+        lambda m, o: TernaryGrid(packed=True, **_options("ternary", o, ("scale",))),
+        "BitNet b1.58 ternary {-1,0,+1}*scale, 5 codes per byte (1.6 bits); option scale: absmean (default) | median",
+        "2 (packed 1.6)", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"ternary2"),
+        lambda m, o: TernaryGrid(packed=False, **_options("ternary2", o, ("scale",))),
+        "ternary as above, codes stored at plain 2 bits",
+        "2", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"binary"),
+        lambda m, o: BinaryGrid(**_options("binary", o, ())),
+        "sign * scale, scale = mean|w| per block (1 bit)",
+        "1", "fp16 scale",
     ),
 ]
 
-EXAMPLE_NAMES = ["int8", "int4", "int3", "int2"]
+
+def _lut(o: dict[str, Any]) -> Grid:
+    opts = _options("lut", o, ("levels",))
+    if "levels" not in opts:
+        raise FormatOptionError("format 'lut' needs its table: get_grid('lut', levels=[...])")
+    return LookupGrid(opts["levels"])
+
+
+EXAMPLE_NAMES = [
+    "int8", "int4", "int3", "int2",
+    "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp5_e2m2", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "mxfp4", "nvfp4",
+    "nf4", "nf3", "lut", "power4", "post4", "log4", "ternary", "ternary2", "binary",
+]
 
 
 def get_grid(name: str, **options: Any) -> Grid:
-    """Build the grid that `name` names (`int4`, ...) with its options (`symmetric=True`)."""
-    for pattern, build, _ in _FORMATS:
-        match = pattern.fullmatch(name.strip().lower())
+    """Build the grid that `name` names (`int4`, `fp4_e2m1`, `nf4`, ...) with its options
+    (`symmetric=True`, `alpha=1.5`, `levels=[...]`, ...)."""
+    for fmt in _FORMATS:
+        match = fmt.pattern.fullmatch(name.strip().lower())
         if match:
-            return build(match, options)
+            try:
+                return fmt.build(match, options)
+            except UnknownFormatError:
+                raise
+            except (ValueError, TypeError) as exc:
+                raise FormatOptionError(f"format {name!r}: {exc}") from None
     raise UnknownFormatError(
-        f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES)} (int2 ... int8)"
+        f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES)} "
+        "(see `lowbit formats` for the patterns: int2-8, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8)"
     )
 
 
@@ -43,4 +169,5 @@ def grid_from_spec(spec: dict[str, Any]) -> Grid:
 
 
 def describe_formats() -> list[dict[str, str]]:
-    return [{"pattern": p.pattern, "description": d} for p, _, d in _FORMATS]
+    """One row per format pattern: pattern, description, bits (code width), params (per block)."""
+    return [{"pattern": f.pattern.pattern, "description": f.description, "bits": f.bits, "params": f.params} for f in _FORMATS]

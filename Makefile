@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTHON ?= python3
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo demo-encoder test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/lowbit demo
 
+demo-encoder: setup
+	$(VENV)/bin/lowbit demo --model minilm-l6
+
 test: setup
 	$(PY) -m pytest -q
 
@@ -27,6 +30,13 @@ test-fast: setup
 bench: setup
 	$(PY) -m bench.gptq_layer
 	$(PY) -m bench.quality
+
+# Peer quantizers for bench.quality (the `bench` extra), then llm-compressor without its dependencies:
+# it pins transformers<=5.17.0 (and wants auto-round, nvidia-ml-py) but runs GPTQ with 5.24.0 here.
+bench-setup: setup
+	$(PY) -m pip install -q -e ".[test,assets,bench]"
+	$(PY) -m pip install -q --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0
+	$(PY) -c "import torch, transformers as t; assert torch.__version__.startswith('2.13.0') and t.__version__ == '5.24.0', (torch.__version__, t.__version__)"
 
 clean:
 	rm -rf $(VENV) out

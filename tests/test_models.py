@@ -15,7 +15,7 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
     with pytest.raises(ModelLoadError, match="not found"):
         resolve(str(tmp_path / "no-such-model"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="no config.json"):
+    with pytest.raises(ModelLoadError, match="neither a .gguf file nor a model directory with a config.json"):
         resolve(str(tmp_path / "empty"))
 
 

@@ -204,9 +204,11 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"artifact file {path} cannot be read: {exc}") from None
 
 
-def load(path: str | Path, model: nn.Module | None = None, verify: bool = True) -> nn.Module:
+def load(path: str | Path, model: nn.Module | None = None, verify: bool = True, cache_weights: bool = False) -> nn.Module:
     """Rebuild the quantized model from an artifact. `model`: a skeleton to fill instead of the
-    one built from the stored config (for models that are not Hugging Face models)."""
+    one built from the stored config (for models that are not Hugging Face models).
+    `cache_weights`: keep each layer's dequantized weight after its first use (faster repeated
+    forwards, such as evaluation or generation, at the memory cost of a float model)."""
     root = Path(path)
     header = read_header(root, verify)
     if model is None:
@@ -222,6 +224,7 @@ def load(path: str | Path, model: nn.Module | None = None, verify: bool = True) 
         own = {k.removeprefix(name + "."): v for k, v in quantized.items() if k.startswith(name + ".")}
         try:
             layer.load_state_dict(own, strict=True)
+            layer.cache_weight = cache_weights
             model.set_submodule(name, layer)
         except (RuntimeError, AttributeError) as exc:
             raise ArtifactError(f"{root / QUANTIZED}: tensors of module {name} do not fit: {exc}") from None

@@ -188,15 +188,33 @@ def formats(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")
 
 
 @app.command()
+def models(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the built-in model aliases (real models fetched from the package registry, no hub)."""
+    from .models import ALIASES, cache_dir
+
+    rows = [{"alias": a.name, "description": a.description, "source_format": a.source_format} for a in ALIASES.values()]
+    if as_json:
+        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        return
+    table = Table(caption=f"cache: {cache_dir()} (set LOWBIT_CACHE to move it)")
+    table.add_column("alias")
+    table.add_column("model")
+    for row in rows:
+        table.add_row(row["alias"], row["description"])
+    Console().print(table)
+
+
+@app.command()
 def demo(
+    model: str = typer.Option("smollm2-135m", help="smollm2-135m (causal LM, int4) or minilm-l6 (encoder, 8/4/3 bits)."),
     out_dir: Path = typer.Option(Path("out/demo"), help="Where the demo's artifacts go (replaced on each run)."),
-    fast: bool = typer.Option(False, help="Fewer calibration samples and sentences (for tests)."),
+    fast: bool = typer.Option(False, help="Fewer calibration samples and evaluation tokens (for tests)."),
 ) -> None:
-    """Quantize the embedded MiniLM encoder with RTN and GPTQ at 8/4/3 bits and print a table."""
+    """Quantize a real model with RTN and GPTQ, reload each artifact, print a table and the answers."""
     from .demo import run_demo
 
     try:
-        run_demo(out_dir, fast=fast)
+        run_demo(out_dir, model=model, fast=fast)
     except USER_ERRORS as exc:
         _fail(exc)
 

@@ -3,13 +3,14 @@
 Layout: the codes are taken in row-major order and their bits laid down least significant
 first, one after the other, into a little-endian bit stream; the stream is cut into bytes and
 its last byte padded with zero bits. n codes of b bits take ceil(n * b / 8) bytes exactly.
+
+Eight b-bit codes fill exactly b bytes, so both directions work on groups of eight codes held in
+one int64 (at most 64 bits), with shifts only.
 """
 
 from __future__ import annotations
 
 import torch
-
-_CHUNK = 1 << 22  # codes per step, to bound the temporary bit tensors
 
 
 def packed_nbytes(n_codes: int, bits: int) -> int:
@@ -25,23 +26,22 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 `codes` (any shape, each < 2**bits) into a flat uint8 tensor."""
     _check_bits(bits)
     flat = codes.reshape(-1).to(torch.uint8)
-    if flat.numel() and int(flat.max()) >= 2**bits:
+    n = flat.numel()
+    if n and int(flat.max()) >= 2**bits:
         raise ValueError(f"a code exceeds the {bits}-bit range (max {int(flat.max())})")
     if bits == 8:
         return flat.clone()
-    # Work in chunks whose bit count is a multiple of 8 so every chunk ends on a byte boundary.
-    chunk = _CHUNK - _CHUNK % 8
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    weights = (1 << torch.arange(8, dtype=torch.int32))
-    out = []
-    for start in range(0, flat.numel(), chunk):
-        part = flat[start : start + chunk]
-        stream = ((part.unsqueeze(1) >> shifts) & 1).reshape(-1)  # [n * bits] bits, LSB first
-        pad = (-stream.numel()) % 8
-        if pad:
-            stream = torch.cat([stream, stream.new_zeros(pad)])
-        out.append((stream.reshape(-1, 8).to(torch.int32) * weights).sum(1).to(torch.uint8))
-    return torch.cat(out) if out else flat.new_zeros(0)
+    if 8 % bits == 0:  # 1, 2, 4 bits: whole codes per byte, uint8 shifts only
+        per = 8 // bits
+        lanes = torch.cat([flat, flat.new_zeros((-n) % per)]).reshape(-1, per)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return (lanes << shifts).sum(1, dtype=torch.uint8)
+    groups = torch.cat([flat, flat.new_zeros((-n) % 8)]).reshape(-1, 8).to(torch.int64)
+    code_shifts = torch.arange(8, dtype=torch.int64) * bits
+    words = (groups << code_shifts).sum(1, keepdim=True)  # [n/8, 1]: eight codes, bits apart
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    packed = ((words >> byte_shifts) & 0xFF).to(torch.uint8).reshape(-1)
+    return packed[: packed_nbytes(n, bits)].clone()
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
@@ -54,14 +54,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
         )
     if bits == 8:
         return packed.clone()
-    chunk_codes = _CHUNK - _CHUNK % 8  # codes per step; chunk_codes * bits is a multiple of 8
-    shifts8 = torch.arange(8, dtype=torch.uint8)
-    weights = (1 << torch.arange(bits, dtype=torch.int32))
-    out = []
-    for start in range(0, n_codes, chunk_codes):
-        count = min(chunk_codes, n_codes - start)
-        b0 = start * bits // 8
-        part = packed[b0 : b0 + packed_nbytes(count, bits)]
-        stream = ((part.unsqueeze(1) >> shifts8) & 1).reshape(-1)[: count * bits]
-        out.append((stream.reshape(count, bits).to(torch.int32) * weights).sum(1).to(torch.uint8))
-    return torch.cat(out) if out else packed.new_zeros(0)
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8)
+        return ((packed.unsqueeze(1) >> shifts) & (2**bits - 1)).reshape(-1)[:n_codes].clone()
+    padded = torch.cat([packed, packed.new_zeros((-packed.numel()) % bits)]).reshape(-1, bits).to(torch.int64)
+    byte_shifts = torch.arange(bits, dtype=torch.int64) * 8
+    words = (padded << byte_shifts).sum(1, keepdim=True)  # [n/8, 1]
+    code_shifts = torch.arange(8, dtype=torch.int64) * bits
+    codes = ((words >> code_shifts) & (2**bits - 1)).to(torch.uint8).reshape(-1)
+    return codes[:n_codes].clone()

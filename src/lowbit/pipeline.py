@@ -11,8 +11,9 @@ import torch
 
 from .artifact import load, read_header, save
 from .calib.sources import default_text, sentences
-from .calib.text import consecutive_windows, random_windows, read_text
+from .calib.text import consecutive_windows, framing, random_windows, read_text
 from .eval import artifact_size, causal_lm_fidelity, encoder_fidelity
+from .eval.source_grid import artifact_contains_source_grid
 from .models import LoadedModel, load_model
 from .quantize import QuantizeReport, quantize_model
 from .recipe import Recipe
@@ -62,6 +63,7 @@ def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = Fa
         "path": loaded.path,
         "kind": loaded.kind,
         "dtype": str(loaded.dtype).removeprefix("torch."),
+        "source_format": loaded.source_format,
         "calibration": job.calib,
     }
     return save(
@@ -74,15 +76,19 @@ def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = Fa
 def evaluate(
     path: str | Path,
     text_path: str | None = None,
-    reference: str | None = None,
+    reference: str | LoadedModel | None = None,
     max_tokens: int = 4096,
     seq_len: int = 512,
     n_sentences: int = 256,
 ) -> dict:
-    """Fidelity of the artifact at `path` to its original model (or to `reference`), plus its size."""
+    """Fidelity of the artifact at `path` to its original model (or to `reference`, a source or an
+    already loaded model), plus its size."""
     header = read_header(path)
-    quantized = load(path, verify=False)  # read_header just verified every file
-    ref = load_model(reference or header["source"].get("path") or header["source"]["model"])
+    quantized = load(path, verify=False, cache_weights=True)  # read_header just verified every file
+    if isinstance(reference, LoadedModel):
+        ref = reference
+    else:
+        ref = load_model(reference or header["source"].get("path") or header["source"]["model"])
     if text_path:
         text, text_desc = read_text(text_path), str(text_path)
     else:
@@ -91,8 +97,12 @@ def evaluate(
     if ref.kind == "causal-lm":
         seq = min(seq_len, getattr(ref.model.config, "max_position_embeddings", seq_len))
         windows = consecutive_windows(ref.tokenizer, text, seq, max_tokens)
+        frame = framing(ref.tokenizer)
         result.update(causal_lm_fidelity(ref.model, quantized, windows))
+        result.update({"stride": seq, "bos": bool(frame.prefix), "special_prefix": frame.prefix, "max_text_tokens": max_tokens})
     else:
         result.update(encoder_fidelity(ref.model, quantized, ref.tokenizer, sentences(text, n_sentences)))
     result.update(artifact_size(path, header))
+    result["source_format"] = header["source"].get("source_format")
+    result["source_grid"] = artifact_contains_source_grid(header)
     return result

@@ -15,6 +15,7 @@ Only the grid interface is used (fit / encode / decode), so any scalar grid work
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +54,17 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     )
 
 
+@contextmanager
+def _one_thread():
+    """The column loop is a long run of tiny ops, which intra-op threads only slow down."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.inference_mode()
 def gptq_quantize(
     w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig = GPTQConfig()
@@ -69,22 +81,23 @@ def gptq_quantize(
 
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if config.act_order else torch.arange(n_cols)
     inv_perm = torch.argsort(perm)
-    W, H = W[:, perm], H[perm][:, perm]
-    hinv = inverse_hessian_cholesky(H, config.damp)
-    del H
+    # Work on the transpose, Wt: [in (visit order), out], so that one column of W is one contiguous row.
+    Wt = W.T[perm].contiguous()
+    hinv = inverse_hessian_cholesky(H[perm][:, perm], config.damp)
+    del H, W
 
     group_at = layout.group_of_column()[perm]  # [in] group of each visited position
     n_groups = layout.n_groups
     params: Params = {}
     fitted = [False] * n_groups
-    codes = torch.zeros(W.shape, dtype=torch.uint8)
+    codes_t = torch.zeros(Wt.shape, dtype=torch.uint8)  # [in (visit order), out]
 
     def fit_group(g: int, i1: int, i2: int, W1: torch.Tensor) -> None:
         pos = inv_perm[layout.group_columns(g)]  # visit positions of the group's columns, all >= now
-        cur = W[:, pos].clone()
+        cur = Wt[pos].clone()
         inside = (pos >= i1) & (pos < i2)
-        cur[:, inside] = W1[:, pos[inside] - i1]
-        for name, value in layout.fit_block(grid, cur).items():
+        cur[inside] = W1[pos[inside] - i1]
+        for name, value in layout.fit_block(grid, cur.T).items():
             if name not in params:
                 params[name] = torch.zeros(layout.param_rows, n_groups)
             params[name][:, g : g + 1] = value
@@ -92,20 +105,21 @@ def gptq_quantize(
 
     for i1 in range(0, n_cols, config.block_size):
         i2 = min(i1 + config.block_size, n_cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()  # [B, out]: this block's columns, updated as the loop goes
         err1 = torch.zeros_like(W1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            g = int(group_at[i1 + i])
-            if not fitted[g]:
-                fit_group(g, i1, i2, W1)
-            col_params = {k: v[:, g : g + 1] for k, v in params.items()}
-            col = W1[:, i : i + 1]
-            c = grid.encode(col, col_params)
-            codes[:, i1 + i] = c[:, 0]
-            err = (col - grid.decode(c, col_params)) / hinv1[i, i]
-            W1[:, i:] -= err @ hinv1[i : i + 1, i:]
-            err1[:, i : i + 1] = err
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+        with _one_thread():
+            for i in range(i2 - i1):
+                g = int(group_at[i1 + i])
+                if not fitted[g]:
+                    fit_group(g, i1, i2, W1)
+                col_params = {k: v[:, g : g + 1] for k, v in params.items()}
+                col = W1[i].unsqueeze(1)  # [out, 1]
+                c = grid.encode(col, col_params)
+                codes_t[i1 + i] = c[:, 0]
+                err = (col - grid.decode(c, col_params))[:, 0] / hinv1[i, i]
+                W1[i:].addr_(hinv1[i, i:], err, alpha=-1.0)  # push the error onto the later columns
+                err1[i] = err
+        Wt[i2:] -= hinv[i1:i2, i2:].T @ err1
 
-    return QuantizedWeight(codes[:, inv_perm].contiguous(), params, grid, layout)
+    return QuantizedWeight(codes_t[inv_perm].T.contiguous(), params, grid, layout)

@@ -14,8 +14,8 @@ class HessianAccumulator:
 
     @torch.inference_mode()
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).double()
-        self.sum += x.T @ x
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum += (x.T @ x).double()  # float32 products per batch, float64 running sum
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:

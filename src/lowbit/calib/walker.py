@@ -57,18 +57,36 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 @torch.inference_mode()
 def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Callable[[], None]) -> dict[str, torch.Tensor]:
-    """Hessians of the linears of `root` whose full names are in `names`, over the inputs `run()` feeds."""
+    """Hessians of the linears of `root` whose full names are in `names`, over the inputs `run()` feeds.
+    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator."""
     linears = {n: m for n, m in find_linears(root, prefix).items() if n in names}
-    accs = {n: HessianAccumulator(m.weight.shape[1] if isinstance(m, nn.Linear) else m.weight.shape[0]) for n, m in linears.items()}
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0])) for n, m in linears.items()
-    ]
+    accs: dict[str, HessianAccumulator] = {}
+    leader_of: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
+    # inputs seen within one call of `root`, held so that the identity test below stays sound
+    seen: list[tuple[torch.Tensor, str]] = []
+
+    def on_input(name: str, x: torch.Tensor) -> None:
+        first = next((n for t, n in seen if t is x), None)
+        if first is None:
+            seen.append((x, name))
+            first = name
+        if first != name and leader_of.get(name, first) == first and name not in accs:
+            leader_of[name] = first
+            return
+        if name in leader_of:  # shared in an earlier call but not now: cannot happen for a fixed graph
+            raise RuntimeError(f"{name}: its input changed identity between calibration batches")
+        accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
+
+    handles = [root.register_forward_pre_hook(lambda *_: seen.clear())]
+    handles += [m.register_forward_pre_hook(lambda _m, args, n=n: on_input(n, args[0])) for n, m in linears.items()]
     try:
         run()
     finally:
         for h in handles:
             h.remove()
-    return {n: a.hessian() for n, a in accs.items()}
+    hessians = {n: a.hessian() for n, a in accs.items()}
+    hessians.update({n: hessians[leader] for n, leader in leader_of.items()})
+    return hessians
 
 
 @torch.inference_mode()

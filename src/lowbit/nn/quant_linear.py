@@ -45,6 +45,10 @@ class QuantLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().float())
         return layer
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cached = None  # new codes: forget the dequantized copy
+        super()._load_from_state_dict(*args, **kwargs)
+
     def quantized_weight(self) -> QuantizedWeight:
         """Unpack the stored tensors into codes and parameters."""
         layout = self.layout

@@ -1,0 +1,2 @@
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message says what to pass instead."""

@@ -66,19 +66,21 @@ def run_demo(out_dir: Path, model: str = "smollm2-135m", fast: bool = False) -> 
 
 
 def _print_table(console: Console, model: str, group_size: int, rows: list[dict], causal: bool) -> None:
+    first = rows[0]
     if causal:
-        title = f"{model}, int g{group_size} asymmetric; fidelity to the original on {rows[0]['tokens']} held-out tokens ({rows[0]['text']})"
-        cols = ("method", "bits", "bpw", "linear MB", "artifact MB", "KL", "ppl (orig)", "top-1", "quantize s")
+        title = (f"{model}, int g{group_size} asym, vs the original on {first['tokens']} held-out tokens "
+                 f"(original ppl {first['ppl_reference']:.2f})")
+        cols = ("method", "bits", "bpw", "MB", "KL", "ppl", "top-1", "time s")
     else:
-        title = f"{model}, int g{group_size} asymmetric; cosine to the original on {rows[0]['sentences']} held-out sentences"
-        cols = ("method", "bits", "bpw", "linear MB", "artifact MB", "cosine", "min cosine", "quantize s")
-    table = Table(title=title)
+        title = f"{model}, int g{group_size} asym, cosine to the original on {first['sentences']} held-out sentences"
+        cols = ("method", "bits", "bpw", "MB", "cosine", "min cos", "time s")
+    table = Table(title=title, caption="MB: the whole artifact directory; bpw: quantized layers, all stored bits")
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
-        common = [r["method"], str(r["bits"]), f"{r['bpw']:.3f}", f"{r['quantized_file_bytes'] / 1e6:.1f}", f"{r['size_bytes'] / 1e6:.1f}"]
+        common = [r["method"], str(r["bits"]), f"{r['bpw']:.3f}", f"{r['size_bytes'] / 1e6:.1f}"]
         if causal:
-            quality = [f"{r['kl']:.4f}", f"{r['ppl']:.2f} ({r['ppl_reference']:.2f})", f"{r['top1']:.3f}"]
+            quality = [f"{r['kl']:.4f}", f"{r['ppl']:.2f}", f"{r['top1']:.3f}"]
         else:
             quality = [f"{r['cosine']:.4f}", f"{r['cosine_min']:.4f}"]
         table.add_row(*common, *quality, f"{r['seconds']:.1f}")

@@ -72,3 +72,23 @@ def test_ragged_error_rule_is_refused_before_any_work(tiny_llama):
     with pytest.raises(QuantizeError, match="down_proj: group size 64 does not divide the input width 96"):
         quantize_model(loaded.model, r, loaded.kind, None, show_progress=False)
     assert not any(isinstance(m, QuantLinear) for m in loaded.model.modules())
+
+
+def test_gemma3_family_in_memory():
+    """A third family (Gemma3: sliding-window attention, extra norms, tied embeddings)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    cfg = Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=512, max_position_embeddings=128, sliding_window=32,
+    )
+    model = Gemma3ForCausalLM(cfg).eval()
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        ref = model(input_ids=ids).logits
+    report = quantize_model(model, Recipe(format="int8", group_size=32), "causal-lm", [ids], show_progress=False)
+    assert len(report.modules) == 2 * 7 and "lm_head" in report.skipped
+    with torch.inference_mode():
+        out = model(input_ids=ids).logits
+    assert ((out - ref).norm() / ref.norm()) < 0.05  # 8-bit: close to the original

@@ -33,6 +33,7 @@ bench: setup
 
 # Peer quantizers for bench.quality (the `bench` extra), then llm-compressor without its dependencies:
 # it pins transformers<=5.17.0 (and wants auto-round, nvidia-ml-py) but runs GPTQ with 5.24.0 here.
+.PHONY: bench-setup
 bench-setup: setup
 	$(PY) -m pip install -q -e ".[test,assets,bench]"
 	$(PY) -m pip install -q --no-deps llmcompressor==0.14.0.1 compressed-tensors==0.19.0

@@ -1,25 +1,42 @@
-"""Quality against size on the reference causal LM: lowbit RTN and GPTQ at 8/4/3/2 bits.
+"""Quality against size on the reference causal LM: lowbit RTN and GPTQ at 8/4/3/2 bits, side by
+side with peer quantizers (llama.cpp's formats, HQQ, optimum-quanto, torchao, bitsandbytes,
+llm-compressor GPTQ).
 
-    python -m bench.quality [--model DIR] [--calib FILE] [--text FILE]
+    python -m bench.quality [--model DIR] [--calib FILE] [--text FILE] [--only PATTERNS] [--out DIR]
 
-Each configuration runs in its own process (so its peak RSS is its own), quantizes, saves the
-artifact, loads it back and evaluates it against the original on held-out text: KL divergence,
-perplexity, top-1 agreement, true bits per weight. Timings are ratios to RTN int8 of the same run.
-Writes bench/results/quality.json and prints a markdown table.
+Each configuration runs in its own process (so its peak RSS is its own). lowbit rows quantize,
+save the artifact, load it back and evaluate it; peer rows quantize the loaded float32 model with
+the peer (bench/peers/) and evaluate the result in memory. Every row is measured by the same
+evaluator (lowbit.eval.causal_lm_fidelity) on the same consecutive windows of the same held-out
+text: KL divergence to the original, perplexity, top-1 agreement; bits per weight count everything
+the tool stores for the quantized layers (codes, scales, zero points / mins, per-block metadata).
+Quantize time covers loading the model, building calibration windows (if any) and quantizing, for
+lowbit and peers alike; it is also given as a ratio to lowbit RTN int8 of the same run.
+Peers whose package is missing or which cannot run here get a row with status "unavailable"
+(or "failed") and the reason.
+
+Writes bench/results/quality.json (a list of rows), quality.md (tables) and quality_pareto.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import importlib
 import json
+import math
+import os
 import resource
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
-from .common import machine, markdown_table, write_results
+from .common import RESULTS, machine, markdown_table
+from .peers import PEERS, get
+from .peers.common import PeerUnavailable, version
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -28,32 +45,282 @@ CONFIGS = [("rtn", 8, 64, False), ("gptq", 8, 64, False)] + [
     (method, bits, g, False) for bits in (4, 3, 2) for g in (64, 32) for method in ("rtn", "gptq")
 ] + [("rtn", 4, 64, True), ("gptq", 4, 64, True)]
 
+BASELINE_ID = "lowbit:rtn-int8-g64"
+BUDGETS = (8.5, 5.5, 4.5, 3.5, 2.5)
+ROW_KEYS = ("model", "tool", "method", "grid", "bits", "group_size", "symmetric", "bpw", "kl", "ppl", "ppl_reference",
+            "top1", "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "load_avg_1m", "peak_rss_mb", "tokens", "status", "error", "notes",
+            "version", "id")
 
-def run_one(spec: dict) -> dict:
-    """In a child process: quantize, save, load, evaluate one configuration."""
-    from lowbit.pipeline import evaluate, quantize, save_job
+
+def lowbit_id(method: str, bits: int, group_size: int, symmetric: bool) -> str:
+    return f"lowbit:{method}-int{bits}-g{group_size}{'-sym' if symmetric else ''}"
+
+
+def all_configs() -> list[dict]:
+    """Every configuration the benchmark knows, lowbit first, in run order."""
+    out = [{"id": lowbit_id(m, b, g, s), "tool": "lowbit", "method": m, "bits": b, "group_size": g, "symmetric": s,
+            "grid": f"int{b} g{g} {'sym' if s else 'asym'}"} for m, b, g, s in CONFIGS]
+    for p in PEERS:
+        out.append({"id": p.id, "tool": p.tool, "method": p.method, "bits": p.bits, "group_size": p.group_size,
+                    "symmetric": p.options.get("symmetric"), "grid": p.grid})
+    return out
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _recipe(spec: dict, method: str = "rtn", bits: int = 8, group_size: int = 64, symmetric: bool = False):
     from lowbit.recipe import Recipe
 
-    recipe = Recipe(
-        method=spec["method"], format=f"int{spec['bits']}", group_size=spec["group_size"], symmetric=spec["symmetric"],
+    return Recipe(
+        method=method, format=f"int{bits}", group_size=group_size, symmetric=symmetric,
         calib={"path": spec["calib"], "n_samples": spec["n_samples"], "seq_len": spec["seq_len"]},
     )
-    start = time.perf_counter()
+
+
+def run_lowbit(spec: dict) -> dict:
+    """In a child process: quantize, save, load, evaluate one lowbit configuration."""
+    from lowbit.pipeline import evaluate, quantize, save_job
+
+    recipe = _recipe(spec, spec["method"], spec["bits"], spec["group_size"], spec["symmetric"])
+    start, cpu = time.perf_counter(), time.process_time()
     job = quantize(spec["model"], recipe, show_progress=False)
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     with tempfile.TemporaryDirectory() as tmp:
         path = save_job(job, recipe, Path(tmp) / "artifact")
         res = evaluate(path, spec["text"], max_tokens=spec["max_tokens"], seq_len=spec["seq_len"])
     return {
-        "tool": "lowbit", "method": spec["method"], "bits": spec["bits"], "group_size": spec["group_size"],
-        "symmetric": spec["symmetric"], "bpw": res["bpw"], "kl": res["kl"], "ppl": res["ppl"],
-        "ppl_reference": res["ppl_reference"], "top1": res["top1"], "quant_seconds": seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "tokens": res["tokens"],
-        "status": "ok", "error": None,
+        "bpw": res["bpw"], "kl": res["kl"], "ppl": res["ppl"], "ppl_reference": res["ppl_reference"], "top1": res["top1"],
+        "quant_seconds": seconds, "quant_cpu_seconds": cpu, "peak_rss_mb": _peak_rss_mb(), "tokens": res["tokens"],
+        "status": "ok", "error": None, "notes": "lowbit artifact saved, loaded back and evaluated", "version": _version("lowbit"),
     }
 
 
-def main() -> None:
+def _version(dist: str) -> str | None:
+    return version(dist)
+
+
+def run_peer(spec: dict) -> dict:
+    """In a child process: quantize the float32 model with one peer configuration and evaluate it
+    exactly as lowbit's rows are evaluated."""
+    import torch
+
+    from lowbit.calib.text import consecutive_windows, read_text
+    from lowbit.eval import causal_lm_fidelity
+    from lowbit.models import load_model
+    from lowbit.pipeline import calibration_batches
+
+    cfg = get(spec["id"])
+    row: dict = {"version": _version(cfg.dist)}
+    try:
+        adapter = importlib.import_module(f"bench.peers.{cfg.module}")
+        start, cpu = time.perf_counter(), time.process_time()
+        loaded = load_model(spec["model"])
+        calib = None
+        if cfg.needs_calib:  # the very windows lowbit's GPTQ calibrates on
+            batches, _ = calibration_batches(loaded, _recipe(spec, "gptq"))
+            calib = torch.cat(batches)
+        result = adapter.quantize(loaded.model, calib, **cfg.options)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        ref = load_model(spec["model"])
+        seq = min(spec["seq_len"], getattr(ref.model.config, "max_position_embeddings", spec["seq_len"]))
+        windows = consecutive_windows(ref.tokenizer, read_text(spec["text"]), seq, spec["max_tokens"])
+        fid = causal_lm_fidelity(ref.model, result.model.eval(), windows)
+    except PeerUnavailable as exc:
+        return row | {"status": "unavailable", "error": str(exc), "peak_rss_mb": _peak_rss_mb()}
+    except Exception as exc:  # noqa: BLE001 - any failure of a peer is a row, not a crash
+        traceback.print_exc()
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return row | {"status": "failed", "error": f"{exc.__class__.__name__}: {msg}"[:500], "peak_rss_mb": _peak_rss_mb()}
+    if not all(math.isfinite(fid[k]) for k in ("kl", "ppl")):
+        return row | {"status": "failed", "error": f"non-finite result (kl {fid['kl']}, ppl {fid['ppl']})", "bpw": result.bpw}
+    return row | {
+        "bpw": result.bpw, "kl": fid["kl"], "ppl": fid["ppl"], "ppl_reference": fid["ppl_reference"], "top1": fid["top1"],
+        "quant_seconds": seconds, "quant_cpu_seconds": cpu, "peak_rss_mb": _peak_rss_mb(), "tokens": fid["tokens"],
+        "status": "ok", "error": None, "notes": result.notes,
+    }
+
+
+def warm_up(module: str) -> None:
+    """In a child process: let an adapter build what it builds once per install (quanto compiles its
+    C++ extension on first use), so that no configuration's timing includes it."""
+    adapter = importlib.import_module(f"bench.peers.{module}")
+    if hasattr(adapter, "warm_up"):
+        try:
+            adapter.warm_up()
+        except Exception as exc:  # noqa: BLE001 - the configurations themselves will report it
+            print(f"warm-up of {module} failed: {exc}", file=sys.stderr)
+
+
+def run_one(spec: dict) -> dict:
+    return run_lowbit(spec) if spec["tool"] == "lowbit" else run_peer(spec)
+
+
+def run_child(spec: dict, timeout: float) -> dict:
+    """Run one configuration in its own process; a crash or a timeout becomes a failed row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        try:
+            proc = subprocess.run([sys.executable, "-m", "bench.quality", "--one", json.dumps(spec | {"row_out": str(out)})],
+                                  capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
+        if proc.returncode == 0 and out.is_file():
+            return json.loads(out.read_text())
+        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        return {"status": "failed", "error": lines[-1][:500] if lines else f"exit {proc.returncode}"}
+
+
+def finish_rows(rows: list[dict]) -> None:
+    """Time ratios to the same-run baseline; fill every key so each row has the same fields."""
+    base = next((r["quant_seconds"] for r in rows if r.get("id") == BASELINE_ID and r["status"] == "ok"), None)
+    for r in rows:
+        r["quant_seconds_ratio"] = r["quant_seconds"] / base if base and r.get("quant_seconds") is not None else None
+        for k in ROW_KEYS:
+            r.setdefault(k, None)
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def best_at_budgets(rows: list[dict], budgets=BUDGETS) -> list[dict]:
+    """For each budget: the lowest-KL peer row and lowbit row with bpw at or below it."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("bpw") is not None and r.get("kl") is not None]
+    out = []
+    for b in budgets:
+        fits = [r for r in ok if r["bpw"] <= b + 1e-9]
+        peer = min((r for r in fits if r["tool"] != "lowbit"), key=lambda r: r["kl"], default=None)
+        low = min((r for r in fits if r["tool"] == "lowbit"), key=lambda r: r["kl"], default=None)
+        out.append({"budget": b, "peer": peer, "lowbit": low})
+    return out
+
+
+def _fmt_kl(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def budget_table(rows: list[dict]) -> str:
+    lines = ["| budget (bpw) | best peer (tool, method, bpw, KL) | best lowbit (method, bpw, KL) | lowbit KL / peer KL |",
+             "|---|---|---|---|"]
+    for item in best_at_budgets(rows):
+        p, q = item["peer"], item["lowbit"]
+        ptxt = f"{p['tool']}, {p['method']} {p['grid']}, {p['bpw']:.3f}, {_fmt_kl(p['kl'])}" if p else "-"
+        qtxt = f"{q['method']} {q['grid']}, {q['bpw']:.3f}, {_fmt_kl(q['kl'])}" if q else "-"
+        ratio = f"{q['kl'] / p['kl']:.2f}" if p and q and p["kl"] > 0 else "-"
+        lines.append(f"| ≤ {item['budget']} | {ptxt} | {qtxt} | {ratio} |")
+    return "\n".join(lines)
+
+
+def rows_table(rows: list[dict]) -> str:
+    shown = []
+    for r in rows:
+        s = dict(r)
+        s["what"] = r["error"] if r["status"] != "ok" else (r.get("notes") or "")
+        s["what"] = (s["what"] or "").replace("|", "/")
+        s["kl_s"] = _fmt_kl(r["kl"]) if r.get("kl") is not None else None
+        shown.append(s)
+    return markdown_table(shown, [
+        ("tool", "tool", "s"), ("method", "method", "s"), ("grid", "grid", "s"), ("bpw", "bpw", ".3f"), ("kl_s", "KL", "s"),
+        ("ppl", "ppl", ".2f"), ("top1", "top-1", ".3f"), ("quant_seconds", "quantize s", ".2f"),
+        ("quant_seconds_ratio", "time / RTN int8", ".2f"), ("quant_cpu_seconds", "CPU s", ".2f"), ("load_avg_1m", "load", ".1f"),
+        ("peak_rss_mb", "peak RSS MB", ".0f"), ("status", "status", "s"),
+        ("what", "notes / error", "s"),
+    ])
+
+
+def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | None) -> str:
+    ref = next((r["ppl_reference"] for r in rows if r["status"] == "ok" and r.get("ppl_reference")), None)
+    versions = sorted({f"{r['tool']} {r['version']}" for r in rows if r.get("version")})
+    ok = [r for r in rows if r["status"] == "ok"]
+    bad = [r for r in rows if r["status"] != "ok"]
+    parts = [
+        "# Quality against size: lowbit and peers",
+        "",
+        f"Model `{Path(settings['model']).name}`, original perplexity {ref:.2f}" if ref else f"Model `{Path(settings['model']).name}`",
+        f"on the first {settings['max_tokens']} tokens of `{Path(settings['text']).name}` ({settings['seq_len']}-token windows); "
+        f"GPTQ calibration: {settings['n_samples']} x {settings['seq_len']} tokens of `{Path(settings['calib']).name}` (the same "
+        "windows for lowbit and llm-compressor). Quantized: every nn.Linear inside the decoder blocks; embeddings and lm_head "
+        "stay float32. KL = mean KL(original || quantized) of the next-token distributions; top-1 = agreement of the argmax.",
+        "",
+        "bpw counts everything each tool stores for the quantized layers (codes, scales, zero points / mins, per-block "
+        "metadata), as it stores it: peers that keep scales in the model's dtype store float32 scales here (the notes "
+        "give the 16-bit figure where it differs). Quantize time = load + calibration windows + quantize, for every row; "
+        "`time / RTN int8` is the ratio to lowbit RTN int8 in the same run; `CPU s` is the process CPU time of the same "
+        "span and `load` the machine's 1-minute load average when the configuration started (other work on the machine "
+        "inflates wall times). One-time builds (quanto's C++ extension) are warmed up before timing. "
+        f"Machine: {mach['cores']} CPU cores, "
+        f"torch {mach['torch']}, Python {mach['python']}.",
+        "",
+        "Versions: " + ", ".join(versions) + ".",
+        "",
+        "## Best at each budget",
+        "",
+        "Lowest KL among rows at or below the budget.",
+        "",
+        budget_table(rows),
+        "",
+        f"## All rows ({len(ok)} ran, {len(bad)} unavailable or failed)",
+        "",
+        rows_table(rows),
+        "",
+    ]
+    if plot:
+        parts += [f"![KL against bits per weight]({plot})", ""]
+    return "\n".join(parts)
+
+
+def pareto_plot(rows: list[dict], path: Path) -> str | None:
+    """KL (log) against bpw, one series per tool; the line joins each tool's Pareto front."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (make bench-setup): no plot", file=sys.stderr)
+        return None
+    ok = [r for r in rows if r["status"] == "ok" and r.get("kl") and r["kl"] > 0 and r.get("bpw")]
+    tools = list(dict.fromkeys(r["tool"] for r in ok))
+    markers = "o^sDv<>Pp*hX"
+    fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
+    for i, tool in enumerate(tools):
+        pts = sorted((r["bpw"], r["kl"]) for r in ok if r["tool"] == tool)
+        front, best = [], math.inf
+        for x, y in pts:
+            if y < best:
+                front.append((x, y))
+                best = y
+        style = dict(marker=markers[i % len(markers)], color=f"C{i}")
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=40 if tool == "lowbit" else 28, alpha=0.75, **style)
+        ax.plot([p[0] for p in front], [p[1] for p in front], lw=2.2 if tool == "lowbit" else 1.2, label=tool, **style)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per weight (everything stored for the quantized layers)")
+    ax.set_ylabel("KL(original || quantized), log scale")
+    ax.set_title("KL against size: lowbit and peers (lines: each tool's Pareto front)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path.name
+
+
+def write_outputs(rows: list[dict], settings: dict, out_dir: Path) -> dict[str, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mach = machine()
+    paths = {"json": out_dir / "quality.json", "md": out_dir / "quality.md"}
+    tmp = paths["json"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps([{k: r.get(k) for k in ROW_KEYS} for r in rows], indent=2) + "\n")
+    tmp.replace(paths["json"])
+    plot = pareto_plot(rows, out_dir / "quality_pareto.png")
+    if plot:
+        paths["png"] = out_dir / plot
+    paths["md"].write_text(markdown_report(rows, settings, mach, plot))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ASSETS / "shakespeare-llama"))
     ap.add_argument("--calib", default=str(ASSETS / "calib.txt"))
@@ -61,40 +328,55 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--only", help="comma-separated id patterns (fnmatch), e.g. 'lowbit:*,hqq:*,llama.cpp:Q4_0'; "
+                                   f"{BASELINE_ID} (the time baseline) is always run")
+    ap.add_argument("--list", action="store_true", help="print the configuration ids and exit")
+    ap.add_argument("--out", default=str(RESULTS), help="results directory")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--one", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    ap.add_argument("--warm-up", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.warm_up:
+        warm_up(args.warm_up)
+        return []
     if args.one:
-        print(json.dumps(run_one(json.loads(args.one))))
-        return
+        spec = json.loads(args.one)
+        row = run_one(spec)
+        Path(spec["row_out"]).write_text(json.dumps(row))
+        return [row]
+    configs = all_configs()
+    if args.list:
+        print("\n".join(c["id"] for c in configs))
+        return []
+    if args.only:
+        pats = [p.strip() for p in args.only.split(",") if p.strip()] + [BASELINE_ID]
+        configs = [c for c in configs if any(fnmatch.fnmatchcase(c["id"], p) for p in pats)]
+    settings = {"model": args.model, "calib": args.calib, "text": args.text, "n_samples": args.n_samples,
+                "seq_len": args.seq_len, "max_tokens": args.max_tokens}
     rows = []
-    for method, bits, g, sym in CONFIGS:
-        spec = {"model": args.model, "calib": args.calib, "text": args.text, "method": method, "bits": bits, "group_size": g,
-                "symmetric": sym, "n_samples": args.n_samples, "seq_len": args.seq_len, "max_tokens": args.max_tokens}
-        proc = subprocess.run([sys.executable, "-m", "bench.quality", "--one", json.dumps(spec)], capture_output=True, text=True, cwd=ROOT)
-        if proc.returncode == 0:
-            row = json.loads(proc.stdout.strip().splitlines()[-1])
-        else:
-            row = {"tool": "lowbit", "method": method, "bits": bits, "group_size": g, "symmetric": sym, "status": "failed",
-                   "error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    warmed: set[str] = set()
+    for cfg in configs:
+        module = None if cfg["tool"] == "lowbit" else get(cfg["id"]).module
+        if module and module not in warmed:
+            warmed.add(module)
+            if hasattr(importlib.import_module(f"bench.peers.{module}"), "warm_up"):
+                subprocess.run([sys.executable, "-m", "bench.quality", "--warm-up", module], cwd=ROOT,
+                               capture_output=True, timeout=args.timeout)
+        t = time.perf_counter()
+        load = os.getloadavg()[0]
+        row = cfg | run_child(cfg | settings, args.timeout)
         row["model"] = Path(args.model).name
+        row["load_avg_1m"] = load
         rows.append(row)
-        print(f"{method} int{bits} g{g}{' sym' if sym else ''}: {row.get('kl', row.get('error'))}", file=sys.stderr)
-    base = next(r["quant_seconds"] for r in rows if r["method"] == "rtn" and r["bits"] == 8 and r["status"] == "ok")
-    for r in rows:
-        if r["status"] == "ok":
-            r["quant_seconds_ratio"] = r["quant_seconds"] / base
-            r["grid"] = f"int{r['bits']} g{r['group_size']} {'sym' if r['symmetric'] else 'asym'}"
-    table = markdown_table(rows, [
-        ("method", "method", "s"), ("grid", "grid", "s"), ("bpw", "bpw", ".3f"), ("kl", "KL", ".4f"), ("ppl", "ppl", ".2f"),
-        ("top1", "top-1", ".3f"), ("quant_seconds", "quantize s", ".1f"), ("quant_seconds_ratio", "time / RTN int8", ".1f"),
-        ("peak_rss_mb", "peak RSS MB", ".0f"),
-    ])
-    ref = next((r["ppl_reference"] for r in rows if r["status"] == "ok"), None)
-    print(f"model {Path(args.model).name}; original ppl {ref:.2f}; {args.max_tokens} eval tokens of {Path(args.text).name}; "
-          f"calibration {args.n_samples} x {args.seq_len} tokens of {Path(args.calib).name}")
-    print(table)
-    path = write_results("quality", {"machine": machine(), "settings": vars(args) | {"one": None}, "rows": rows})
-    print(f"results: {path}")
+        what = f"KL {row['kl']:.4g} bpw {row['bpw']:.3f}" if row["status"] == "ok" else f"{row['status']}: {row.get('error')}"
+        print(f"[{time.perf_counter() - t:5.1f}s] {cfg['id']}: {what}", file=sys.stderr, flush=True)
+    finish_rows(rows)
+    paths = write_outputs(rows, settings, Path(args.out))
+    print(budget_table(rows))
+    print()
+    print(rows_table(rows))
+    print("results: " + ", ".join(str(p) for p in paths.values()))
+    return rows
 
 
 if __name__ == "__main__":

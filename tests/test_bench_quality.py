@@ -1,0 +1,108 @@
+"""The side-by-side quality bench itself (bench.quality + bench/peers), on a tiny random Llama.
+
+Needs no optional bench package: the llama.cpp peer runs through `gguf` (a main dependency);
+peers whose package is missing must come out as "unavailable" rows, never vanish.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `bench` lives at the project root (python -m pytest has it already)
+    sys.path.insert(0, str(ROOT))
+
+from bench import quality  # noqa: E402
+from bench.peers import PEERS, get, gguf_ref  # noqa: E402
+from bench.peers.common import PeerUnavailable, decoder_linears, require  # noqa: E402
+
+
+def test_bench_runs_lowbit_and_gguf_peer(tiny_llama, calib_text, eval_text, tmp_path):
+    rows = quality.main([
+        "--model", str(tiny_llama), "--calib", str(calib_text), "--text", str(eval_text),
+        "--seq-len", "64", "--max-tokens", "256", "--n-samples", "4",
+        "--only", "llama.cpp:Q4_0", "--out", str(tmp_path),
+    ])
+    by_id = {r["id"]: r for r in rows}
+    assert set(by_id) == {quality.BASELINE_ID, "llama.cpp:Q4_0"}  # the baseline always runs
+    for r in rows:
+        assert r["status"] == "ok", r
+        for key in ("model", "tool", "method", "bits", "group_size", "bpw", "kl", "ppl", "top1", "quant_seconds",
+                    "quant_seconds_ratio", "peak_rss_mb", "status", "error"):
+            assert key in r, key
+        assert r["kl"] >= 0 and r["ppl"] > 0 and 0 <= r["top1"] <= 1 and r["peak_rss_mb"] > 0
+        assert r["error"] is None and r["model"] == tiny_llama.name
+    low, peer = by_id[quality.BASELINE_ID], by_id["llama.cpp:Q4_0"]
+    assert low["tool"] == "lowbit" and low["quant_seconds_ratio"] == pytest.approx(1.0)
+    assert peer["tool"] == "llama.cpp" and peer["bpw"] == pytest.approx(4.5)  # 18 bytes per 32 weights
+    assert peer["quant_seconds_ratio"] == pytest.approx(peer["quant_seconds"] / low["quant_seconds"])
+    # same evaluator on the same windows: the original's perplexity is identical in both rows
+    assert peer["ppl_reference"] == pytest.approx(low["ppl_reference"], rel=1e-6)
+    assert peer["tokens"] == low["tokens"]
+
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert isinstance(saved, list) and [r["id"] for r in saved] == [r["id"] for r in rows]
+    md = (tmp_path / "quality.md").read_text()
+    assert "| budget (bpw) | best peer" in md and "llama.cpp, Q4_0" in md
+
+
+@pytest.mark.parametrize("qtype,bpw", [("Q8_0", 8.5), ("Q4_0", 4.5), ("Q5_0", 5.5), ("Q4_1", 5.0)])
+def test_gguf_peer_bpw_is_the_format_size(tiny_llama, qtype, bpw):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32).eval()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    layers = set(decoder_linears(model))
+    res = gguf_ref.quantize(model, None, qtype=qtype)
+    assert res.bpw == pytest.approx(bpw)
+    after = dict(res.model.named_parameters())
+    for name, p in before.items():
+        changed = not torch.equal(after[name], p)
+        assert changed == (name.removesuffix(".weight") in layers), name  # lm_head, embeddings, norms untouched
+    assert isinstance(res.model.get_submodule(next(iter(layers))), nn.Linear)
+
+
+def test_gguf_without_quantizer_is_unavailable(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.float32)
+    with pytest.raises(PeerUnavailable, match="Q4_K"):
+        gguf_ref.quantize(model, None, qtype="Q4_K")
+
+
+def test_missing_peer_package_gives_an_unavailable_row(tiny_llama, calib_text, eval_text, monkeypatch):
+    with pytest.raises(PeerUnavailable, match="make bench-setup"):
+        require("no_such_package_for_lowbit_bench")
+    monkeypatch.setitem(sys.modules, "hqq", None)  # import hqq now raises ImportError
+    cfg = next(p for p in PEERS if p.tool == "hqq")
+    spec = {"id": cfg.id, "tool": cfg.tool, "model": str(tiny_llama), "calib": str(calib_text), "text": str(eval_text),
+            "n_samples": 4, "seq_len": 64, "max_tokens": 128}
+    row = quality.run_peer(spec)
+    assert row["status"] == "unavailable" and "hqq" in row["error"]
+
+
+def test_every_peer_of_the_brief_has_configs():
+    tools = {p.tool for p in PEERS}
+    assert {"llama.cpp", "hqq", "optimum-quanto", "torchao", "bitsandbytes", "llm-compressor"} <= tools
+    assert get("llama.cpp:Q8_0").options == {"qtype": "Q8_0"}
+    ids = [c["id"] for c in quality.all_configs()]
+    assert len(ids) == len(set(ids)) and quality.BASELINE_ID in ids
+
+
+def test_budget_table_picks_lowest_kl_at_or_below_each_budget():
+    def row(tool, method, bpw, kl, status="ok"):
+        return {"tool": tool, "method": method, "grid": "", "bpw": bpw, "kl": kl, "status": status}
+
+    rows = [row("lowbit", "rtn", 4.25, 0.3), row("lowbit", "gptq", 4.25, 0.1), row("hqq", "hqq", 4.5, 0.2),
+            row("llama.cpp", "Q4_0", 4.5, 0.25), row("hqq", "hqq", 3.5, 2.0), row("torchao", "x", 4.0, 0.0001, "failed")]
+    best = {b["budget"]: b for b in quality.best_at_budgets(rows, (4.5, 3.5, 2.5))}
+    assert best[4.5]["peer"]["kl"] == 0.2 and best[4.5]["lowbit"]["method"] == "gptq"
+    assert best[3.5]["peer"]["kl"] == 2.0 and best[3.5]["lowbit"] is None
+    assert best[2.5]["peer"] is None
+    assert "| ≤ 4.5 | hqq" in quality.budget_table(rows)

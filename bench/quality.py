@@ -229,6 +229,16 @@ def rows_table(rows: list[dict]) -> str:
     ])
 
 
+def lowbit_revision() -> str:
+    """The commit the lowbit rows ran from, marked '+ local changes' if src/ differs from it."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "src"], cwd=ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + (" + local changes in src/" if dirty.stdout.strip() else "")
+
+
 def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | None) -> str:
     ref = next((r["ppl_reference"] for r in rows if r["status"] == "ok" and r.get("ppl_reference")), None)
     versions = sorted({f"{r['tool']} {r['version']}" for r in rows if r.get("version")})
@@ -252,7 +262,7 @@ def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | No
         f"Machine: {mach['cores']} CPU cores, "
         f"torch {mach['torch']}, Python {mach['python']}.",
         "",
-        "Versions: " + ", ".join(versions) + ".",
+        "Versions: " + ", ".join(versions) + f"; lowbit at commit {lowbit_revision()}.",
         "",
         "## Best at each budget",
         "",

@@ -205,7 +205,7 @@ def budget_table(rows: list[dict]) -> str:
              "|---|---|---|---|"]
     for item in best_at_budgets(rows):
         p, q = item["peer"], item["lowbit"]
-        ptxt = f"{p['tool']}, {p['method']} {p['grid']}, {p['bpw']:.3f}, {_fmt_kl(p['kl'])}" if p else "-"
+        ptxt = f"{p['tool']}, {p['method']} ({p['grid']}), {p['bpw']:.3f}, {_fmt_kl(p['kl'])}" if p else "-"
         qtxt = f"{q['method']} {q['grid']}, {q['bpw']:.3f}, {_fmt_kl(q['kl'])}" if q else "-"
         ratio = f"{q['kl'] / p['kl']:.2f}" if p and q and p["kl"] > 0 else "-"
         lines.append(f"| ≤ {item['budget']} | {ptxt} | {qtxt} | {ratio} |")
@@ -343,6 +343,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--list", action="store_true", help="print the configuration ids and exit")
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rebuild quality.md and the plot from the quality.json in --out (no runs)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--warm-up", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -358,11 +360,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.list:
         print("\n".join(c["id"] for c in configs))
         return []
+    settings = {"model": args.model, "calib": args.calib, "text": args.text, "n_samples": args.n_samples,
+                "seq_len": args.seq_len, "max_tokens": args.max_tokens}
+    if args.render_only:
+        rows = json.loads((Path(args.out) / "quality.json").read_text())
+        paths = write_outputs(rows, settings, Path(args.out))
+        print("rewrote: " + ", ".join(str(p) for p in paths.values()))
+        return rows
     if args.only:
         pats = [p.strip() for p in args.only.split(",") if p.strip()] + [BASELINE_ID]
         configs = [c for c in configs if any(fnmatch.fnmatchcase(c["id"], p) for p in pats)]
-    settings = {"model": args.model, "calib": args.calib, "text": args.text, "n_samples": args.n_samples,
-                "seq_len": args.seq_len, "max_tokens": args.max_tokens}
     rows = []
     warmed: set[str] = set()
     for cfg in configs:

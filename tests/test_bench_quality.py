@@ -105,4 +105,4 @@ def test_budget_table_picks_lowest_kl_at_or_below_each_budget():
     assert best[4.5]["peer"]["kl"] == 0.2 and best[4.5]["lowbit"]["method"] == "gptq"
     assert best[3.5]["peer"]["kl"] == 2.0 and best[3.5]["lowbit"] is None
     assert best[2.5]["peer"] is None
-    assert "| ≤ 4.5 | hqq" in quality.budget_table(rows)
+    assert "| ≤ 4.5 | hqq, hqq" in quality.budget_table(rows)

@@ -48,8 +48,8 @@ CONFIGS = [("rtn", 8, 64, False), ("gptq", 8, 64, False)] + [
 BASELINE_ID = "lowbit:rtn-int8-g64"
 BUDGETS = (8.5, 5.5, 4.5, 3.5, 2.5)
 ROW_KEYS = ("model", "tool", "method", "grid", "bits", "group_size", "symmetric", "bpw", "kl", "ppl", "ppl_reference",
-            "top1", "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "load_avg_1m", "peak_rss_mb", "tokens", "status", "error", "notes",
-            "version", "id")
+            "top1", "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "quant_cpu_ratio", "load_avg_1m",
+            "peak_rss_mb", "tokens", "status", "error", "notes", "version", "id")
 
 
 def lowbit_id(method: str, bits: int, group_size: int, symmetric: bool) -> str:
@@ -163,7 +163,7 @@ def run_child(spec: dict, timeout: float) -> dict:
         out = Path(tmp) / "row.json"
         try:
             proc = subprocess.run([sys.executable, "-m", "bench.quality", "--one", json.dumps(spec | {"row_out": str(out)})],
-                                  capture_output=True, text=True, cwd=ROOT, timeout=timeout)
+                                  capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False)
         except subprocess.TimeoutExpired:
             return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
         if proc.returncode == 0 and out.is_file():
@@ -174,9 +174,10 @@ def run_child(spec: dict, timeout: float) -> dict:
 
 def finish_rows(rows: list[dict]) -> None:
     """Time ratios to the same-run baseline; fill every key so each row has the same fields."""
-    base = next((r["quant_seconds"] for r in rows if r.get("id") == BASELINE_ID and r["status"] == "ok"), None)
+    base = next((r for r in rows if r.get("id") == BASELINE_ID and r["status"] == "ok"), {})
     for r in rows:
-        r["quant_seconds_ratio"] = r["quant_seconds"] / base if base and r.get("quant_seconds") is not None else None
+        for key, ratio in (("quant_seconds", "quant_seconds_ratio"), ("quant_cpu_seconds", "quant_cpu_ratio")):
+            r[ratio] = r[key] / base[key] if base.get(key) and r.get(key) is not None else None
         for k in ROW_KEYS:
             r.setdefault(k, None)
 
@@ -223,7 +224,8 @@ def rows_table(rows: list[dict]) -> str:
     return markdown_table(shown, [
         ("tool", "tool", "s"), ("method", "method", "s"), ("grid", "grid", "s"), ("bpw", "bpw", ".3f"), ("kl_s", "KL", "s"),
         ("ppl", "ppl", ".2f"), ("top1", "top-1", ".3f"), ("quant_seconds", "quantize s", ".2f"),
-        ("quant_seconds_ratio", "time / RTN int8", ".2f"), ("quant_cpu_seconds", "CPU s", ".2f"), ("load_avg_1m", "load", ".1f"),
+        ("quant_seconds_ratio", "time / RTN int8", ".2f"), ("quant_cpu_seconds", "CPU s", ".2f"),
+        ("quant_cpu_ratio", "CPU / RTN int8", ".2f"), ("load_avg_1m", "load", ".1f"),
         ("peak_rss_mb", "peak RSS MB", ".0f"), ("status", "status", "s"),
         ("what", "notes / error", "s"),
     ])
@@ -257,10 +259,10 @@ def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | No
         "metadata), as it stores it: peers that keep scales in the model's dtype store float32 scales here (the notes "
         "give the 16-bit figure where it differs). Quantize time = load + calibration windows + quantize, for every row; "
         "`time / RTN int8` is the ratio to lowbit RTN int8 in the same run; `CPU s` is the process CPU time of the same "
-        "span and `load` the machine's 1-minute load average when the configuration started (other work on the machine "
-        "inflates wall times). One-time builds (quanto's C++ extension) are warmed up before timing. "
-        f"Machine: {mach['cores']} CPU cores, "
-        f"torch {mach['torch']}, Python {mach['python']}.",
+        "span (all threads), `CPU / RTN int8` its ratio, and `load` the machine's 1-minute load average when the "
+        "configuration started: other work on the machine inflates wall times, much less CPU times. One-time builds "
+        "(quanto's C++ extension) are warmed up before timing. "
+        f"Machine: {mach['cores']} CPU cores, torch {mach['torch']}, Python {mach['python']}.",
         "",
         "Versions: " + ", ".join(versions) + f"; lowbit at commit {lowbit_revision()}.",
         "",
@@ -301,7 +303,7 @@ def pareto_plot(rows: list[dict], path: Path) -> str | None:
             if y < best:
                 front.append((x, y))
                 best = y
-        style = dict(marker=markers[i % len(markers)], color=f"C{i}")
+        style = {"marker": markers[i % len(markers)], "color": f"C{i}"}
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=40 if tool == "lowbit" else 28, alpha=0.75, **style)
         ax.plot([p[0] for p in front], [p[1] for p in front], lw=2.2 if tool == "lowbit" else 1.2, label=tool, **style)
     ax.set_yscale("log")
@@ -364,6 +366,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "seq_len": args.seq_len, "max_tokens": args.max_tokens}
     if args.render_only:
         rows = json.loads((Path(args.out) / "quality.json").read_text())
+        finish_rows(rows)
         paths = write_outputs(rows, settings, Path(args.out))
         print("rewrote: " + ", ".join(str(p) for p in paths.values()))
         return rows
@@ -378,7 +381,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             warmed.add(module)
             if hasattr(importlib.import_module(f"bench.peers.{module}"), "warm_up"):
                 subprocess.run([sys.executable, "-m", "bench.quality", "--warm-up", module], cwd=ROOT,
-                               capture_output=True, timeout=args.timeout)
+                               capture_output=True, timeout=args.timeout, check=False)
         t = time.perf_counter()
         load = os.getloadavg()[0]
         row = cfg | run_child(cfg | settings, args.timeout)

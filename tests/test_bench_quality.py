@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `bench` lives at the project root (python -m pytest has it already)
     sys.path.insert(0, str(ROOT))
 
-from bench import quality  # noqa: E402
-from bench.peers import PEERS, get, gguf_ref  # noqa: E402
-from bench.peers.common import PeerUnavailable, decoder_linears, require  # noqa: E402
+from bench import quality
+from bench.peers import PEERS, get, gguf_ref
+from bench.peers.common import PeerUnavailable, decoder_linears, require
 
 
 def test_bench_runs_lowbit_and_gguf_peer(tiny_llama, calib_text, eval_text, tmp_path):

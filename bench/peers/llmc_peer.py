@@ -74,7 +74,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, bits: int = 4,
         model.save_pretrained(tmp, save_compressed=True)
         for fname in [f for f in os.listdir(tmp) if f.endswith(".safetensors")]:
             with safe_open(os.path.join(tmp, fname), "pt") as f:
-                for key in f.keys():
+                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
                     layer, _, leaf = key.rpartition(".")
                     if layer not in layers or leaf == "bias":
                         continue

@@ -31,7 +31,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, weights: str =
         scale_bytes += sum(stored_bytes(getattr(qw, n)) for n in inner if n != "_data")
         n_weights += qw.numel()
         if weights != "qint8":
-            groups.add(qw.numel() // getattr(qw, "_scale").numel())
+            groups.add(qw.numel() // qw._scale.numel())
         set_weight(model, name, qw.dequantize())
     bpw = bpw_of(total_bytes, n_weights)
     half = bpw_of(total_bytes - scale_bytes / 2, n_weights)

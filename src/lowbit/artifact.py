@@ -1,9 +1,10 @@
 """The lowbit artifact: a directory that holds a quantized model, and how to write and read it.
 
     out/
-      lowbit.json             header: lowbit version, source model, recipe, per-module grid,
-                              layout and bits per weight, totals, sha256 of every other file,
-                              and a sha256 of the header itself
+      lowbit.json             header: lowbit version, source model, recipe, per-module kind
+                              (the runtime class: "linear", "ptq161"), grid, layout and bits per
+                              weight, totals, sha256 of every other file, and a sha256 of the
+                              header itself
       quantized.safetensors   per quantized module: packed codes and packed/fp16 grid parameters
       dense.safetensors       every other tensor (embeddings, norms, biases of skipped layers ...)
       config.json, tokenizer files   to rebuild the model and its tokenizer offline
@@ -20,6 +21,8 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +32,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .formats import GroupLayout, grid_from_spec
 from .models import auto_class
-from .nn import QuantLinear
+from .nn import QuantModule, module_from_entry
 
 HEADER = "lowbit.json"
 QUANTIZED = "quantized.safetensors"
@@ -55,8 +57,8 @@ def _canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
-def quantized_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+def quantized_modules(model: nn.Module) -> dict[str, QuantModule]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
 
 
 def split_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict, dict, dict[str, str]]:
@@ -82,22 +84,10 @@ def split_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict, dict,
     return quantized, dense, aliases
 
 
-def _module_entry(name: str, module: QuantLinear, info: dict) -> dict:
-    qw_bytes = module.quantized_weight().storage_bytes()
+def _module_entry(name: str, module: QuantModule, info: dict) -> dict:
+    stored = module.storage_bytes()
     numel = module.in_features * module.out_features
-    return {
-        **info,
-        "grid": module.grid.spec(),
-        "bits": module.grid.bits,
-        "shape": [module.out_features, module.in_features],
-        "group_size": module.layout.group_size,
-        "ragged": module.layout.ragged,
-        "n_groups_per_row": module.layout.n_groups,
-        "bias": module.bias is not None,
-        "numel": numel,
-        "stored_bytes": qw_bytes,
-        "bpw": 8 * sum(qw_bytes.values()) / numel,
-    }
+    return {**info, **module.entry(), "numel": numel, "stored_bytes": stored, "bpw": 8 * sum(stored.values()) / numel}
 
 
 def save(
@@ -112,7 +102,7 @@ def save(
     dense_dtype: torch.dtype = torch.float32,
     force: bool = False,
 ) -> Path:
-    """Write `model` (with QuantLinear modules) as an artifact directory; returns its path."""
+    """Write `model` (with quantized modules) as an artifact directory; returns its path."""
     out = Path(out_dir)
     if out.exists() and not force:
         raise ArtifactError(f"{out} already exists; choose another output directory or pass --force to replace it")
@@ -204,12 +194,31 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"artifact file {path} cannot be read: {exc}") from None
 
 
-def load(path: str | Path, model: nn.Module | None = None, verify: bool = True, cache_weights: bool = False) -> nn.Module:
+_PRECISION: ContextVar[int | None] = ContextVar("lowbit_load_precision", default=None)
+
+
+@contextmanager
+def load_precision(bits: int | None):
+    """Within this block, `load(path)` without `bits` loads nested modules at `bits` (for callers
+    that load through code that does not pass `bits` on, such as `lowbit eval --bits`)."""
+    token = _PRECISION.set(bits)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
+
+
+def load(
+    path: str | Path, model: nn.Module | None = None, verify: bool = True, cache_weights: bool = False, bits: int | None = None
+) -> nn.Module:
     """Rebuild the quantized model from an artifact. `model`: a skeleton to fill instead of the
     one built from the stored config (for models that are not Hugging Face models).
     `cache_weights`: keep each layer's dequantized weight after its first use (faster repeated
-    forwards, such as evaluation or generation, at the memory cost of a float model)."""
+    forwards, such as evaluation or generation, at the memory cost of a float model).
+    `bits`: decode every nested module (`nested8`, Double Rounding) at this precision; other
+    modules are unaffected; an artifact without nested modules refuses it."""
     root = Path(path)
+    bits = _PRECISION.get() if bits is None else bits
     header = read_header(root, verify)
     if model is None:
         from transformers import AutoConfig
@@ -217,10 +226,14 @@ def load(path: str | Path, model: nn.Module | None = None, verify: bool = True, 
         config = AutoConfig.from_pretrained(root)
         model = auto_class(header["source"].get("kind", "causal-lm")).from_config(config, dtype=torch.float32)
     quantized = _load_tensors(root / QUANTIZED)
+    switched = 0
     for name, entry in header["modules"].items():
-        out_f, in_f = entry["shape"]
-        layout = GroupLayout(out_f, in_f, entry["group_size"], entry.get("ragged", "short-last"))
-        layer = QuantLinear(grid_from_spec(entry["grid"]), layout, entry["bias"])
+        try:
+            layer = module_from_entry(entry)
+            if bits is not None:
+                switched += layer.set_precision(bits)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{root / HEADER}: module {name} cannot be rebuilt: {exc}") from None
         own = {k.removeprefix(name + "."): v for k, v in quantized.items() if k.startswith(name + ".")}
         try:
             layer.load_state_dict(own, strict=True)
@@ -228,6 +241,12 @@ def load(path: str | Path, model: nn.Module | None = None, verify: bool = True, 
             model.set_submodule(name, layer)
         except (RuntimeError, AttributeError) as exc:
             raise ArtifactError(f"{root / QUANTIZED}: tensors of module {name} do not fit: {exc}") from None
+    if bits is not None and not switched:
+        formats = sorted({e["grid"]["format"] for e in header["modules"].values()})
+        raise ArtifactError(
+            f"{root}: bits={bits} selects the precision of nested modules (format nested8), but this artifact has "
+            f"none ({', '.join(formats)}); load it without bits"
+        )
     dense = _load_tensors(root / DENSE)
     for alias, target in header.get("aliases", {}).items():
         dense[alias] = dense[target]
@@ -240,4 +259,5 @@ def load(path: str | Path, model: nn.Module | None = None, verify: bool = True, 
         )
     model.eval()
     model.lowbit_header = header
+    model.lowbit_precision = bits
     return model

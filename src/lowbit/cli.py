@@ -47,6 +47,7 @@ def build_recipe(
     act_order: bool | None,
     damp: float | None,
     ignore: list[str] | None,
+    format_options: list[str] | None = None,
 ) -> Recipe:
     """A recipe file (if any) with the flags that were given laid over it."""
     data = Recipe.from_file(recipe_file).to_dict() if recipe_file else {}
@@ -54,6 +55,10 @@ def build_recipe(
         if fmt is not None and fmt.lower() != f"int{bits}":
             raise RecipeError(f"--format {fmt} and --bits {bits} disagree; give one of them")
         fmt = f"int{bits}"
+    if fmt is not None and fmt.lower() != str(data.get("format", "")).lower():
+        data.pop("format_options", None)  # the file's options belong to the file's format
+    if format_options:
+        data["format_options"] = {**data.get("format_options", {}), **parse_format_options(format_options)}
     flat = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric}
     data.update({k: v for k, v in flat.items() if v is not None})
     calib_opts = {"path": str(calib) if calib else None, "n_samples": n_samples, "seq_len": seq_len}
@@ -65,12 +70,28 @@ def build_recipe(
     return Recipe.from_dict(data)
 
 
+def parse_format_options(items: list[str]) -> dict:
+    """`KEY=VALUE` strings -> a dict; a VALUE that parses as JSON is taken as JSON (1.5, [-1,0,1], true),
+    anything else as a string."""
+    options = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise RecipeError(f"--format-option {item!r} is not KEY=VALUE (e.g. alpha=1.5, levels=[-1,0,1])")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value
+    return options
+
+
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model: a local Hugging Face directory, a hub id, or an alias (minilm-l6)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (must not exist unless --force)."),
-    method: Optional[str] = typer.Option(None, help="Algorithm: rtn | gptq. [default: gptq]"),
-    fmt: Optional[str] = typer.Option(None, "--format", help="Grid name, e.g. int4, int3 (see `lowbit formats`). [default: int4]"),
+    method: Optional[str] = typer.Option(None, help="Algorithm: rtn | gptq | ptq161 (salient channels on --format, the rest binarized). [default: gptq]"),
+    fmt: Optional[str] = typer.Option(None, "--format", help="Grid name, e.g. int4, int3, or a per-layer search such as fp4_search (see `lowbit formats`). [default: int4]"),
+    format_option: Optional[list[str]] = typer.Option(None, "--format-option", help="KEY=VALUE option of the format (repeatable; VALUE parsed as JSON when it can be), e.g. alpha=1.5, levels=[-1,0,1], clip=0.9."),
     bits: Optional[int] = typer.Option(None, help="Shorthand for --format int<BITS>."),
     group_size: Optional[int] = typer.Option(None, help="Columns per group along in_features; -1 per channel, 0 per tensor. A width it does not divide gets a shorter last group. [default: 128]"),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric. [default: asym]"),
@@ -88,7 +109,7 @@ def quantize(
     from .pipeline import save_job
 
     try:
-        r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore)
+        r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore, format_option)
         if output.exists() and not force:
             raise ArtifactError(f"{output} already exists; choose another output directory or pass --force to replace it")
         job = run_quantize(model, r)
@@ -112,14 +133,19 @@ def eval_(
     max_tokens: int = typer.Option(4096, help="Text tokens to evaluate (causal LMs)."),
     seq_len: int = typer.Option(512, help="Tokens per evaluation window (capped by the model)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    bits: Optional[int] = typer.Option(None, help="Load nested modules (format nested8) at this precision, e.g. 4."),
 ) -> None:
     """KL divergence to the original, perplexity, top-1 agreement (cosine for encoders), bpw and size."""
+    from .artifact import load_precision
     from .pipeline import evaluate
 
     try:
-        result = evaluate(artifact, str(text) if text else None, reference, max_tokens, seq_len)
+        with load_precision(bits):
+            result = evaluate(artifact, str(text) if text else None, reference, max_tokens, seq_len)
     except USER_ERRORS as exc:
         _fail(exc)
+    if bits is not None:
+        result["precision"] = bits
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return

@@ -13,6 +13,15 @@ from .formats import Grid, GroupLayout, Params
 from .pack import packed_nbytes
 
 
+def weight_storage_bytes(grid: Grid, layout: GroupLayout) -> dict[str, int]:
+    """Exact bytes of the packed codes and of every parameter field of a weight on `grid` laid out by `layout`."""
+    sets = layout.n_param_sets
+    sizes = {"codes": grid.packed_nbytes(layout.out_features * layout.in_features)}
+    for f in grid.param_fields:
+        sizes[f.name] = 2 * sets if f.kind == "float16" else packed_nbytes(sets, f.bits)
+    return sizes
+
+
 @dataclass
 class QuantizedWeight:
     codes: torch.Tensor  # [out, in] uint8, each < 2**grid.bits
@@ -34,12 +43,59 @@ class QuantizedWeight:
 
     def storage_bytes(self) -> dict[str, int]:
         """Exact bytes each stored tensor takes: packed codes and every parameter field."""
-        sets = self.layout.n_param_sets
-        sizes = {"codes": self.grid.packed_nbytes(self.numel)}
-        for f in self.grid.param_fields:
-            sizes[f.name] = 2 * sets if f.kind == "float16" else packed_nbytes(sets, f.bits)
-        return sizes
+        return weight_storage_bytes(self.grid, self.layout)
 
     def bits_per_weight(self) -> float:
         """Stored bits (codes + scales + zero points ...) per weight."""
+        return 8 * sum(self.storage_bytes().values()) / self.numel
+
+
+@dataclass
+class PTQ161Weight:
+    """A PTQ1.61 weight (`algos.ptq161`): salient input channels on a low-bit grid, the rest of
+    every row binarized with a per-(row, block) scale alpha and a per-column scale beta:
+
+        W[:, mask]  = salient.dequantize()                                 [out, n_salient]
+        W[:, ~mask] = (2 * signs - 1) * alpha[:, block(j)] * beta[j]       [out, n_binary]
+
+    Binary columns are counted in ascending channel order; block(j) = j // block_size (the last
+    block may be shorter; block_size == n_binary: one alpha per row). Stored: the mask (1 bit per
+    input channel), the salient codes and parameters, 1-bit signs, fp16 alpha and beta."""
+
+    mask: torch.Tensor  # [in] bool, True for the salient input channels
+    salient: QuantizedWeight  # [out, n_salient]
+    signs: torch.Tensor  # [out, n_binary] uint8 in {0, 1}
+    alpha: torch.Tensor  # [out, n_blocks] float32 (fp16-exact)
+    beta: torch.Tensor  # [n_binary] float32 (fp16-exact)
+    block_size: int  # binary columns per alpha block
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.signs.shape[0], self.mask.numel())
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def binary_block_of_column(self) -> torch.Tensor:
+        """[n_binary] the alpha block of every binary column."""
+        return torch.arange(self.signs.shape[1]) // self.block_size
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] float32 weights."""
+        w = torch.empty(self.shape)
+        w[:, self.mask] = self.salient.dequantize()
+        alpha = self.alpha.index_select(1, self.binary_block_of_column())  # [out, n_binary]
+        w[:, ~self.mask] = (2 * self.signs.float() - 1) * alpha * self.beta
+        return w
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Exact bytes of every stored tensor (the mask is 1 bit per input channel)."""
+        out, n_in = self.shape
+        sizes = {"mask": packed_nbytes(n_in, 1)}
+        sizes.update({f"salient_{k}": v for k, v in self.salient.storage_bytes().items()})
+        sizes.update({"signs": packed_nbytes(self.signs.numel(), 1), "alpha": 2 * self.alpha.numel(), "beta": 2 * self.beta.numel()})
+        return sizes
+
+    def bits_per_weight(self) -> float:
         return 8 * sum(self.storage_bytes().values()) / self.numel

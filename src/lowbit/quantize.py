@@ -1,5 +1,6 @@
 """Quantize a model in place by a recipe: plan which layers get which scheme, gather calibration
-Hessians block by block where an algorithm needs them, and swap each nn.Linear for a QuantLinear."""
+Hessians block by block where an algorithm needs them (GPTQ, PTQ1.61, a format search), and swap
+each nn.Linear for a quantized module (QuantLinear, PTQ161Linear)."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from .algos import GPTQConfig, gptq_quantize, rtn_quantize
+from .algos import GPTQConfig, PTQ161Config, gptq_quantize, ptq161_quantize, rtn_quantize, search_format
 from .calib.walker import walk_blocks, whole_model_hessians
-from .formats import GroupLayout
+from .formats import GroupLayout, SearchSpace
 from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
-from .nn import QuantLinear
+from .nn import PTQ161Linear, QuantLinear
 from .recipe import Recipe, Scheme
 
 
@@ -65,24 +66,41 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
     w = linear_weight(module).detach().float()
     if not torch.isfinite(w).all():
         raise QuantizeError(f"{name}: the weight holds NaN or infinite values; fix the checkpoint first")
-    grid = plan.scheme.grid()
+    grid = plan.scheme.grid()  # a Grid, or a SearchSpace to choose one from
+    method = plan.scheme.method
     start = time.perf_counter()
-    if plan.scheme.method == "gptq":
-        if hessian is None:
-            raise QuantizeError(f"{name}: GPTQ needs calibration inputs but none reached this layer")
-        cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
-        qw = gptq_quantize(w, hessian, grid, plan.layout, cfg)
-    else:
-        qw = rtn_quantize(w, grid, plan.layout)
+    if plan.scheme.needs_calibration and hessian is None:
+        raise QuantizeError(f"{name}: {method} {plan.scheme.format} needs calibration inputs but none reached this layer")
+    gptq_cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
     bias = getattr(module, "bias", None)
-    model.set_submodule(name, QuantLinear.from_quantized(qw, None if bias is None else bias.detach()))
+    bias = None if bias is None else bias.detach()
+    extra: dict = {}
+    if method == "ptq161":
+        cfg = PTQ161Config(recipe.ptq161.salient_fraction, recipe.ptq161.iters, recipe.gptq.damp, gptq=gptq_cfg)
+        try:
+            qw = ptq161_quantize(w, hessian, grid, plan.layout.group_size, cfg)
+        except ValueError as exc:
+            raise QuantizeError(f"{name}: {exc}") from None
+        layer = PTQ161Linear.from_quantized(qw, bias)
+        extra["n_salient"] = qw.salient.layout.in_features
+    else:
+        if isinstance(grid, SearchSpace):
+            found = search_format(w, hessian, grid, plan.layout, method, gptq_cfg)
+            qw, extra["search"] = found.qw, found.summary()
+        elif method == "gptq":
+            qw = gptq_quantize(w, hessian, grid, plan.layout, gptq_cfg)
+        else:
+            qw = rtn_quantize(w, grid, plan.layout)
+        layer = QuantLinear.from_quantized(qw, bias)
+    model.set_submodule(name, layer)
     return {
-        "method": plan.scheme.method,
-        "grid": grid.spec(),
+        "method": method,
+        "grid": layer.entry()["grid"],
         "group_size": plan.layout.group_size,
         "shape": list(qw.shape),
         "bpw": qw.bits_per_weight(),
         "seconds": time.perf_counter() - start,
+        **extra,
     }
 
 
@@ -105,9 +123,10 @@ def quantize_model(
     started = time.perf_counter()
     plans, skipped = plan_layers(model, recipe)
     report = QuantizeReport(skipped=skipped)
-    needs_hessian = {n for n, p in plans.items() if p.scheme.method == "gptq"}
+    needs_hessian = {n for n, p in plans.items() if p.scheme.needs_calibration}
     if needs_hessian and not calib_batches:
-        raise QuantizeError("GPTQ needs calibration data: pass a text file with --calib")
+        what = sorted({f"{p.scheme.method} {p.scheme.format}" for n, p in plans.items() if n in needs_hessian})
+        raise QuantizeError(f"{', '.join(what)} need(s) calibration data (layer Hessians): pass a text file with --calib")
 
     with _progress() as progress:
         task = progress.add_task("quantizing", total=len(plans), layer="", visible=show_progress)

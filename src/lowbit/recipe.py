@@ -1,16 +1,20 @@
 """A declarative quantization recipe: which layers, which grid, which algorithm.
 
-    method: gptq            # rtn | gptq
-    format: int4            # a grid name (see `lowbit formats`)
+    method: gptq            # rtn | gptq | ptq161
+    format: int4            # a grid name (see `lowbit formats`), or a search over grids (fp4_search, ...)
+    format_options: {}      # passed to the format: {alpha: 1.5}, {levels: [-1, 0, 1]}, {clip: 0.9}, ...
     group_size: 128         # > 0 groups along in_features, -1 per output channel, 0 per tensor
     symmetric: false
     ragged: short-last      # a width the group size does not divide: shorter last group, or "error"
     gptq: {damp: 0.01, block_size: 128, act_order: false}
+    ptq161: {salient_fraction: 0.2, iters: 4}   # method ptq161: `format` is the salient channels' grid
     calib: {seq_len: 512, n_samples: 128, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized
     overrides:              # first matching pattern wins; unset keys keep the defaults above
       - {pattern: "layers\\.0\\.mlp\\.down_proj", format: int8}
 
+An override that sets `format` without `format_options` starts from no options (options belong
+to a format); one that sets only `format_options` applies them to the inherited format.
 YAML or JSON; CLI flags build the same object. Unknown keys are refused with their name.
 """
 
@@ -19,13 +23,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .algos import METHODS
-from .formats import UnknownFormatError, get_grid
+from .formats import Grid, MissingFormatOptionError, SearchSpace, UnknownFormatError, get_format
+
+# methods that need calibration inputs (layer Hessians)
+CALIBRATED_METHODS = ("gptq", "ptq161")
 
 
 class RecipeError(ValueError):
@@ -34,10 +41,20 @@ class RecipeError(ValueError):
 
 def _check_format(name: str) -> str:
     try:
-        get_grid(name)
+        get_format(name)
+    except MissingFormatOptionError:  # a known name that needs its options (lut): checked with format_options
+        pass
     except UnknownFormatError as exc:
         raise ValueError(str(exc)) from None
     return name.lower()
+
+
+def build_format(name: str, symmetric: bool, options: dict[str, Any]) -> Grid | SearchSpace:
+    """The grid (or search space) a scheme names; a ValueError says what is wrong."""
+    try:
+        return get_format(name, symmetric=symmetric, **options)
+    except UnknownFormatError as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_method(name: str) -> str:
@@ -63,13 +80,29 @@ class Scheme(_Strict):
     format: str = "int4"
     group_size: int = 128
     symmetric: bool = False
+    format_options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
     _format = field_validator("format")(classmethod(lambda cls, v: _check_format(v)))
     _method = field_validator("method")(classmethod(lambda cls, v: _check_method(v)))
     _group = field_validator("group_size")(classmethod(lambda cls, v: _check_group_size(v)))
 
-    def grid(self):
-        return get_grid(self.format, symmetric=self.symmetric)
+    @field_validator("format_options")
+    @classmethod
+    def _options_build(cls, v: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if "format" in info.data:  # else the format itself was refused
+            built = build_format(info.data["format"], info.data.get("symmetric", False), v)
+            if info.data.get("method") == "ptq161" and isinstance(built, SearchSpace):
+                raise ValueError(f"method ptq161 quantizes its salient channels on one grid, not a search ({info.data['format']})")
+        return v
+
+    def grid(self) -> Grid | SearchSpace:
+        """The layer's grid, or the search space its grid is chosen from (`fp4_search`, ...)."""
+        return get_format(self.format, symmetric=self.symmetric, **self.format_options)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether quantizing with this scheme needs the layer's Hessian from calibration inputs."""
+        return self.method in CALIBRATED_METHODS or isinstance(self.grid(), SearchSpace)
 
 
 class Override(_Strict):
@@ -79,6 +112,7 @@ class Override(_Strict):
     format: str | None = None
     group_size: int | None = None
     symmetric: bool | None = None
+    format_options: dict[str, Any] | None = None
 
     @field_validator("pattern")
     @classmethod
@@ -100,6 +134,11 @@ class GPTQOptions(_Strict):
     act_order: bool = False
 
 
+class PTQ161Options(_Strict):
+    salient_fraction: float = Field(0.2, gt=0, lt=1)  # input channels kept at the salient grid
+    iters: int = Field(4, ge=1)  # alternating-minimisation rounds of the binary scales
+
+
 class CalibOptions(_Strict):
     path: str | None = None  # a text file; None: the default calibration text
     seq_len: int = Field(512, ge=8)
@@ -111,6 +150,7 @@ class CalibOptions(_Strict):
 class Recipe(Scheme):
     ragged: Literal["short-last", "error"] = "short-last"
     gptq: GPTQOptions = GPTQOptions()
+    ptq161: PTQ161Options = PTQ161Options()
     calib: CalibOptions = CalibOptions()
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
@@ -125,23 +165,45 @@ class Recipe(Scheme):
                 raise ValueError(f"ignore pattern {p!r} is not a valid regular expression: {exc}") from None
         return v
 
-    @model_validator(mode="after")
-    def _defaults_build(self) -> "Recipe":
-        get_grid(self.format, symmetric=self.symmetric)
-        return self
+    @field_validator("overrides")
+    @classmethod
+    def _overrides_build(cls, v: list[Override], info: ValidationInfo) -> list[Override]:
+        keys = ("method", "format", "group_size", "symmetric", "format_options")
+        if not all(k in info.data for k in keys):
+            return v  # the defaults themselves were refused
+        base = Scheme.model_construct(**{k: info.data[k] for k in keys})
+        for i, o in enumerate(v):
+            if o.skip:
+                continue
+            try:
+                Scheme.model_validate(_apply(base, o).model_dump())
+            except ValidationError as exc:
+                what = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg'].removeprefix('Value error, ')}" for e in exc.errors())
+                raise ValueError(f"override {i} ({o.pattern!r}) gives an invalid scheme: {what}") from None
+        return v
+
+    def _base(self) -> Scheme:
+        return Scheme.model_construct(
+            method=self.method, format=self.format, group_size=self.group_size, symmetric=self.symmetric,
+            format_options=dict(self.format_options),
+        )
 
     def scheme_for(self, module_name: str) -> Scheme | None:
         """The scheme for one module, or None if it stays unquantized."""
-        base = Scheme(method=self.method, format=self.format, group_size=self.group_size, symmetric=self.symmetric)
+        base = self._base()
         for o in self.overrides:
             if re.search(o.pattern, module_name):
-                if o.skip:
-                    return None
-                changes = {k: v for k, v in o.model_dump(exclude={"pattern", "skip"}).items() if v is not None}
-                return base.model_copy(update=changes)
+                return None if o.skip else _apply(base, o)
         if any(re.search(p, module_name) for p in self.ignore):
             return None
         return base
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the defaults or any override need calibration inputs (a conservative answer
+        for `lowbit.pipeline`: the defaults count even if every layer is overridden)."""
+        base = self._base()
+        return any(s.needs_calibration for s in [base, *(_apply(base, o) for o in self.overrides if not o.skip)])
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -166,6 +228,14 @@ class Recipe(Scheme):
         if not isinstance(data, dict):
             raise RecipeError(f"recipe file {p} must hold a mapping of keys (method, format, ...)")
         return cls.from_dict(data)
+
+
+def _apply(base: Scheme, o: Override) -> Scheme:
+    """`base` with what the override `o` sets (a new format without options starts from none)."""
+    changes = {k: v for k, v in o.model_dump(exclude={"pattern", "skip"}).items() if v is not None}
+    if "format" in changes and "format_options" not in changes:
+        changes["format_options"] = {}
+    return base.model_copy(update=changes)
 
 
 def describe_validation_error(exc: ValidationError) -> str:

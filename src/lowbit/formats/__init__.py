@@ -2,17 +2,23 @@
 
 from .base import Grid, ParamField, Params, round_to_fp16
 from .binary import BinaryGrid
+from .clip import ClippedGrid
 from .int import IntGrid
 from .layout import GroupLayout
 from .log import LogGrid
 from .lookup import LookupGrid, NormalFloatGrid
 from .minifloat import MinifloatGrid, MXFP4Grid, NVFP4Grid
+from .nested import NestedIntGrid
 from .power import PowerGrid
-from .registry import FormatOptionError, UnknownFormatError, describe_formats, get_grid, grid_from_spec
+from .registry import (
+    FormatOptionError, MissingFormatOptionError, UnknownFormatError, describe_formats, get_format, get_grid, grid_from_spec,
+)
+from .search import SearchSpace
 from .ternary import TernaryGrid
 
 __all__ = [
-    "BinaryGrid", "FormatOptionError", "Grid", "GroupLayout", "IntGrid", "LogGrid", "LookupGrid", "MXFP4Grid",
-    "MinifloatGrid", "NVFP4Grid", "NormalFloatGrid", "ParamField", "Params", "PowerGrid", "TernaryGrid",
-    "UnknownFormatError", "describe_formats", "get_grid", "grid_from_spec", "round_to_fp16",
+    "BinaryGrid", "ClippedGrid", "FormatOptionError", "Grid", "GroupLayout", "IntGrid", "LogGrid", "LookupGrid",
+    "MXFP4Grid", "MinifloatGrid", "MissingFormatOptionError", "NVFP4Grid", "NestedIntGrid", "NormalFloatGrid",
+    "ParamField", "Params", "PowerGrid", "SearchSpace", "TernaryGrid", "UnknownFormatError", "describe_formats",
+    "get_format", "get_grid", "grid_from_spec", "round_to_fp16",
 ]

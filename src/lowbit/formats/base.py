@@ -85,6 +85,11 @@ class Grid(ABC):
         """A JSON-able description from which `formats.grid_from_spec` rebuilds this grid."""
         return {"format": self.name}
 
+    def with_precision(self, bits: int) -> "Grid | None":
+        """This grid decoding its stored codes at another precision, or None if it cannot
+        (only nested grids can: `formats.nested`)."""
+        return None
+
     def quantize(self, w: torch.Tensor, params: Params) -> torch.Tensor:
         """Round `w` onto the grid: decode(encode(w))."""
         return self.decode(self.encode(w, params), params)

@@ -8,11 +8,14 @@ from typing import Any, Callable
 
 from .base import Grid
 from .binary import BinaryGrid
+from .clip import ClippedGrid
 from .int import IntGrid
 from .log import LogGrid
 from .lookup import LookupGrid, NormalFloatGrid
 from .minifloat import MinifloatGrid, MXFP4Grid, NVFP4Grid
+from .nested import NestedIntGrid
 from .power import PowerGrid
+from .search import SearchSpace, minifloat_search, power_search
 from .ternary import TernaryGrid
 
 
@@ -24,10 +27,14 @@ class FormatOptionError(UnknownFormatError):
     """A known format name with options it does not accept (or a name whose numbers do not fit)."""
 
 
+class MissingFormatOptionError(FormatOptionError):
+    """A known format name that needs an option to build (the table of `lut`)."""
+
+
 @dataclass(frozen=True)
 class _Format:
     pattern: re.Pattern[str]
-    build: Callable[[re.Match[str], dict[str, Any]], Grid]
+    build: Callable[[re.Match[str], dict[str, Any]], Any]  # a Grid (a SearchSpace for _SEARCHES)
     description: str
     bits: str  # width of one code, for the listing
     params: str  # what each block stores besides its codes
@@ -122,6 +129,14 @@ _FORMATS: list[_Format] = [
         "2", "fp16 scale",
     ),
     _Format(
+        re.compile(r"nested([3-8])"),
+        lambda m, o: NestedIntGrid(int(m.group(1)), **_options(m.group(0), o, ("precision", "fit", "targets"))),
+        "Double Rounding nested integers (Nearly Lossless Adaptive Bit Switching): one symmetric 8-bit (nested8) "
+        "code per weight, lower precisions derived at load time by rounding the code again "
+        "(lowbit.load(path, bits=4)); options: precision, fit: joint (default) | top, targets (default [8, 6, 4])",
+        "3-8 (stored), any lower at load", "fp16 scale",
+    ),
+    _Format(
         re.compile(r"binary"),
         lambda m, o: BinaryGrid(**_options("binary", o, ())),
         "sign * scale, scale = mean|w| per block (1 bit)",
@@ -130,36 +145,82 @@ _FORMATS: list[_Format] = [
 ]
 
 
+_SEARCHES: list[_Format] = [
+    _Format(
+        re.compile(r"fp([3-8])_search"),
+        lambda m, o: minifloat_search(int(m.group(1)), **_options(m.group(0), o, ("clips", "splits", "subnormals", "refine"))),
+        "LLM-FP4 search, per layer: every ExMy split of a b-bit minifloat x clipping factors, the one with the "
+        "least output error on calibration data (RTN or GPTQ); options: clips, splits, subnormals, refine",
+        "3-8", "fp16 scale",
+    ),
+    _Format(
+        re.compile(r"power([2-8])_search"),
+        lambda m, o: power_search(int(m.group(1)), **_options(m.group(0), o, ("alphas", "clips", "refine"))),
+        "NUPES power-exponent search, per layer: power grids over alphas x clipping factors, the one with the "
+        "least output error on calibration data; options: alphas, clips, refine",
+        "2-8", "fp16 scale",
+    ),
+]
+
+
 def _lut(o: dict[str, Any]) -> Grid:
     opts = _options("lut", o, ("levels",))
     if "levels" not in opts:
-        raise FormatOptionError("format 'lut' needs its table: get_grid('lut', levels=[...])")
+        raise MissingFormatOptionError("format 'lut' needs its table: get_grid('lut', levels=[...])")
     return LookupGrid(opts["levels"])
 
 
 EXAMPLE_NAMES = [
     "int8", "int4", "int3", "int2",
     "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp5_e2m2", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "mxfp4", "nvfp4",
-    "nf4", "nf3", "lut", "power4", "post4", "log4", "ternary", "ternary2", "binary",
+    "nf4", "nf3", "lut", "power4", "post4", "log4", "ternary", "ternary2", "binary", "nested8",
 ]
+SEARCH_NAMES = ["fp4_search", "fp3_search", "power4_search", "power3_search"]
+
+
+def _build(fmt: _Format, match: re.Match[str], name: str, options: dict[str, Any]) -> Any:
+    try:
+        return fmt.build(match, options)
+    except UnknownFormatError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise FormatOptionError(f"format {name!r}: {exc}") from None
 
 
 def get_grid(name: str, **options: Any) -> Grid:
     """Build the grid that `name` names (`int4`, `fp4_e2m1`, `nf4`, ...) with its options
-    (`symmetric=True`, `alpha=1.5`, `levels=[...]`, ...)."""
+    (`symmetric=True`, `alpha=1.5`, `levels=[...]`, ...). Every grid whose only parameter is an
+    fp16 scale also takes `clip` (see `formats.clip`)."""
+    key = name.strip().lower()
+    clip = options.pop("clip", None)
     for fmt in _FORMATS:
-        match = fmt.pattern.fullmatch(name.strip().lower())
+        match = fmt.pattern.fullmatch(key)
         if match:
+            grid = _build(fmt, match, name, options)
+            if clip is None or (not isinstance(clip, bool) and clip == 1):
+                return grid
             try:
-                return fmt.build(match, options)
-            except UnknownFormatError:
-                raise
-            except (ValueError, TypeError) as exc:
+                return ClippedGrid(grid, clip)
+            except ValueError as exc:
                 raise FormatOptionError(f"format {name!r}: {exc}") from None
+    if any(f.pattern.fullmatch(key) for f in _SEARCHES):
+        raise UnknownFormatError(f"{name!r} is a search over grids, not one grid: use it as a recipe format (get_format)")
     raise UnknownFormatError(
-        f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES)} "
-        "(see `lowbit formats` for the patterns: int2-8, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8)"
+        f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES + SEARCH_NAMES)} "
+        "(see `lowbit formats` for the patterns: int2-8, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
+        "fpN_search, powerN_search)"
     )
+
+
+def get_format(name: str, **options: Any) -> Grid | SearchSpace:
+    """A grid (`get_grid`) or, for a search name (`fp4_search`, `power3_search`), the search space
+    that `algos.format_search` chooses from per layer."""
+    key = name.strip().lower()
+    for fmt in _SEARCHES:
+        match = fmt.pattern.fullmatch(key)
+        if match:
+            return _build(fmt, match, name, options)
+    return get_grid(name, **options)
 
 
 def grid_from_spec(spec: dict[str, Any]) -> Grid:
@@ -170,4 +231,7 @@ def grid_from_spec(spec: dict[str, Any]) -> Grid:
 
 def describe_formats() -> list[dict[str, str]]:
     """One row per format pattern: pattern, description, bits (code width), params (per block)."""
-    return [{"pattern": f.pattern.pattern, "description": f.description, "bits": f.bits, "params": f.params} for f in _FORMATS]
+    return [
+        {"pattern": f.pattern.pattern, "description": f.description, "bits": f.bits, "params": f.params}
+        for f in _FORMATS + _SEARCHES
+    ]

@@ -1,5 +1,7 @@
-"""Runtime modules that hold packed quantized weights."""
+"""Runtime modules that hold packed quantized weights, one class per stored `kind`."""
 
+from .base import MODULE_KINDS, QuantModule, module_from_entry
+from .ptq161_linear import PTQ161Linear
 from .quant_linear import QuantLinear
 
-__all__ = ["QuantLinear"]
+__all__ = ["MODULE_KINDS", "PTQ161Linear", "QuantLinear", "QuantModule", "module_from_entry"]

@@ -3,79 +3,70 @@ dequantizes it in forward. Its state dict is exactly what the artifact stores.""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from ..formats import Grid, GroupLayout
-from ..pack import pack_codes, unpack_codes
-from ..qtensor import QuantizedWeight
+from ..formats import Grid, GroupLayout, grid_from_spec
+from ..qtensor import QuantizedWeight, weight_storage_bytes
+from .base import QuantModule, read_weight, register_kind, register_weight_buffers, store_weight
 
 
-class QuantLinear(nn.Module):
+@register_kind
+class QuantLinear(QuantModule):
+    kind = "linear"
+
     def __init__(self, grid: Grid, layout: GroupLayout, bias: bool) -> None:
         super().__init__()
         self.grid = grid
         self.layout = layout
         self.in_features = layout.in_features
         self.out_features = layout.out_features
-        n = layout.out_features * layout.in_features
-        sets = layout.n_param_sets
-        self.register_buffer("codes", torch.zeros(grid.packed_nbytes(n), dtype=torch.uint8))
-        for f in grid.param_fields:
-            if f.kind == "float16":
-                self.register_buffer(f.name, torch.zeros(sets, dtype=torch.float16))
-            else:
-                self.register_buffer(f.name, torch.zeros(-(-sets * f.bits // 8), dtype=torch.uint8))
-        self.bias = nn.Parameter(torch.zeros(layout.out_features), requires_grad=False) if bias else None
-        self.cache_weight = False  # keep the dequantized weight between calls (faster, more memory)
-        self._cached: torch.Tensor | None = None
+        register_weight_buffers(self, "", grid, layout)
+        self._init_bias(bias)
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None) -> "QuantLinear":
         layer = cls(qw.grid, qw.layout, bias is not None)
-        layer.codes.copy_(qw.grid.pack(qw.codes))
-        for f in qw.grid.param_fields:
-            value = qw.params[f.name].reshape(-1)
-            if f.kind == "float16":
-                getattr(layer, f.name).copy_(value.to(torch.float16))
-            else:
-                getattr(layer, f.name).copy_(pack_codes(value.round().to(torch.uint8), f.bits))
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach().float())
+        store_weight(layer, "", qw)
+        layer._copy_bias(bias)
         return layer
 
-    def _load_from_state_dict(self, *args, **kwargs):
-        self._cached = None  # new codes: forget the dequantized copy
-        super()._load_from_state_dict(*args, **kwargs)
+    def entry(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "grid": self.grid.spec(),
+            "bits": self.grid.bits,
+            "shape": [self.out_features, self.in_features],
+            "group_size": self.layout.group_size,
+            "ragged": self.layout.ragged,
+            "n_groups_per_row": self.layout.n_groups,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> "QuantLinear":
+        out_f, in_f = entry["shape"]
+        layout = GroupLayout(out_f, in_f, entry["group_size"], entry.get("ragged", "short-last"))
+        return cls(grid_from_spec(entry["grid"]), layout, entry["bias"])
+
+    def set_precision(self, bits: int) -> bool:
+        grid = self.grid.with_precision(bits)
+        if grid is None:
+            return False
+        self.grid = grid
+        self._cached = None
+        return True
 
     def quantized_weight(self) -> QuantizedWeight:
         """Unpack the stored tensors into codes and parameters."""
-        layout = self.layout
-        n = layout.out_features * layout.in_features
-        codes = self.grid.unpack(self.codes, n).reshape(layout.out_features, layout.in_features)
-        params = {}
-        for f in self.grid.param_fields:
-            stored = getattr(self, f.name)
-            value = stored.float() if f.kind == "float16" else unpack_codes(stored, f.bits, layout.n_param_sets).float()
-            params[f.name] = value.reshape(layout.param_rows, -1)
-        return QuantizedWeight(codes, params, self.grid, layout)
+        return read_weight(self, "", self.grid, self.layout)
 
-    def dequantize(self) -> torch.Tensor:
-        """[out, in] float32 weight."""
-        if self._cached is not None:
-            return self._cached
-        w = self.quantized_weight().dequantize()
-        if self.cache_weight:
-            self._cached = w
-        return w
+    def _dequantize(self) -> torch.Tensor:
+        return self.quantized_weight().dequantize()
 
-    def bits_per_weight(self) -> float:
-        return self.quantized_weight().bits_per_weight()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.dequantize().to(x.dtype)
-        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+    def storage_bytes(self) -> dict[str, int]:
+        return weight_storage_bytes(self.grid, self.layout)
 
     def extra_repr(self) -> str:
         return (

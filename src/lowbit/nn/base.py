@@ -1,0 +1,134 @@
+"""What every runtime module that holds a quantized weight shares, and how an artifact finds the
+right module class for a stored module: its `kind` (QuantLinear: "linear", PTQ161Linear: "ptq161").
+
+A module's `entry()` is the JSON-able description that the artifact header stores; the class
+registered for `entry["kind"]` rebuilds an empty module of the same shape from it
+(`module_from_entry`), and the stored tensors fill its state dict. Entries without a kind
+(artifacts written before kinds existed) are "linear".
+
+Also here: the buffers that hold one `QuantizedWeight` (packed codes and packed/fp16 grid
+parameters), under a name prefix, so that modules holding several (PTQ1.61) reuse them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import Grid, GroupLayout
+from ..pack import pack_codes, unpack_codes
+from ..qtensor import QuantizedWeight
+
+
+class QuantModule(nn.Module):
+    """A linear layer whose weight is stored quantized and dequantized in forward."""
+
+    kind: ClassVar[str]
+    in_features: int
+    out_features: int
+    bias: nn.Parameter | None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache_weight = False  # keep the dequantized weight between calls (faster, more memory)
+        self._cached: torch.Tensor | None = None
+
+    # to implement
+    def _dequantize(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def entry(self) -> dict[str, Any]:
+        """JSON-able description from which `from_entry` rebuilds an empty module like this one."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> "QuantModule":
+        raise NotImplementedError
+
+    def storage_bytes(self) -> dict[str, int]:
+        """Exact bytes of every stored tensor of the weight (bias excluded)."""
+        raise NotImplementedError
+
+    # shared
+    def set_precision(self, bits: int) -> bool:
+        """Decode at another precision if the weight's format allows it (nested grids); False if not."""
+        return False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._cached = None  # new codes: forget the dequantized copy
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] float32 weight."""
+        if self._cached is not None:
+            return self._cached
+        w = self._dequantize()
+        if self.cache_weight:
+            self._cached = w
+        return w
+
+    def bits_per_weight(self) -> float:
+        return 8 * sum(self.storage_bytes().values()) / (self.in_features * self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantize().to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def _init_bias(self, bias: bool) -> None:
+        self.bias = nn.Parameter(torch.zeros(self.out_features), requires_grad=False) if bias else None
+
+    def _copy_bias(self, bias: torch.Tensor | None) -> None:
+        if bias is not None:
+            self.bias.data.copy_(bias.detach().float())
+
+
+MODULE_KINDS: dict[str, type[QuantModule]] = {}
+
+
+def register_kind(cls: type[QuantModule]) -> type[QuantModule]:
+    MODULE_KINDS[cls.kind] = cls
+    return cls
+
+
+def module_from_entry(entry: dict[str, Any]) -> QuantModule:
+    """An empty module of the kind and shape that an artifact header entry describes."""
+    kind = entry.get("kind", "linear")
+    if kind not in MODULE_KINDS:
+        raise ValueError(f"unknown quantized module kind {kind!r} (known: {', '.join(MODULE_KINDS)})")
+    return MODULE_KINDS[kind].from_entry(entry)
+
+
+# buffers of one QuantizedWeight, names prefixed
+def register_weight_buffers(module: nn.Module, prefix: str, grid: Grid, layout: GroupLayout) -> None:
+    n = layout.out_features * layout.in_features
+    sets = layout.n_param_sets
+    module.register_buffer(f"{prefix}codes", torch.zeros(grid.packed_nbytes(n), dtype=torch.uint8))
+    for f in grid.param_fields:
+        if f.kind == "float16":
+            module.register_buffer(f"{prefix}{f.name}", torch.zeros(sets, dtype=torch.float16))
+        else:
+            module.register_buffer(f"{prefix}{f.name}", torch.zeros(-(-sets * f.bits // 8), dtype=torch.uint8))
+
+
+def store_weight(module: nn.Module, prefix: str, qw: QuantizedWeight) -> None:
+    getattr(module, f"{prefix}codes").copy_(qw.grid.pack(qw.codes))
+    for f in qw.grid.param_fields:
+        value = qw.params[f.name].reshape(-1)
+        if f.kind == "float16":
+            getattr(module, f"{prefix}{f.name}").copy_(value.to(torch.float16))
+        else:
+            getattr(module, f"{prefix}{f.name}").copy_(pack_codes(value.round().to(torch.uint8), f.bits))
+
+
+def read_weight(module: nn.Module, prefix: str, grid: Grid, layout: GroupLayout) -> QuantizedWeight:
+    n = layout.out_features * layout.in_features
+    codes = grid.unpack(getattr(module, f"{prefix}codes"), n).reshape(layout.out_features, layout.in_features)
+    params = {}
+    for f in grid.param_fields:
+        stored = getattr(module, f"{prefix}{f.name}")
+        value = stored.float() if f.kind == "float16" else unpack_codes(stored, f.bits, layout.n_param_sets).float()
+        params[f.name] = value.reshape(layout.param_rows, -1)
+    return QuantizedWeight(codes, params, grid, layout)

@@ -48,7 +48,7 @@ def quantize(source: str, recipe: Recipe, show_progress: bool = True) -> Quantiz
     """Load `source` and quantize it in memory by `recipe`."""
     loaded = load_model(source)
     needs_calib = any(
-        s is not None and s.method == "gptq"
+        s is not None and s.needs_calibration
         for s in (recipe.scheme_for(n) for n, _ in loaded.model.named_modules())
     )
     batches, calib = calibration_batches(loaded, recipe) if needs_calib else (None, {})

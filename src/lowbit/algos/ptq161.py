@@ -178,7 +178,8 @@ def ptq161_quantize(
     block = b.numel() if group_size < 0 else min(group_size, b.numel())
 
     def binarize(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        signs, alpha, beta = fit_binary(target, h_bb, block, config.iters, config.feedback, config.damp)
+        with _one_thread():  # many small solves and sweeps: threads only add overhead (and stall under load)
+            signs, alpha, beta = fit_binary(target, h_bb, block, config.iters, config.feedback, config.damp)
         blk = torch.arange(b.numel()) // block
         return signs, alpha, beta, (2 * signs.float() - 1) * alpha[:, blk] * beta
 

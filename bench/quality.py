@@ -49,7 +49,7 @@ BASELINE_ID = "lowbit:rtn-int8-g64"
 BUDGETS = (8.5, 5.5, 4.5, 3.5, 2.5)
 ROW_KEYS = ("model", "tool", "method", "grid", "bits", "group_size", "symmetric", "bpw", "kl", "ppl", "ppl_reference",
             "top1", "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "quant_cpu_ratio", "load_avg_1m",
-            "peak_rss_mb", "tokens", "status", "error", "notes", "version", "id")
+            "quant_seconds_runs", "peak_rss_mb", "tokens", "status", "error", "notes", "version", "id")
 
 
 def lowbit_id(method: str, bits: int, group_size: int, symmetric: bool) -> str:
@@ -84,17 +84,28 @@ def run_lowbit(spec: dict) -> dict:
     from lowbit.pipeline import evaluate, quantize, save_job
 
     recipe = _recipe(spec, spec["method"], spec["bits"], spec["group_size"], spec["symmetric"])
-    start, cpu = time.perf_counter(), time.process_time()
-    job = quantize(spec["model"], recipe, show_progress=False)
-    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    walls, cpus = [], []
+    for _ in range(spec.get("repeat", 1)):
+        start, cpu = time.perf_counter(), time.process_time()
+        job = quantize(spec["model"], recipe, show_progress=False)
+        walls.append(time.perf_counter() - start)
+        cpus.append(time.process_time() - cpu)
+    timing = _timing(walls, cpus)
+    if not spec.get("evaluate", True):
+        return timing | {"status": "ok"}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_job(job, recipe, Path(tmp) / "artifact")
         res = evaluate(path, spec["text"], max_tokens=spec["max_tokens"], seq_len=spec["seq_len"])
     return {
         "bpw": res["bpw"], "kl": res["kl"], "ppl": res["ppl"], "ppl_reference": res["ppl_reference"], "top1": res["top1"],
-        "quant_seconds": seconds, "quant_cpu_seconds": cpu, "peak_rss_mb": _peak_rss_mb(), "tokens": res["tokens"],
+        **timing, "peak_rss_mb": _peak_rss_mb(), "tokens": res["tokens"],
         "status": "ok", "error": None, "notes": "lowbit artifact saved, loaded back and evaluated", "version": _version("lowbit"),
     }
+
+
+def _timing(walls: list[float], cpus: list[float]) -> dict:
+    """The fastest of the repeated runs (other work on the machine only ever adds time)."""
+    return {"quant_seconds": min(walls), "quant_cpu_seconds": min(cpus), "quant_seconds_runs": [round(w, 3) for w in walls]}
 
 
 def _version(dist: str) -> str | None:
@@ -115,14 +126,20 @@ def run_peer(spec: dict) -> dict:
     row: dict = {"version": _version(cfg.dist)}
     try:
         adapter = importlib.import_module(f"bench.peers.{cfg.module}")
-        start, cpu = time.perf_counter(), time.process_time()
-        loaded = load_model(spec["model"])
-        calib = None
-        if cfg.needs_calib:  # the very windows lowbit's GPTQ calibrates on
-            batches, _ = calibration_batches(loaded, _recipe(spec, "gptq"))
-            calib = torch.cat(batches)
-        result = adapter.quantize(loaded.model, calib, **cfg.options)
-        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        walls, cpus = [], []
+        for _ in range(spec.get("repeat", 1)):
+            start, cpu = time.perf_counter(), time.process_time()
+            loaded = load_model(spec["model"])
+            calib = None
+            if cfg.needs_calib:  # the very windows lowbit's GPTQ calibrates on
+                batches, _ = calibration_batches(loaded, _recipe(spec, "gptq"))
+                calib = torch.cat(batches)
+            result = adapter.quantize(loaded.model, calib, **cfg.options)
+            walls.append(time.perf_counter() - start)
+            cpus.append(time.process_time() - cpu)
+        timing = _timing(walls, cpus)
+        if not spec.get("evaluate", True):
+            return row | timing | {"status": "ok"}
         ref = load_model(spec["model"])
         seq = min(spec["seq_len"], getattr(ref.model.config, "max_position_embeddings", spec["seq_len"]))
         windows = consecutive_windows(ref.tokenizer, read_text(spec["text"]), seq, spec["max_tokens"])
@@ -137,8 +154,8 @@ def run_peer(spec: dict) -> dict:
         return row | {"status": "failed", "error": f"non-finite result (kl {fid['kl']}, ppl {fid['ppl']})", "bpw": result.bpw}
     return row | {
         "bpw": result.bpw, "kl": fid["kl"], "ppl": fid["ppl"], "ppl_reference": fid["ppl_reference"], "top1": fid["top1"],
-        "quant_seconds": seconds, "quant_cpu_seconds": cpu, "peak_rss_mb": _peak_rss_mb(), "tokens": fid["tokens"],
-        "status": "ok", "error": None, "notes": result.notes,
+        **timing, "peak_rss_mb": _peak_rss_mb(), "tokens": fid["tokens"], "status": "ok", "error": None,
+        "notes": result.notes,
     }
 
 
@@ -246,6 +263,12 @@ def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | No
     versions = sorted({f"{r['tool']} {r['version']}" for r in rows if r.get("version")})
     ok = [r for r in rows if r["status"] == "ok"]
     bad = [r for r in rows if r["status"] != "ok"]
+    repeat_note = ""
+    if settings.get("retime"):
+        repeat_note = (f"Times come from a separate timing pass (quantization only, same machine, baseline included): "
+                       f"the fastest of {settings['retime']} runs per configuration. ")
+    elif settings.get("repeat", 1) > 1:
+        repeat_note = f"Each time is the fastest of {settings['repeat']} quantizations. "
     parts = [
         "# Quality against size: lowbit and peers",
         "",
@@ -260,8 +283,8 @@ def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | No
         "give the 16-bit figure where it differs). Quantize time = load + calibration windows + quantize, for every row; "
         "`time / RTN int8` is the ratio to lowbit RTN int8 in the same run; `CPU s` is the process CPU time of the same "
         "span (all threads), `CPU / RTN int8` its ratio, and `load` the machine's 1-minute load average when the "
-        "configuration started: other work on the machine inflates wall times, much less CPU times. One-time builds "
-        "(quanto's C++ extension) are warmed up before timing. "
+        "configuration started: other work on the machine inflates both (spinning worker threads count as CPU "
+        f"time). One-time builds (quanto's C++ extension) are warmed up before timing. {repeat_note}"
         f"Machine: {mach['cores']} CPU cores, torch {mach['torch']}, Python {mach['python']}.",
         "",
         "Versions: " + ", ".join(versions) + f"; lowbit at commit {lowbit_revision()}.",
@@ -332,6 +355,27 @@ def write_outputs(rows: list[dict], settings: dict, out_dir: Path) -> dict[str, 
     return paths
 
 
+def _run_config(cfg: dict, settings: dict, timeout: float, warmed: set[str]) -> dict:
+    module = None if cfg["tool"] == "lowbit" else get(cfg["id"]).module
+    if module and module not in warmed:
+        warmed.add(module)
+        if hasattr(importlib.import_module(f"bench.peers.{module}"), "warm_up"):
+            subprocess.run([sys.executable, "-m", "bench.quality", "--warm-up", module], cwd=ROOT,
+                           capture_output=True, timeout=timeout, check=False)
+    t = time.perf_counter()
+    load = os.getloadavg()[0]
+    row = cfg | run_child(cfg | settings, timeout)
+    row["load_avg_1m"] = load
+    if row["status"] != "ok":
+        what = f"{row['status']}: {row.get('error')}"
+    elif "kl" in row:
+        what = f"KL {row['kl']:.4g} bpw {row['bpw']:.3f} quantize {row['quant_seconds']:.2f}s"
+    else:
+        what = f"quantize {row['quant_seconds']:.2f}s (runs {row['quant_seconds_runs']})"
+    print(f"[{time.perf_counter() - t:5.1f}s] {cfg['id']}: {what}", file=sys.stderr, flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=str(ASSETS / "shakespeare-llama"))
@@ -345,6 +389,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--list", action="store_true", help="print the configuration ids and exit")
     ap.add_argument("--out", default=str(RESULTS), help="results directory")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="quantize each configuration this many times and keep the fastest (evaluate once)")
+    ap.add_argument("--retime", type=int, metavar="N",
+                    help="only re-time the ok rows of the quality.json in --out: fastest of N quantizations each "
+                         "(no evaluation), with the baseline re-timed in the same pass; rewrites the outputs")
     ap.add_argument("--render-only", action="store_true",
                     help="rebuild quality.md and the plot from the quality.json in --out (no runs)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -373,25 +422,31 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.only:
         pats = [p.strip() for p in args.only.split(",") if p.strip()] + [BASELINE_ID]
         configs = [c for c in configs if any(fnmatch.fnmatchcase(c["id"], p) for p in pats)]
+    if args.retime:
+        rows = json.loads((Path(args.out) / "quality.json").read_text())
+        wanted = {c["id"] for c in configs}
+        todo = [c for c in all_configs() if c["id"] in wanted]
+        by_id = {r["id"]: r for r in rows}
+        todo = [c for c in todo if by_id.get(c["id"], {}).get("status") == "ok"]
+        for cfg in todo:
+            row = by_id[cfg["id"]]
+            res = _run_config(cfg, settings | {"repeat": args.retime, "evaluate": False}, args.timeout, set())
+            if res["status"] == "ok":
+                row.update({k: res[k] for k in ("quant_seconds", "quant_cpu_seconds", "quant_seconds_runs", "load_avg_1m")})
+            else:
+                print(f"re-timing {cfg['id']} failed: {res.get('error')}", file=sys.stderr)
+        finish_rows(rows)
+        paths = write_outputs(rows, settings | {"retime": args.retime}, Path(args.out))
+        print("re-timed: " + ", ".join(str(p) for p in paths.values()))
+        return rows
     rows = []
     warmed: set[str] = set()
     for cfg in configs:
-        module = None if cfg["tool"] == "lowbit" else get(cfg["id"]).module
-        if module and module not in warmed:
-            warmed.add(module)
-            if hasattr(importlib.import_module(f"bench.peers.{module}"), "warm_up"):
-                subprocess.run([sys.executable, "-m", "bench.quality", "--warm-up", module], cwd=ROOT,
-                               capture_output=True, timeout=args.timeout, check=False)
-        t = time.perf_counter()
-        load = os.getloadavg()[0]
-        row = cfg | run_child(cfg | settings, args.timeout)
+        row = _run_config(cfg, settings | {"repeat": args.repeat}, args.timeout, warmed)
         row["model"] = Path(args.model).name
-        row["load_avg_1m"] = load
         rows.append(row)
-        what = f"KL {row['kl']:.4g} bpw {row['bpw']:.3f}" if row["status"] == "ok" else f"{row['status']}: {row.get('error')}"
-        print(f"[{time.perf_counter() - t:5.1f}s] {cfg['id']}: {what}", file=sys.stderr, flush=True)
     finish_rows(rows)
-    paths = write_outputs(rows, settings, Path(args.out))
+    paths = write_outputs(rows, settings | {"repeat": args.repeat}, Path(args.out))
     print(budget_table(rows))
     print()
     print(rows_table(rows))

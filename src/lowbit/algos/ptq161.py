@@ -39,10 +39,10 @@ from dataclasses import dataclass
 import torch
 
 from ..formats import Grid, GroupLayout
+from ..formats.base import round_to_fp16
 from ..qtensor import PTQ161Weight, QuantizedWeight
 from .gptq import GPTQConfig, _one_thread, gptq_quantize, inverse_hessian_cholesky
 from .rtn import rtn_quantize
-from ..formats.base import round_to_fp16
 
 
 @dataclass(frozen=True)

@@ -205,7 +205,8 @@ def formats(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table()
+    table = Table(caption="Options: --format-option KEY=VALUE or a recipe's format_options. Every grid whose only "
+                  "parameter is an fp16 scale also takes clip (0 < clip <= 1: the scale is fitted at clip x absmax).")
     table.add_column("name")
     table.add_column("description")
     for row in rows:

@@ -49,7 +49,7 @@ BASELINE_ID = "lowbit:rtn-int8-g64"
 BUDGETS = (8.5, 5.5, 4.5, 3.5, 2.5)
 ROW_KEYS = ("model", "tool", "method", "grid", "bits", "group_size", "symmetric", "bpw", "kl", "ppl", "ppl_reference",
             "top1", "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "quant_cpu_ratio", "load_avg_1m",
-            "quant_seconds_runs", "peak_rss_mb", "tokens", "status", "error", "notes", "version", "id")
+            "quant_seconds_runs", "timing", "peak_rss_mb", "tokens", "status", "error", "notes", "version", "id")
 
 
 def lowbit_id(method: str, bits: int, group_size: int, symmetric: bool) -> str:
@@ -258,17 +258,21 @@ def lowbit_revision() -> str:
     return head.stdout.strip() + (" + local changes in src/" if dirty.stdout.strip() else "")
 
 
+def _tool_version(row: dict) -> str:
+    dist = "lowbit" if row["tool"] == "lowbit" else get(row["id"]).dist
+    return f"{row['tool']} {row['version']}" if dist == row["tool"] else f"{row['tool']} ({dist} {row['version']})"
+
+
 def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | None) -> str:
     ref = next((r["ppl_reference"] for r in rows if r["status"] == "ok" and r.get("ppl_reference")), None)
-    versions = sorted({f"{r['tool']} {r['version']}" for r in rows if r.get("version")})
+    versions = sorted({_tool_version(r) for r in rows if r.get("version")})
     ok = [r for r in rows if r["status"] == "ok"]
     bad = [r for r in rows if r["status"] != "ok"]
-    repeat_note = ""
-    if settings.get("retime"):
-        repeat_note = (f"Times come from a separate timing pass (quantization only, same machine, baseline included): "
-                       f"the fastest of {settings['retime']} runs per configuration. ")
-    elif settings.get("repeat", 1) > 1:
-        repeat_note = f"Each time is the fastest of {settings['repeat']} quantizations. "
+    timings = sorted({r["timing"] for r in ok if r.get("timing")})
+    repeat_note = f"Timing: {'; '.join(timings)} (per configuration, the baseline included). " if timings else ""
+    if any("separate timing pass" in t for t in timings):
+        repeat_note += ("The timing pass quantizes only (no evaluation) in a fresh process per configuration, after "
+                        "the quality pass that produced every other column. ")
     parts = [
         "# Quality against size: lowbit and peers",
         "",
@@ -427,26 +431,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
         wanted = {c["id"] for c in configs}
         todo = [c for c in all_configs() if c["id"] in wanted]
         by_id = {r["id"]: r for r in rows}
+        warmed: set[str] = set()
         todo = [c for c in todo if by_id.get(c["id"], {}).get("status") == "ok"]
         for cfg in todo:
             row = by_id[cfg["id"]]
-            res = _run_config(cfg, settings | {"repeat": args.retime, "evaluate": False}, args.timeout, set())
+            res = _run_config(cfg, settings | {"repeat": args.retime, "evaluate": False}, args.timeout, warmed)
             if res["status"] == "ok":
                 row.update({k: res[k] for k in ("quant_seconds", "quant_cpu_seconds", "quant_seconds_runs", "load_avg_1m")})
+                row["timing"] = f"fastest of {args.retime} quantizations, separate timing pass"
             else:
                 print(f"re-timing {cfg['id']} failed: {res.get('error')}", file=sys.stderr)
         finish_rows(rows)
-        paths = write_outputs(rows, settings | {"retime": args.retime}, Path(args.out))
+        paths = write_outputs(rows, settings, Path(args.out))
         print("re-timed: " + ", ".join(str(p) for p in paths.values()))
         return rows
     rows = []
-    warmed: set[str] = set()
+    warmed = set()
     for cfg in configs:
         row = _run_config(cfg, settings | {"repeat": args.repeat}, args.timeout, warmed)
         row["model"] = Path(args.model).name
+        if row["status"] == "ok":
+            row["timing"] = f"fastest of {args.repeat} quantizations" if args.repeat > 1 else "single quantization"
         rows.append(row)
     finish_rows(rows)
-    paths = write_outputs(rows, settings | {"repeat": args.repeat}, Path(args.out))
+    paths = write_outputs(rows, settings, Path(args.out))
     print(budget_table(rows))
     print()
     print(rows_table(rows))

@@ -174,13 +174,21 @@ def run_one(spec: dict) -> dict:
     return run_lowbit(spec) if spec["tool"] == "lowbit" else run_peer(spec)
 
 
+def _child_env(threads: int | None) -> dict | None:
+    if not threads:
+        return None
+    n = str(threads)
+    return os.environ | {"OMP_NUM_THREADS": n, "MKL_NUM_THREADS": n, "OPENBLAS_NUM_THREADS": n, "NUMEXPR_NUM_THREADS": n}
+
+
 def run_child(spec: dict, timeout: float) -> dict:
     """Run one configuration in its own process; a crash or a timeout becomes a failed row."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
         try:
             proc = subprocess.run([sys.executable, "-m", "bench.quality", "--one", json.dumps(spec | {"row_out": str(out)})],
-                                  capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False)
+                                  capture_output=True, text=True, cwd=ROOT, timeout=timeout, check=False,
+                                  env=_child_env(spec.get("threads")))
         except subprocess.TimeoutExpired:
             return {"status": "failed", "error": f"timed out after {timeout:.0f} s"}
         if proc.returncode == 0 and out.is_file():
@@ -359,13 +367,17 @@ def write_outputs(rows: list[dict], settings: dict, out_dir: Path) -> dict[str, 
     return paths
 
 
+def _threads(n: int | None) -> str:
+    return f", {n} thread{'s' if n > 1 else ''}" if n else ""
+
+
 def _run_config(cfg: dict, settings: dict, timeout: float, warmed: set[str]) -> dict:
     module = None if cfg["tool"] == "lowbit" else get(cfg["id"]).module
     if module and module not in warmed:
         warmed.add(module)
         if hasattr(importlib.import_module(f"bench.peers.{module}"), "warm_up"):
             subprocess.run([sys.executable, "-m", "bench.quality", "--warm-up", module], cwd=ROOT,
-                           capture_output=True, timeout=timeout, check=False)
+                           capture_output=True, timeout=timeout, check=False, env=_child_env(settings.get("threads")))
     t = time.perf_counter()
     load = os.getloadavg()[0]
     row = cfg | run_child(cfg | settings, timeout)
@@ -398,6 +410,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--retime", type=int, metavar="N",
                     help="only re-time the ok rows of the quality.json in --out: fastest of N quantizations each "
                          "(no evaluation), with the baseline re-timed in the same pass; rewrites the outputs")
+    ap.add_argument("--threads", type=int, help="CPU threads per configuration process (default: torch's default)")
     ap.add_argument("--render-only", action="store_true",
                     help="rebuild quality.md and the plot from the quality.json in --out (no runs)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -435,10 +448,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         todo = [c for c in todo if by_id.get(c["id"], {}).get("status") == "ok"]
         for cfg in todo:
             row = by_id[cfg["id"]]
-            res = _run_config(cfg, settings | {"repeat": args.retime, "evaluate": False}, args.timeout, warmed)
+            res = _run_config(cfg, settings | {"repeat": args.retime, "evaluate": False, "threads": args.threads},
+                              args.timeout, warmed)
             if res["status"] == "ok":
                 row.update({k: res[k] for k in ("quant_seconds", "quant_cpu_seconds", "quant_seconds_runs", "load_avg_1m")})
-                row["timing"] = f"fastest of {args.retime} quantizations, separate timing pass"
+                row["timing"] = f"fastest of {args.retime} quantizations{_threads(args.threads)}, separate timing pass"
             else:
                 print(f"re-timing {cfg['id']} failed: {res.get('error')}", file=sys.stderr)
         finish_rows(rows)
@@ -448,10 +462,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     warmed = set()
     for cfg in configs:
-        row = _run_config(cfg, settings | {"repeat": args.repeat}, args.timeout, warmed)
+        row = _run_config(cfg, settings | {"repeat": args.repeat, "threads": args.threads}, args.timeout, warmed)
         row["model"] = Path(args.model).name
         if row["status"] == "ok":
-            row["timing"] = f"fastest of {args.repeat} quantizations" if args.repeat > 1 else "single quantization"
+            row["timing"] = (f"fastest of {args.repeat} quantizations" if args.repeat > 1 else "single quantization") + (
+                _threads(args.threads))
         rows.append(row)
     finish_rows(rows)
     paths = write_outputs(rows, settings, Path(args.out))

@@ -248,9 +248,9 @@ def rows_table(rows: list[dict]) -> str:
         shown.append(s)
     return markdown_table(shown, [
         ("tool", "tool", "s"), ("method", "method", "s"), ("grid", "grid", "s"), ("bpw", "bpw", ".3f"), ("kl_s", "KL", "s"),
-        ("ppl", "ppl", ".2f"), ("top1", "top-1", ".3f"), ("quant_seconds", "quantize s", ".2f"),
-        ("quant_seconds_ratio", "time / RTN int8", ".2f"), ("quant_cpu_seconds", "CPU s", ".2f"),
-        ("quant_cpu_ratio", "CPU / RTN int8", ".2f"), ("load_avg_1m", "load", ".1f"),
+        ("ppl", "ppl", ".2f"), ("top1", "top-1", ".3f"), ("quant_seconds", "quantize s", ".3f"),
+        ("quant_seconds_ratio", "time / RTN int8", ".1f"), ("quant_cpu_seconds", "CPU s", ".3f"),
+        ("quant_cpu_ratio", "CPU / RTN int8", ".1f"), ("load_avg_1m", "load", ".1f"),
         ("peak_rss_mb", "peak RSS MB", ".0f"), ("status", "status", "s"),
         ("what", "notes / error", "s"),
     ])

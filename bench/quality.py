@@ -43,11 +43,14 @@ ASSETS = ROOT.parent / "shared" / "assets"
 
 CONFIGS = [("rtn", 8, 64, False), ("gptq", 8, 64, False)] + [
     (method, bits, g, False) for bits in (4, 3, 2) for g in (64, 32) for method in ("rtn", "gptq")
-] + [("rtn", 4, 64, True), ("gptq", 4, 64, True)]
+] + [("rtn", 4, 64, True), ("gptq", 4, 64, True)] + [
+    # groups of 128: SmolLM2's 576-wide layers get a shorter last group (the shakespeare model's 192-wide ones too)
+    (method, bits, 128, False) for bits in (4, 3) for method in ("rtn", "gptq")
+]
 
 BASELINE_ID = "lowbit:rtn-int8-g64"
 BUDGETS = (8.5, 5.5, 4.5, 3.5, 2.5)
-ROW_KEYS = ("model", "tool", "method", "grid", "bits", "group_size", "symmetric", "bpw", "kl", "ppl", "ppl_reference",
+ROW_KEYS = ("model", "tool", "method", "grid", "bits", "group_size", "symmetric", "bpw", "kl", "ppl", "ppl_reference", "source_grid",
             "top1", "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "quant_cpu_ratio", "load_avg_1m",
             "quant_seconds_runs", "timing", "peak_rss_mb", "tokens", "status", "error", "notes", "version", "id")
 
@@ -98,6 +101,7 @@ def run_lowbit(spec: dict) -> dict:
         res = evaluate(path, spec["text"], max_tokens=spec["max_tokens"], seq_len=spec["seq_len"])
     return {
         "bpw": res["bpw"], "kl": res["kl"], "ppl": res["ppl"], "ppl_reference": res["ppl_reference"], "top1": res["top1"],
+        "source_grid": res["source_grid"],
         **timing, "peak_rss_mb": _peak_rss_mb(), "tokens": res["tokens"],
         "status": "ok", "error": None, "notes": "lowbit artifact saved, loaded back and evaluated", "version": _version("lowbit"),
     }
@@ -154,9 +158,22 @@ def run_peer(spec: dict) -> dict:
         return row | {"status": "failed", "error": f"non-finite result (kl {fid['kl']}, ppl {fid['ppl']})", "bpw": result.bpw}
     return row | {
         "bpw": result.bpw, "kl": fid["kl"], "ppl": fid["ppl"], "ppl_reference": fid["ppl_reference"], "top1": fid["top1"],
+        "source_grid": _peer_source_grid(ref.source_format, spec),
         **timing, "peak_rss_mb": _peak_rss_mb(), "tokens": fid["tokens"], "status": "ok", "error": None,
         "notes": result.notes,
     }
+
+
+def _peer_source_grid(source_format: str | None, spec: dict) -> bool | None:
+    """The source-grid guard for a peer's integer-like grid (bits, zero point or not, group size);
+    None where the adapter does not say whether its grid has a zero point."""
+    from lowbit.eval.source_grid import contains_source_grid
+
+    if source_format is None:
+        return False
+    if not spec.get("bits") or not spec.get("group_size") or spec.get("symmetric") is None:
+        return None
+    return contains_source_grid(source_format, f"int{spec['bits']}", bool(spec.get("symmetric")), spec["group_size"])
 
 
 def warm_up(module: str) -> None:

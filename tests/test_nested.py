@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import lowbit
 from lowbit.algos import rtn_quantize
-from lowbit.artifact import ArtifactError, load_precision, read_header
+from lowbit.artifact import ArtifactError, read_header
 from lowbit.cli import app
 from lowbit.formats import GroupLayout, NestedIntGrid, get_grid, grid_from_spec
 from lowbit.formats.nested import double_round
@@ -90,8 +90,7 @@ def test_load_time_precision_switching(nested_artifact, tmp_path):
         assert torch.equal(q.dequantize(), stored.grid.with_precision(4).decode(stored.codes, stored.layout.expand(stored.params)))
         logits4 = m4(input_ids=ids).logits
         assert not torch.equal(logits4, full)
-        with load_precision(4):
-            assert torch.equal(lowbit.load(path)(input_ids=ids).logits, logits4)
+        assert torch.equal(lowbit.load(path, bits=4, cache_weights=True)(input_ids=ids).logits, logits4)
     header = read_header(path)
     assert header["modules"]["model.layers.0.self_attn.q_proj"]["bpw"] == pytest.approx(8 + 16 / 32)
 
@@ -136,8 +135,7 @@ def test_one_artifact_within_10_percent_kl_of_direct_rtn(calib_text, eval_text, 
     ref = load_model(str(SHAKESPEARE))
 
     def kl(path, bits=None):
-        with load_precision(bits):
-            return evaluate(path, str(eval_text), reference=ref, max_tokens=4096, seq_len=256)["kl"]
+        return evaluate(path, str(eval_text), reference=ref, max_tokens=4096, seq_len=256, bits=bits)["kl"]
 
     r = Recipe(method="rtn", format="nested8", group_size=64)
     nested = save_job(quantize(str(SHAKESPEARE), r, show_progress=False), r, tmp_path / "nested")

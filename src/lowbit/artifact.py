@@ -21,8 +21,6 @@ import json
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -194,20 +192,6 @@ def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"artifact file {path} cannot be read: {exc}") from None
 
 
-_PRECISION: ContextVar[int | None] = ContextVar("lowbit_load_precision", default=None)
-
-
-@contextmanager
-def load_precision(bits: int | None):
-    """Within this block, `load(path)` without `bits` loads nested modules at `bits` (for callers
-    that load through code that does not pass `bits` on, such as `lowbit eval --bits`)."""
-    token = _PRECISION.set(bits)
-    try:
-        yield
-    finally:
-        _PRECISION.reset(token)
-
-
 def load(
     path: str | Path, model: nn.Module | None = None, verify: bool = True, cache_weights: bool = False, bits: int | None = None
 ) -> nn.Module:
@@ -218,7 +202,6 @@ def load(
     `bits`: decode every nested module (`nested8`, Double Rounding) at this precision; other
     modules are unaffected; an artifact without nested modules refuses it."""
     root = Path(path)
-    bits = _PRECISION.get() if bits is None else bits
     header = read_header(root, verify)
     if model is None:
         from transformers import AutoConfig

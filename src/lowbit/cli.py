@@ -136,16 +136,12 @@ def eval_(
     bits: Optional[int] = typer.Option(None, help="Load nested modules (format nested8) at this precision, e.g. 4."),
 ) -> None:
     """KL divergence to the original, perplexity, top-1 agreement (cosine for encoders), bpw and size."""
-    from .artifact import load_precision
     from .pipeline import evaluate
 
     try:
-        with load_precision(bits):
-            result = evaluate(artifact, str(text) if text else None, reference, max_tokens, seq_len)
+        result = evaluate(artifact, str(text) if text else None, reference, max_tokens, seq_len, bits=bits)
     except USER_ERRORS as exc:
         _fail(exc)
-    if bits is not None:
-        result["precision"] = bits
     if as_json:
         sys.stdout.write(json.dumps(result) + "\n")
         return

@@ -80,11 +80,12 @@ def evaluate(
     max_tokens: int = 4096,
     seq_len: int = 512,
     n_sentences: int = 256,
+    bits: int | None = None,
 ) -> dict:
     """Fidelity of the artifact at `path` to its original model (or to `reference`, a source or an
-    already loaded model), plus its size."""
+    already loaded model), plus its size. `bits`: the precision to load nested modules at."""
     header = read_header(path)
-    quantized = load(path, verify=False, cache_weights=True)  # read_header just verified every file
+    quantized = load(path, verify=False, cache_weights=True, bits=bits)  # read_header verified every file
     if isinstance(reference, LoadedModel):
         ref = reference
     else:
@@ -94,6 +95,8 @@ def evaluate(
     else:
         text, text_desc = default_text("eval")
     result: dict = {"artifact": str(path), "text": text_desc}
+    if bits is not None:
+        result["precision"] = bits
     if ref.kind == "causal-lm":
         seq = min(seq_len, getattr(ref.model.config, "max_position_embeddings", seq_len))
         windows = consecutive_windows(ref.tokenizer, text, seq, max_tokens)

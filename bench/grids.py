@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from lowbit.artifact import load_precision
 from lowbit.models import load_model
 from lowbit.pipeline import QuantizeJob, calibration_batches, evaluate, save_job
 from lowbit.quantize import quantize_model
@@ -85,8 +84,7 @@ def run(cfg: dict, ref, calib: tuple, args, tmp: Path) -> list[dict]:
     )
     out = []
     for precision in cfg.get("precisions", [None]):
-        with load_precision(precision):
-            res = evaluate(path, str(args.text), reference=ref, max_tokens=args.tokens, seq_len=256)
+        res = evaluate(path, str(args.text), reference=ref, max_tokens=args.tokens, seq_len=256, bits=precision)
         row = {
             "label": cfg["label"] + (f" @ {precision} bits" if precision else ""), "bits": precision or cfg["bits"],
             "method": cfg["method"], "format": recipe.format, "group_size": recipe.group_size,

@@ -108,3 +108,19 @@ def test_gptq_takes_any_scalar_grid(real_layers):
     rtn = output_error(w, rtn_quantize(w, grid, layout).dequantize(), h)
     gptq = output_error(w, gptq_quantize(w, h, grid, layout).dequantize(), h)
     assert gptq < 0.9 * rtn
+
+
+GRID_NAMES = ["int4", "int3", "fp4_e2m1", "fp4_e1m2", "fp3_e2m0", "mxfp4", "nvfp4", "nf4", "nf3", "power4", "power3",
+              "post4", "log4", "ternary", "binary", "nested8"]
+
+
+@pytest.mark.parametrize("name", GRID_NAMES)
+def test_gptq_beats_rtn_with_every_grid_on_a_real_layer(real_layers, name):
+    from lowbit.formats import get_grid
+
+    w, h = real_layers["model.layers.2.mlp.down_proj"]
+    grid = get_grid(name)
+    layout = GroupLayout(*w.shape, grid.fixed_group_size or 64)
+    rtn = output_error(w, rtn_quantize(w, grid, layout).dequantize(), h)
+    gptq = output_error(w, gptq_quantize(w, h, grid, layout).dequantize(), h)
+    assert gptq < rtn, (name, gptq, rtn)

@@ -32,6 +32,7 @@ from torch import nn
 from . import __version__
 from .models import auto_class
 from .nn import QuantModule, module_from_entry
+from .checksum import sha256_file
 
 HEADER = "lowbit.json"
 QUANTIZED = "quantized.safetensors"
@@ -41,14 +42,6 @@ FORMAT_VERSION = 1
 
 class ArtifactError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _canonical(obj: Any) -> bytes:

@@ -9,7 +9,6 @@ Hugging Face checkpoint (bfloat16) under the cache directory ($LOWBIT_CACHE, def
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -22,18 +21,11 @@ from pathlib import Path
 from typing import Callable
 
 from .errors import ModelLoadError
+from ..checksum import sha256_file
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit"))
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

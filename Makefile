@@ -27,9 +27,10 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
-bench: setup
+bench: bench-setup
 	$(PY) -m bench.gptq_layer
 	$(PY) -m bench.quality
+	$(PY) -m bench.grids
 
 # Peer quantizers for bench.quality (the `bench` extra), then llm-compressor without its dependencies:
 # it pins transformers<=5.17.0 (and wants auto-round, nvidia-ml-py) but runs GPTQ with 5.24.0 here.

@@ -194,20 +194,25 @@ def inspect(
     out.print("[green]all checksums verified[/]")
 
 
-@app.command()
-def formats(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """List the grid formats that --format and recipes accept."""
-    rows = describe_formats()
+def _print_rows(rows: list[dict], columns: dict[str, str], as_json: bool, caption: str) -> None:
+    """A listing as JSON on stdout, or as a table of `columns` (row key -> header)."""
     if as_json:
         sys.stdout.write(json.dumps(rows, indent=2) + "\n")
         return
-    table = Table(caption="Options: --format-option KEY=VALUE or a recipe's format_options. Every grid whose only "
-                  "parameter is an fp16 scale also takes clip (0 < clip <= 1: the scale is fitted at clip x absmax).")
-    table.add_column("name")
-    table.add_column("description")
+    table = Table(caption=caption)
+    for header in columns.values():
+        table.add_column(header)
     for row in rows:
-        table.add_row(row["pattern"], row["description"])
+        table.add_row(*(str(row[key]) for key in columns))
     Console().print(table)
+
+
+@app.command()
+def formats(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """List the grid formats that --format and recipes accept."""
+    caption = ("Options: --format-option KEY=VALUE or a recipe's format_options. Every grid whose only "
+               "parameter is an fp16 scale also takes clip (0 < clip <= 1: the scale is fitted at clip x absmax).")
+    _print_rows(describe_formats(), {"pattern": "name", "description": "description"}, as_json, caption)
 
 
 @app.command()
@@ -216,15 +221,8 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
     from .models import ALIASES, cache_dir
 
     rows = [{"alias": a.name, "description": a.description, "source_format": a.source_format} for a in ALIASES.values()]
-    if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
-        return
-    table = Table(caption=f"cache: {cache_dir()} (set LOWBIT_CACHE to move it)")
-    table.add_column("alias")
-    table.add_column("model")
-    for row in rows:
-        table.add_row(row["alias"], row["description"])
-    Console().print(table)
+    caption = f"cache: {cache_dir()} (set LOWBIT_CACHE to move it)"
+    _print_rows(rows, {"alias": "alias", "description": "model"}, as_json, caption)
 
 
 @app.command()

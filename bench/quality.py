@@ -1,14 +1,17 @@
-"""Quality against size on the reference causal LM: lowbit RTN and GPTQ at 8/4/3/2 bits, side by
-side with peer quantizers (llama.cpp's formats, HQQ, optimum-quanto, torchao, bitsandbytes,
-llm-compressor GPTQ).
+"""Quality against size: lowbit (RTN and GPTQ on integer grids at 8/6/5/4/3/2 bits and on every
+grid of the zoo, PTQ1.61, nested8 at each precision) side by side with peer quantizers (llama.cpp's
+formats, HQQ, optimum-quanto, torchao, bitsandbytes, llm-compressor GPTQ), on the reference causal LM
+(KL to the original) or on a sentence encoder such as MiniLM (cosine similarity to the original).
 
-    python -m bench.quality [--model DIR] [--calib FILE] [--text FILE] [--only PATTERNS] [--out DIR]
+    python -m bench.quality [--model DIR|ALIAS] [--calib FILE] [--text FILE] [--only PATTERNS] [--out DIR]
+    python -m bench.quality --model minilm-l6 --out bench/results/minilm
 
 Each configuration runs in its own process (so its peak RSS is its own). lowbit rows quantize,
 save the artifact, load it back and evaluate it; peer rows quantize the loaded float32 model with
 the peer (bench/peers/) and evaluate the result in memory. Every row is measured by the same
-evaluator (lowbit.eval.causal_lm_fidelity) on the same consecutive windows of the same held-out
-text: KL divergence to the original, perplexity, top-1 agreement; bits per weight count everything
+evaluator (lowbit.eval) on the same consecutive windows of the same held-out text: KL divergence to
+the original, perplexity, top-1 agreement (encoders: cosine similarity of mean-pooled sentence
+embeddings, mean and minimum); bits per weight count everything
 the tool stores for the quantized layers (codes, scales, zero points / mins, per-block metadata).
 Quantize time covers loading the model, building calibration windows (if any) and quantizing, for
 lowbit and peers alike; it is also given as a ratio to lowbit RTN int8 of the same run.
@@ -41,28 +44,69 @@ from .peers.common import PeerUnavailable, version
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
 
-CONFIGS = [("rtn", 8, 64, False), ("gptq", 8, 64, False)] + [
+INT_CONFIGS = [("rtn", 8, 64, False), ("gptq", 8, 64, False)] + [
+    (method, bits, g, False) for bits in (6, 5) for g in (64,) for method in ("rtn", "gptq")
+] + [
     (method, bits, g, False) for bits in (4, 3, 2) for g in (64, 32) for method in ("rtn", "gptq")
 ] + [("rtn", 4, 64, True), ("gptq", 4, 64, True)] + [
     # groups of 128: SmolLM2's 576-wide layers get a shorter last group (the shakespeare model's 192-wide ones too)
     (method, bits, 128, False) for bits in (4, 3) for method in ("rtn", "gptq")
 ]
+GRID_GROUP = 64  # the grid zoo's rows: groups of 64 unless the format fixes its own block (mxfp4, nvfp4)
+NESTED_PRECISIONS = (8, 6, 4, 3)  # one nested8 artifact, loaded at each
 
 BASELINE_ID = "lowbit:rtn-int8-g64"
-BUDGETS = (8.5, 5.5, 4.5, 3.5, 2.5)
-ROW_KEYS = ("model", "tool", "method", "grid", "bits", "group_size", "symmetric", "bpw", "kl", "ppl", "ppl_reference", "source_grid",
-            "top1", "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "quant_cpu_ratio", "load_avg_1m",
-            "quant_seconds_runs", "timing", "peak_rss_mb", "tokens", "status", "error", "notes", "version", "id")
+BUDGETS = (8.5, 6.5, 5.5, 4.5, 3.5, 2.5, 2.0)
+ROW_KEYS = ("model", "tool", "method", "grid", "format", "bits", "group_size", "symmetric", "precision", "bpw", "metric",
+            "kl", "ppl", "ppl_reference", "top1", "cosine", "cosine_min", "source_grid",
+            "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "quant_cpu_ratio", "load_avg_1m",
+            "quant_seconds_runs", "baseline_quant_seconds", "timing", "peak_rss_mb", "tokens", "sentences", "status", "error", "notes", "version", "id")
 
 
 def lowbit_id(method: str, bits: int, group_size: int, symmetric: bool) -> str:
     return f"lowbit:{method}-int{bits}-g{group_size}{'-sym' if symmetric else ''}"
 
 
+def _group_tag(g: int) -> str:
+    return "pc" if g == -1 else "pt" if g == 0 else f"g{g}"
+
+
+def _lowbit(cid: str, method: str, fmt: str, bits: int, group_size: int, grid: str, symmetric: bool = False,
+            recipe: dict | None = None, precision: int | None = None) -> dict:
+    return {"id": cid, "tool": "lowbit", "method": method, "format": fmt, "bits": bits, "group_size": group_size,
+            "symmetric": symmetric, "grid": grid, "recipe": recipe or {}, "precision": precision}
+
+
+def lowbit_configs() -> list[dict]:
+    """lowbit's rows: integer grids at 8/6/5/4/3/2 bits, then every grid of the zoo (bench.grids'
+    lists: minifloats and their search, MXFP4/NVFP4, NF, power, POST/log2, ternary, binary) with RTN
+    and GPTQ, PTQ1.61, and one nested8 artifact loaded at each precision."""
+    from lowbit.formats.registry import get_format
+
+    from .grids import GRIDS_3, GRIDS_4, GRIDS_LOW
+
+    out = [_lowbit(lowbit_id(m, b, g, s), m, f"int{b}", b, g, f"int{b} g{g} {'sym' if s else 'asym'}", s)
+           for m, b, g, s in INT_CONFIGS]
+    for bits, grids in ((4, GRIDS_4), (3, GRIDS_3), (2, GRIDS_LOW)):
+        for label, fmt, extra in grids:
+            if fmt.startswith("int"):
+                continue  # the integer rows above
+            g = getattr(get_format(fmt), "fixed_group_size", None) or GRID_GROUP
+            for method in ("rtn", "gptq"):
+                out.append(_lowbit(f"lowbit:{method}-{fmt}-g{g}", method, fmt, bits, g, f"{label} g{g}", recipe=extra))
+    for g in (-1, GRID_GROUP):  # the paper's per-channel setting, and blocks of 64
+        where = "per channel" if g == -1 else f"g{g}"
+        out.append(_lowbit(f"lowbit:ptq161-int4-{_group_tag(g)}", "ptq161", "int4", 1, g,
+                           f"binary + 20% salient channels int4 {where}", recipe={"ptq161": {"salient_fraction": 0.2}}))
+    for p in NESTED_PRECISIONS:
+        out.append(_lowbit(f"lowbit:rtn-nested8-g{GRID_GROUP}@{p}", "rtn", "nested8", p, GRID_GROUP,
+                           f"nested8 g{GRID_GROUP} loaded at {p} bits", precision=p))
+    return out
+
+
 def all_configs() -> list[dict]:
     """Every configuration the benchmark knows, lowbit first, in run order."""
-    out = [{"id": lowbit_id(m, b, g, s), "tool": "lowbit", "method": m, "bits": b, "group_size": g, "symmetric": s,
-            "grid": f"int{b} g{g} {'sym' if s else 'asym'}"} for m, b, g, s in CONFIGS]
+    out = lowbit_configs()
     for p in PEERS:
         out.append({"id": p.id, "tool": p.tool, "method": p.method, "bits": p.bits, "group_size": p.group_size,
                     "symmetric": p.options.get("symmetric"), "grid": p.grid})
@@ -73,20 +117,31 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _recipe(spec: dict, method: str = "rtn", bits: int = 8, group_size: int = 64, symmetric: bool = False):
+def _recipe(spec: dict, method: str = "rtn", fmt: str = "int8", group_size: int = 64, symmetric: bool = False,
+            extra: dict | None = None):
     from lowbit.recipe import Recipe
 
-    return Recipe(
-        method=method, format=f"int{bits}", group_size=group_size, symmetric=symmetric,
-        calib={"path": spec["calib"], "n_samples": spec["n_samples"], "seq_len": spec["seq_len"]},
-    )
+    return Recipe.from_dict({
+        "method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric, **(extra or {}),
+        "calib": {"path": spec["calib"], "n_samples": spec["n_samples"], "seq_len": spec["seq_len"]},
+    })
+
+
+def _fidelity_row(res: dict) -> dict:
+    """The quality columns of a row, from lowbit's evaluator: KL/ppl/top-1 for a causal LM,
+    cosine similarity of sentence embeddings for an encoder."""
+    if "kl" in res:
+        keys = ("kl", "ppl", "ppl_reference", "top1", "tokens")
+        return {"metric": "kl", **{k: res[k] for k in keys}}
+    return {"metric": "cosine", **{k: res[k] for k in ("cosine", "cosine_min", "sentences")}}
 
 
 def run_lowbit(spec: dict) -> dict:
-    """In a child process: quantize, save, load, evaluate one lowbit configuration."""
+    """In a child process: quantize, save, load (at `precision` bits for nested grids), evaluate one
+    lowbit configuration."""
     from lowbit.pipeline import evaluate, quantize, save_job
 
-    recipe = _recipe(spec, spec["method"], spec["bits"], spec["group_size"], spec["symmetric"])
+    recipe = _recipe(spec, spec["method"], spec["format"], spec["group_size"], spec["symmetric"], spec.get("recipe"))
     walls, cpus = [], []
     for _ in range(spec.get("repeat", 1)):
         start, cpu = time.perf_counter(), time.process_time()
@@ -98,12 +153,14 @@ def run_lowbit(spec: dict) -> dict:
         return timing | {"status": "ok"}
     with tempfile.TemporaryDirectory() as tmp:
         path = save_job(job, recipe, Path(tmp) / "artifact")
-        res = evaluate(path, spec["text"], max_tokens=spec["max_tokens"], seq_len=spec["seq_len"])
+        res = evaluate(path, spec["text"], max_tokens=spec["max_tokens"], seq_len=spec["seq_len"],
+                       n_sentences=spec["n_sentences"], bits=spec.get("precision"))
+    notes = "lowbit artifact saved, loaded back and evaluated"
+    if spec.get("precision"):
+        notes += f" at {spec['precision']} bits (bpw: the stored 8-bit artifact)"
     return {
-        "bpw": res["bpw"], "kl": res["kl"], "ppl": res["ppl"], "ppl_reference": res["ppl_reference"], "top1": res["top1"],
-        "source_grid": res["source_grid"],
-        **timing, "peak_rss_mb": _peak_rss_mb(), "tokens": res["tokens"],
-        "status": "ok", "error": None, "notes": "lowbit artifact saved, loaded back and evaluated", "version": _version("lowbit"),
+        "bpw": res["bpw"], **_fidelity_row(res), "source_grid": res["source_grid"],
+        **timing, "peak_rss_mb": _peak_rss_mb(), "status": "ok", "error": None, "notes": notes, "version": _version("lowbit"),
     }
 
 
@@ -121,8 +178,9 @@ def run_peer(spec: dict) -> dict:
     exactly as lowbit's rows are evaluated."""
     import torch
 
+    from lowbit.calib.sources import sentences
     from lowbit.calib.text import consecutive_windows, read_text
-    from lowbit.eval import causal_lm_fidelity
+    from lowbit.eval import causal_lm_fidelity, encoder_fidelity
     from lowbit.models import load_model
     from lowbit.pipeline import calibration_batches
 
@@ -145,22 +203,24 @@ def run_peer(spec: dict) -> dict:
         if not spec.get("evaluate", True):
             return row | timing | {"status": "ok"}
         ref = load_model(spec["model"])
-        seq = min(spec["seq_len"], getattr(ref.model.config, "max_position_embeddings", spec["seq_len"]))
-        windows = consecutive_windows(ref.tokenizer, read_text(spec["text"]), seq, spec["max_tokens"])
-        fid = causal_lm_fidelity(ref.model, result.model.eval(), windows)
+        text = read_text(spec["text"])
+        if ref.kind == "causal-lm":
+            seq = min(spec["seq_len"], getattr(ref.model.config, "max_position_embeddings", spec["seq_len"]))
+            windows = consecutive_windows(ref.tokenizer, text, seq, spec["max_tokens"])
+            fid = causal_lm_fidelity(ref.model, result.model.eval(), windows)
+        else:
+            fid = encoder_fidelity(ref.model, result.model.eval(), ref.tokenizer, sentences(text, spec["n_sentences"]))
     except PeerUnavailable as exc:
         return row | {"status": "unavailable", "error": str(exc), "peak_rss_mb": _peak_rss_mb()}
     except Exception as exc:  # noqa: BLE001 - any failure of a peer is a row, not a crash
         traceback.print_exc()
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return row | {"status": "failed", "error": f"{exc.__class__.__name__}: {msg}"[:500], "peak_rss_mb": _peak_rss_mb()}
-    if not all(math.isfinite(fid[k]) for k in ("kl", "ppl")):
-        return row | {"status": "failed", "error": f"non-finite result (kl {fid['kl']}, ppl {fid['ppl']})", "bpw": result.bpw}
+    if not all(math.isfinite(fid[k]) for k in ("kl", "ppl", "cosine") if k in fid):
+        return row | {"status": "failed", "error": f"non-finite result ({fid})", "bpw": result.bpw}
     return row | {
-        "bpw": result.bpw, "kl": fid["kl"], "ppl": fid["ppl"], "ppl_reference": fid["ppl_reference"], "top1": fid["top1"],
-        "source_grid": _peer_source_grid(ref.source_format, spec),
-        **timing, "peak_rss_mb": _peak_rss_mb(), "tokens": fid["tokens"], "status": "ok", "error": None,
-        "notes": result.notes,
+        "bpw": result.bpw, **_fidelity_row(fid), "source_grid": _peer_source_grid(ref.source_format, spec),
+        **timing, "peak_rss_mb": _peak_rss_mb(), "status": "ok", "error": None, "notes": result.notes,
     }
 
 
@@ -214,27 +274,50 @@ def run_child(spec: dict, timeout: float) -> dict:
         return {"status": "failed", "error": lines[-1][:500] if lines else f"exit {proc.returncode}"}
 
 
-def finish_rows(rows: list[dict]) -> None:
-    """Time ratios to the same-run baseline; fill every key so each row has the same fields."""
+def finish_rows(rows: list[dict], timed: set[str] | None = None) -> None:
+    """Time ratios of the rows timed in this pass (`timed` ids, default all) to this pass's baseline,
+    which each such row records (`baseline_quant_seconds`); fill every key so rows share their fields.
+    Rows from an earlier pass keep the ratios to their own pass's baseline."""
     base = next((r for r in rows if r.get("id") == BASELINE_ID and r["status"] == "ok"), {})
     for r in rows:
-        for key, ratio in (("quant_seconds", "quant_seconds_ratio"), ("quant_cpu_seconds", "quant_cpu_ratio")):
-            r[ratio] = r[key] / base[key] if base.get(key) and r.get(key) is not None else None
+        if timed is None or r.get("id") in timed:
+            for key, ratio in (("quant_seconds", "quant_seconds_ratio"), ("quant_cpu_seconds", "quant_cpu_ratio")):
+                r[ratio] = r[key] / base[key] if base.get(key) and r.get(key) is not None else None
+            r["baseline_quant_seconds"] = base.get("quant_seconds")
         for k in ROW_KEYS:
             r.setdefault(k, None)
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """`old` with each row of `new` replacing the row of the same id, or appended in run order.
+    The baseline of the newer pass replaces the older one; the older rows keep their ratios."""
+    by_id = {r["id"]: r for r in new}
+    merged = [by_id.pop(r["id"], r) for r in old]
+    return merged + list(by_id.values())
 
 
 # ---------------------------------------------------------------- reporting
 
 
+def loss(row: dict) -> float | None:
+    """The number a row is ranked by (lower is better): KL for a causal LM, 1 - cosine for an encoder."""
+    if row.get("kl") is not None:
+        return row["kl"]
+    return 1.0 - row["cosine"] if row.get("cosine") is not None else None
+
+
+def _metric(rows: list[dict]) -> str:
+    return "cosine" if any(r.get("metric") == "cosine" for r in rows) else "kl"
+
+
 def best_at_budgets(rows: list[dict], budgets=BUDGETS) -> list[dict]:
-    """For each budget: the lowest-KL peer row and lowbit row with bpw at or below it."""
-    ok = [r for r in rows if r["status"] == "ok" and r.get("bpw") is not None and r.get("kl") is not None]
+    """For each budget: the lowest-loss peer row and lowbit row with bpw at or below it."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("bpw") is not None and loss(r) is not None]
     out = []
     for b in budgets:
         fits = [r for r in ok if r["bpw"] <= b + 1e-9]
-        peer = min((r for r in fits if r["tool"] != "lowbit"), key=lambda r: r["kl"], default=None)
-        low = min((r for r in fits if r["tool"] == "lowbit"), key=lambda r: r["kl"], default=None)
+        peer = min((r for r in fits if r["tool"] != "lowbit"), key=loss, default=None)
+        low = min((r for r in fits if r["tool"] == "lowbit"), key=loss, default=None)
         out.append({"budget": b, "peer": peer, "lowbit": low})
     return out
 
@@ -243,14 +326,20 @@ def _fmt_kl(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _fmt_loss(r: dict) -> str:
+    return _fmt_kl(r["kl"]) if r.get("kl") is not None else f"cosine {r['cosine']:.5f}"
+
+
 def budget_table(rows: list[dict]) -> str:
-    lines = ["| budget (bpw) | best peer (tool, method, bpw, KL) | best lowbit (method, bpw, KL) | lowbit KL / peer KL |",
+    what = "KL" if _metric(rows) == "kl" else "cosine"
+    ratio_head = "lowbit KL / peer KL" if what == "KL" else "lowbit (1 - cos) / peer (1 - cos)"
+    lines = [f"| budget (bpw) | best peer (tool, method, bpw, {what}) | best lowbit (method, bpw, {what}) | {ratio_head} |",
              "|---|---|---|---|"]
     for item in best_at_budgets(rows):
         p, q = item["peer"], item["lowbit"]
-        ptxt = f"{p['tool']}, {p['method']} ({p['grid']}), {p['bpw']:.3f}, {_fmt_kl(p['kl'])}" if p else "-"
-        qtxt = f"{q['method']} {q['grid']}, {q['bpw']:.3f}, {_fmt_kl(q['kl'])}" if q else "-"
-        ratio = f"{q['kl'] / p['kl']:.2f}" if p and q and p["kl"] > 0 else "-"
+        ptxt = f"{p['tool']}, {p['method']} ({p['grid']}), {p['bpw']:.3f}, {_fmt_loss(p)}" if p else "-"
+        qtxt = f"{q['method']} {q['grid']}, {q['bpw']:.3f}, {_fmt_loss(q)}" if q else "-"
+        ratio = f"{loss(q) / loss(p):.2f}" if p and q and loss(p) > 0 else "-"
         lines.append(f"| ≤ {item['budget']} | {ptxt} | {qtxt} | {ratio} |")
     return "\n".join(lines)
 
@@ -263,9 +352,11 @@ def rows_table(rows: list[dict]) -> str:
         s["what"] = (s["what"] or "").replace("|", "/")
         s["kl_s"] = _fmt_kl(r["kl"]) if r.get("kl") is not None else None
         shown.append(s)
+    quality = [("kl_s", "KL", "s"), ("ppl", "ppl", ".2f"), ("top1", "top-1", ".3f")] if _metric(rows) == "kl" else [
+        ("cosine", "cosine", ".5f"), ("cosine_min", "min cosine", ".4f")]
     return markdown_table(shown, [
-        ("tool", "tool", "s"), ("method", "method", "s"), ("grid", "grid", "s"), ("bpw", "bpw", ".3f"), ("kl_s", "KL", "s"),
-        ("ppl", "ppl", ".2f"), ("top1", "top-1", ".3f"), ("quant_seconds", "quantize s", ".3f"),
+        ("tool", "tool", "s"), ("method", "method", "s"), ("grid", "grid", "s"), ("bpw", "bpw", ".3f"), *quality,
+        ("quant_seconds", "quantize s", ".3f"),
         ("quant_seconds_ratio", "time / RTN int8", ".1f"), ("quant_cpu_seconds", "CPU s", ".3f"),
         ("quant_cpu_ratio", "CPU / RTN int8", ".1f"), ("load_avg_1m", "load", ".1f"),
         ("peak_rss_mb", "peak RSS MB", ".0f"), ("status", "status", "s"),
@@ -288,6 +379,23 @@ def _tool_version(row: dict) -> str:
     return f"{row['tool']} {row['version']}" if dist == row["tool"] else f"{row['tool']} ({dist} {row['version']})"
 
 
+def _what_was_measured(rows: list[dict], settings: dict, ref_ppl: float | None) -> list[str]:
+    model = f"Model `{Path(settings['model']).name}`"
+    calib = (f"GPTQ calibration: {settings['n_samples']} x {settings['seq_len']} tokens of `{Path(settings['calib']).name}` "
+             "(the same windows for lowbit and llm-compressor).")
+    if _metric(rows) == "cosine":
+        return [
+            (f"{model} (a sentence encoder): cosine similarity between the original's and the quantized model's "
+            f"mean-pooled embeddings of the first {settings['n_sentences']} sentences of `{Path(settings['text']).name}` "
+            f"(mean, and the lowest over the sentences); {calib} Quantized: every nn.Linear inside the encoder blocks; "
+            "embeddings and the pooler stay float32.")]
+    return [
+        (f"{model}, original perplexity {ref_ppl:.2f}" if ref_ppl else model)
+        + f" on the first {settings['max_tokens']} tokens of `{Path(settings['text']).name}` ({settings['seq_len']}-token "
+        f"windows); {calib} Quantized: every nn.Linear inside the decoder blocks; embeddings and lm_head "
+        "stay float32. KL = mean KL(original || quantized) of the next-token distributions; top-1 = agreement of the argmax."]
+
+
 def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | None) -> str:
     ref = next((r["ppl_reference"] for r in rows if r["status"] == "ok" and r.get("ppl_reference")), None)
     versions = sorted({_tool_version(r) for r in rows if r.get("version")})
@@ -301,26 +409,23 @@ def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | No
     parts = [
         "# Quality against size: lowbit and peers",
         "",
-        f"Model `{Path(settings['model']).name}`, original perplexity {ref:.2f}" if ref else f"Model `{Path(settings['model']).name}`",
-        f"on the first {settings['max_tokens']} tokens of `{Path(settings['text']).name}` ({settings['seq_len']}-token windows); "
-        f"GPTQ calibration: {settings['n_samples']} x {settings['seq_len']} tokens of `{Path(settings['calib']).name}` (the same "
-        "windows for lowbit and llm-compressor). Quantized: every nn.Linear inside the decoder blocks; embeddings and lm_head "
-        "stay float32. KL = mean KL(original || quantized) of the next-token distributions; top-1 = agreement of the argmax.",
+        *_what_was_measured(rows, settings, ref),
         "",
-        "bpw counts everything each tool stores for the quantized layers (codes, scales, zero points / mins, per-block "
+        ("bpw counts everything each tool stores for the quantized layers (codes, scales, zero points / mins, per-block "
         "metadata), as it stores it: peers that keep scales in the model's dtype store float32 scales here (the notes "
         "give the 16-bit figure where it differs). Quantize time = load + calibration windows + quantize, for every row; "
         "`time / RTN int8` is the ratio to lowbit RTN int8 in the same run; `CPU s` is the process CPU time of the same "
         "span (all threads), `CPU / RTN int8` its ratio, and `load` the machine's 1-minute load average when the "
         "configuration started: other work on the machine inflates both (spinning worker threads count as CPU "
         f"time). One-time builds (quanto's C++ extension) are warmed up before timing. {repeat_note}"
-        f"Machine: {mach['cores']} CPU cores, torch {mach['torch']}, Python {mach['python']}.",
+        f"Machine: {mach['cores']} CPU cores, torch {mach['torch']}, Python {mach['python']}."),
         "",
         "Versions: " + ", ".join(versions) + f"; lowbit at commit {lowbit_revision()}.",
         "",
         "## Best at each budget",
         "",
-        "Lowest KL among rows at or below the budget.",
+        (f"Lowest {'KL' if _metric(rows) == 'kl' else '1 - cosine'} among rows at or below the budget (bpw as stored: "
+        "a nested8 row loaded at fewer bits still stores 8-bit codes)."),
         "",
         budget_table(rows),
         "",
@@ -344,12 +449,12 @@ def pareto_plot(rows: list[dict], path: Path) -> str | None:
     except ImportError:
         print("matplotlib not installed (make bench-setup): no plot", file=sys.stderr)
         return None
-    ok = [r for r in rows if r["status"] == "ok" and r.get("kl") and r["kl"] > 0 and r.get("bpw")]
+    ok = [r for r in rows if r["status"] == "ok" and (loss(r) or 0) > 0 and r.get("bpw")]
     tools = list(dict.fromkeys(r["tool"] for r in ok))
     markers = "o^sDv<>Pp*hX"
     fig, ax = plt.subplots(figsize=(9, 6), dpi=120)
     for i, tool in enumerate(tools):
-        pts = sorted((r["bpw"], r["kl"]) for r in ok if r["tool"] == tool)
+        pts = sorted((r["bpw"], loss(r)) for r in ok if r["tool"] == tool)
         front, best = [], math.inf
         for x, y in pts:
             if y < best:
@@ -360,8 +465,9 @@ def pareto_plot(rows: list[dict], path: Path) -> str | None:
         ax.plot([p[0] for p in front], [p[1] for p in front], lw=2.2 if tool == "lowbit" else 1.2, label=tool, **style)
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (everything stored for the quantized layers)")
-    ax.set_ylabel("KL(original || quantized), log scale")
-    ax.set_title("KL against size: lowbit and peers (lines: each tool's Pareto front)")
+    what = "KL(original || quantized)" if _metric(rows) == "kl" else "1 - cosine(original, quantized embeddings)"
+    ax.set_ylabel(f"{what}, log scale")
+    ax.set_title(f"{what.split('(')[0].strip()} against size: lowbit and peers (lines: each tool's Pareto front)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -401,8 +507,8 @@ def _run_config(cfg: dict, settings: dict, timeout: float, warmed: set[str]) -> 
     row["load_avg_1m"] = load
     if row["status"] != "ok":
         what = f"{row['status']}: {row.get('error')}"
-    elif "kl" in row:
-        what = f"KL {row['kl']:.4g} bpw {row['bpw']:.3f} quantize {row['quant_seconds']:.2f}s"
+    elif "metric" in row:
+        what = f"{_fmt_loss(row)} bpw {row['bpw']:.3f} quantize {row['quant_seconds']:.2f}s"
     else:
         what = f"quantize {row['quant_seconds']:.2f}s (runs {row['quant_seconds_runs']})"
     print(f"[{time.perf_counter() - t:5.1f}s] {cfg['id']}: {what}", file=sys.stderr, flush=True)
@@ -416,7 +522,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--text", default=str(ASSETS / "eval.txt"))
     ap.add_argument("--n-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens a causal LM is evaluated on")
+    ap.add_argument("--n-sentences", type=int, default=256, help="held-out sentences an encoder is evaluated on")
     ap.add_argument("--only", help="comma-separated id patterns (fnmatch), e.g. 'lowbit:*,hqq:*,llama.cpp:Q4_0'; "
                                    f"{BASELINE_ID} (the time baseline) is always run")
     ap.add_argument("--list", action="store_true", help="print the configuration ids and exit")
@@ -428,6 +535,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="only re-time the ok rows of the quality.json in --out: fastest of N quantizations each "
                          "(no evaluation), with the baseline re-timed in the same pass; rewrites the outputs")
     ap.add_argument("--threads", type=int, help="CPU threads per configuration process (default: torch's default)")
+    ap.add_argument("--merge", action="store_true",
+                    help="update the quality.json in --out: replace the rows run now (by id) and append new ones, "
+                         "keep the others (run with the settings that produced the file)")
     ap.add_argument("--render-only", action="store_true",
                     help="rebuild quality.md and the plot from the quality.json in --out (no runs)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -446,10 +556,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print("\n".join(c["id"] for c in configs))
         return []
     settings = {"model": args.model, "calib": args.calib, "text": args.text, "n_samples": args.n_samples,
-                "seq_len": args.seq_len, "max_tokens": args.max_tokens}
+                "seq_len": args.seq_len, "max_tokens": args.max_tokens, "n_sentences": args.n_sentences}
     if args.render_only:
         rows = json.loads((Path(args.out) / "quality.json").read_text())
-        finish_rows(rows)
+        finish_rows(rows, timed=set())
         paths = write_outputs(rows, settings, Path(args.out))
         print("rewrote: " + ", ".join(str(p) for p in paths.values()))
         return rows
@@ -472,7 +582,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row["timing"] = f"fastest of {args.retime} quantizations{_threads(args.threads)}, separate timing pass"
             else:
                 print(f"re-timing {cfg['id']} failed: {res.get('error')}", file=sys.stderr)
-        finish_rows(rows)
+        finish_rows(rows, timed={c["id"] for c in todo})
         paths = write_outputs(rows, settings, Path(args.out))
         print("re-timed: " + ", ".join(str(p) for p in paths.values()))
         return rows
@@ -486,6 +596,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 _threads(args.threads))
         rows.append(row)
     finish_rows(rows)
+    if args.merge:
+        old_path = Path(args.out) / "quality.json"
+        rows = merge_rows(json.loads(old_path.read_text()) if old_path.is_file() else [], rows)
+        finish_rows(rows, timed=set())
     paths = write_outputs(rows, settings, Path(args.out))
     print(budget_table(rows))
     print()

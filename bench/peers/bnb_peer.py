@@ -16,7 +16,14 @@ import warnings
 import torch
 from torch import nn
 
-from .common import PeerResult, bpw_of, decoder_linears, require, set_weight, stored_bytes
+from .common import (
+    PeerResult,
+    bpw_of,
+    decoder_linears,
+    require,
+    set_weight,
+    stored_bytes,
+)
 
 
 def quantize(model: nn.Module, calib: torch.Tensor | None = None, quant_type: str = "nf4", blocksize: int = 64,

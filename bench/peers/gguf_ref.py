@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from .common import PeerResult, PeerUnavailable, bpw_of, decoder_linears, require, set_weight
+from .common import (
+    PeerResult,
+    PeerUnavailable,
+    bpw_of,
+    decoder_linears,
+    require,
+    set_weight,
+)
 
 #: llama.cpp's fallback for a tensor whose row length the block size does not divide
 FALLBACK = {

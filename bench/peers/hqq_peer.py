@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .common import PeerResult, bpw_of, decoder_linears, require, set_weight, stored_bytes
+from .common import (
+    PeerResult,
+    bpw_of,
+    decoder_linears,
+    require,
+    set_weight,
+    stored_bytes,
+)
 
 
 def quantize(model: nn.Module, calib: torch.Tensor | None = None, nbits: int = 4, group_size: int = 64) -> PeerResult:

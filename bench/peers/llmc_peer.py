@@ -64,7 +64,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, bits: int = 4,
     first = next(iter(layers))
     x = torch.randn(2, weights[first].shape[1], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        if not torch.allclose(model.get_submodule(first)(x), torch.nn.functional.linear(x, weights[first]), atol=1e-5, rtol=1e-4):
+        layer = model.get_submodule(first)
+        if not torch.allclose(layer(x), torch.nn.functional.linear(x, weights[first], layer.bias), atol=1e-5, rtol=1e-4):
             raise RuntimeError(f"{first}: the fake-quant layer does not compute with its stored weight")
 
     # Save in compressed-tensors' packed form (this compresses the model in place) and count the bytes.

@@ -17,7 +17,14 @@ import warnings
 import torch
 from torch import nn
 
-from .common import PeerResult, PeerUnavailable, bpw_of, decoder_linears, require, stored_bytes
+from .common import (
+    PeerResult,
+    PeerUnavailable,
+    bpw_of,
+    decoder_linears,
+    require,
+    stored_bytes,
+)
 
 
 def _config(kind: str, group_size: int | None, bits: int | None):

@@ -1,5 +1,7 @@
 """Every grid at 4 and 3 bits (and ternary, binary, PTQ1.61 at theirs; nested8 at 8/6/4/3) on the
 reference causal LM, with RTN and GPTQ, group size 64 (formats with their own block keep it).
+PTQ1.61 also with its quantization preprocessing (recipe `preprocess`: restorative LoRA trained on
+the calibration windows, distilling the original or, as the paper, on the next-token loss).
 
     python -m bench.grids [--tokens 8192] [--calib-samples 128] [--only REGEX] [--no-write]
 
@@ -51,6 +53,7 @@ GRIDS_3 = [
     ("power3 (a=1.25)", "power3", {}), ("power3 search", "power3_search", {}), ("post3", "post3", {}), ("log3", "log3", {}),
 ]
 GRIDS_LOW = [("ternary", "ternary", {}), ("binary", "binary", {})]
+PREPROCESS = [("distill", 100), ("distill", 300), ("lm", 300)]  # (loss, steps) of the preprocessed PTQ1.61 rows
 
 
 def configs() -> list[dict]:
@@ -60,10 +63,14 @@ def configs() -> list[dict]:
             for method in BOTH:
                 rows.append({"label": label, "bits": bits, "method": method, "recipe": {"format": fmt, "group_size": GROUP, **extra}})
     for g in (-1, GROUP):  # the paper's per-channel setting, and blocks of 64
-        rows.append({
-            "label": f"ptq161 int4 salient 20%{' per-channel' if g < 0 else f' g{g}'}", "bits": 1, "method": "ptq161",
-            "recipe": {"format": "int4", "group_size": g, "ptq161": {"salient_fraction": 0.2}},
-        })
+        label = f"ptq161 int4 salient 20%{' per-channel' if g < 0 else f' g{g}'}"
+        recipe = {"format": "int4", "group_size": g, "ptq161": {"salient_fraction": 0.2}}
+        rows.append({"label": label, "bits": 1, "method": "ptq161", "recipe": recipe})
+        for loss, steps in PREPROCESS:
+            rows.append({
+                "label": f"{label} + preprocess {loss} {steps}", "bits": 1, "method": "ptq161",
+                "recipe": {**recipe, "preprocess": {"steps": steps, "loss": loss}},
+            })
     for b in (8, 6):  # references of the nested8 rows
         rows.append({"label": f"int{b} sym", "bits": b, "method": "rtn", "recipe": {"format": f"int{b}", "group_size": GROUP, "symmetric": True}})
     rows.append({"label": "nested8", "bits": 8, "method": "rtn", "recipe": {"format": "nested8", "group_size": GROUP}, "precisions": [8, 6, 4, 3]})
@@ -92,6 +99,8 @@ def run(cfg: dict, ref, calib: tuple, args, tmp: Path) -> list[dict]:
             "ppl_reference": res["ppl_reference"], "top1": res["top1"], "tokens": res["tokens"],
             "quant_seconds": seconds, "chosen": dict(chosen.most_common()),
         }
+        if report.preprocess:
+            row["preprocess"] = report.preprocess
         if precision:
             row["precision"] = precision
         print(f"{row['label']:34s} {row['method']:6s} bpw {row['bpw']:.3f}  kl {row['kl']:.4g}  ppl {row['ppl']:.2f}  "

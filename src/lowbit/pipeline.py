@@ -47,7 +47,7 @@ def calibration_batches(loaded: LoadedModel, recipe: Recipe) -> tuple[list[torch
 def quantize(source: str, recipe: Recipe, show_progress: bool = True) -> QuantizeJob:
     """Load `source` and quantize it in memory by `recipe`."""
     loaded = load_model(source)
-    needs_calib = any(
+    needs_calib = recipe.preprocess.steps > 0 or any(
         s is not None and s.needs_calibration
         for s in (recipe.scheme_for(n) for n, _ in loaded.model.named_modules())
     )
@@ -66,6 +66,9 @@ def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = Fa
         "source_format": loaded.source_format,
         "calibration": job.calib,
     }
+    if job.report.preprocess is not None:  # the quantized weights are the preprocessed source's
+        # without its seconds, as the modules' seconds: the same inputs give a byte-identical artifact
+        source["preprocess"] = {k: v for k, v in job.report.preprocess.items() if k != "seconds"}
     return save(
         loaded.model, out, tokenizer=loaded.tokenizer, source=source, recipe=recipe.to_dict(),
         module_info={n: {"method": m["method"]} for n, m in job.report.modules.items()},

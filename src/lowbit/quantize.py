@@ -1,9 +1,12 @@
 """Quantize a model in place by a recipe: plan which layers get which scheme, gather calibration
 Hessians block by block where an algorithm needs them (GPTQ, PTQ1.61, a format search), and swap
-each nn.Linear for a quantized module (QuantLinear, PTQ161Linear)."""
+each nn.Linear for a quantized module (QuantLinear, PTQ161Linear). With `recipe.preprocess.steps`
+> 0 the model is first preprocessed (PTQ1.61's restorative LoRA, see `preprocess_model`)."""
 
 from __future__ import annotations
 
+import copy
+import re
 import time
 from dataclasses import dataclass, field
 
@@ -11,12 +14,14 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from .algos import GPTQConfig, PTQ161Config, gptq_quantize, ptq161_quantize, rtn_quantize, search_format
+from .algos import (
+    GPTQConfig, PTQ161Config, RestorativeConfig, gptq_quantize, ptq161_quantize, restorative_lora, rtn_quantize, search_format,
+)
 from .calib.walker import walk_blocks, whole_model_hessians
 from .formats import GroupLayout, SearchSpace
 from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
 from .nn import PTQ161Linear, QuantLinear
-from .recipe import Recipe, Scheme
+from .recipe import PreprocessOptions, Recipe, Scheme
 
 
 class QuantizeError(RuntimeError):
@@ -34,6 +39,7 @@ class QuantizeReport:
     modules: dict[str, dict] = field(default_factory=dict)  # name -> what was done, bpw, seconds
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stays unquantized
     seconds: float = 0.0
+    preprocess: dict | None = None  # what the preprocessing did (steps, losses, seconds); None: off
 
 
 def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan], dict[str, str]]:
@@ -111,7 +117,6 @@ def _progress() -> Progress:
     )
 
 
-@torch.inference_mode()
 def quantize_model(
     model: nn.Module,
     recipe: Recipe,
@@ -119,8 +124,70 @@ def quantize_model(
     calib_batches: list[torch.Tensor] | None = None,
     show_progress: bool = True,
 ) -> QuantizeReport:
-    """Quantize `model` in place. `calib_batches` ([batch, seq] token ids each) are needed for GPTQ."""
+    """Quantize `model` in place. `calib_batches` ([batch, seq] token ids each) are needed for GPTQ,
+    PTQ1.61, the format searches and the preprocessing."""
     started = time.perf_counter()
+    preprocess = None
+    if recipe.preprocess.steps > 0:
+        preprocess = preprocess_model(model, recipe, kind, calib_batches, show_progress)
+    report = _quantize_layers(model, recipe, kind, calib_batches, show_progress)
+    report.preprocess = preprocess
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def preprocess_model(
+    model: nn.Module,
+    recipe: Recipe,
+    kind: str,
+    calib_batches: list[torch.Tensor] | None,
+    show_progress: bool = True,
+) -> dict:
+    """PTQ1.61's quantization preprocessing (Zhao et al., 2025; `algos.restorative_lora`), in place:
+    quantize a copy of `model` by `recipe` (without preprocessing), put its dequantized weights into
+    a float copy, train LoRA adapters on the calibration windows against the untouched `model`, merge
+    them, and write every quantized layer's resulting weight (Q(W) + s B A on the targets, Q(W) on
+    the others) into `model`. Returns the summary that QuantizeReport.preprocess records."""
+    opts = recipe.preprocess
+    if kind != "causal-lm":
+        raise QuantizeError(
+            f"preprocessing (preprocess.steps > 0) trains on next-token outputs and needs a causal LM, not a {kind} model: "
+            "set preprocess.steps to 0"
+        )
+    if not calib_batches:
+        raise QuantizeError("preprocessing (preprocess.steps > 0) trains on calibration windows: pass a text file with --calib")
+    plain = recipe.model_copy(update={"preprocess": PreprocessOptions()})
+    plans, _ = plan_layers(model, plain)  # a bad recipe fails before the first pass
+    targets = [n for n in plans if opts.targets is None or re.search(opts.targets, n)]
+    if not targets:
+        some = ", ".join(list(plans)[:3])
+        raise QuantizeError(f"preprocess.targets {opts.targets!r} matches none of the quantized layers ({some}, ...)")
+    with torch.inference_mode(False):  # the adapters train even if the caller runs in inference mode
+        first = copy.deepcopy(model)
+        _quantize_layers(first, plain, kind, calib_batches, show_progress)
+        student = copy.deepcopy(model).float()
+        with torch.no_grad():
+            for name in plans:  # the first pass's Q(W), [out, in]
+                linear_weight(student.get_submodule(name)).copy_(first.get_submodule(name).dequantize())
+        del first
+        cfg = RestorativeConfig(opts.steps, opts.rank, opts.alpha, opts.lr, opts.loss, opts.batch_size, opts.seed)
+        result = restorative_lora(model, student, torch.cat(calib_batches), targets, cfg, show_progress)
+        with torch.no_grad():
+            for name in plans:
+                w = linear_weight(model.get_submodule(name))
+                w.copy_(linear_weight(student.get_submodule(name)).to(w.dtype))
+    return {"loss": opts.loss, **result.summary()}
+
+
+@torch.inference_mode()
+def _quantize_layers(
+    model: nn.Module,
+    recipe: Recipe,
+    kind: str,
+    calib_batches: list[torch.Tensor] | None,
+    show_progress: bool,
+) -> QuantizeReport:
+    """The quantization proper (no preprocessing): every planned layer swapped for its quantized module."""
     plans, skipped = plan_layers(model, recipe)
     report = QuantizeReport(skipped=skipped)
     needs_hessian = {n for n, p in plans.items() if p.scheme.needs_calibration}
@@ -150,5 +217,4 @@ def quantize_model(
         for name in plans:
             if name not in report.modules:
                 do(name, hessians.get(name))
-    report.seconds = time.perf_counter() - started
     return report

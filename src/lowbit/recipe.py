@@ -9,6 +9,8 @@
     gptq: {damp: 0.01, block_size: 128, act_order: false}
     ptq161: {salient_fraction: 0.2, iters: 4}   # method ptq161: `format` is the salient channels' grid
     calib: {seq_len: 512, n_samples: 128, seed: 0}
+    preprocess: {steps: 0}  # PTQ1.61's quantization preprocessing (restorative LoRA), any method; 0: off
+      # {steps: 100, rank: 64, alpha: 16, lr: 1e-3, loss: distill, targets: null, batch_size: 8, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized
     overrides:              # first matching pattern wins; unset keys keep the defaults above
       - {pattern: "layers\\.0\\.mlp\\.down_proj", format: int8}
@@ -147,11 +149,37 @@ class CalibOptions(_Strict):
     seed: int = 0
 
 
+class PreprocessOptions(_Strict):
+    """PTQ1.61's quantization preprocessing (`lowbit.algos.restorative_lora`): a first pass with the
+    same recipe, LoRA adapters trained on the calibration windows over its dequantized weights,
+    merged, and the merged model quantized again. Causal LMs; any method."""
+
+    steps: int = Field(0, ge=0)  # training steps of the adapters; 0: no preprocessing
+    rank: int = Field(64, ge=1)
+    alpha: float = Field(16.0, gt=0)  # the adapters' scale is alpha / rank
+    lr: float = Field(1e-3, gt=0, le=1)  # AdamW peak (5% warm-up, cosine decay); the paper: 1e-4 over 20000 steps
+    loss: Literal["distill", "lm"] = "distill"  # KL to the original model, or the paper's next-token loss
+    targets: str | None = None  # regex (re.search) among the quantized layers; None: all of them
+    batch_size: int = Field(8, ge=1)  # calibration windows per step
+    seed: int = 0  # the adapters' init and the batch order
+
+    @field_validator("targets")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"targets {v!r} is not a valid regular expression: {exc}") from None
+        return v
+
+
 class Recipe(Scheme):
     ragged: Literal["short-last", "error"] = "short-last"
     gptq: GPTQOptions = GPTQOptions()
     ptq161: PTQ161Options = PTQ161Options()
     calib: CalibOptions = CalibOptions()
+    preprocess: PreprocessOptions = PreprocessOptions()
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
 
@@ -201,12 +229,16 @@ class Recipe(Scheme):
     @property
     def needs_calibration(self) -> bool:
         """Whether the defaults or any override need calibration inputs (a conservative answer
-        for `lowbit.pipeline`: the defaults count even if every layer is overridden)."""
+        for `lowbit.pipeline`: the defaults count even if every layer is overridden), or the
+        preprocessing trains on them."""
+        if self.preprocess.steps > 0:
+            return True
         base = self._base()
         return any(s.needs_calibration for s in [base, *(_apply(base, o) for o in self.overrides if not o.skip)])
 
     def to_dict(self) -> dict:
-        return self.model_dump(mode="json")
+        """JSON-able keys; without `preprocess` when it is off, so artifacts read as they did before it."""
+        return self.model_dump(mode="json", exclude={"preprocess"} if self.preprocess.steps == 0 else None)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":

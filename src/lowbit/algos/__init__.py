@@ -1,14 +1,16 @@
 """Algorithms that choose codes for a weight: round-to-nearest, GPTQ, PTQ1.61, and the per-layer
-format search that runs RTN or GPTQ over candidate grids."""
+format search that runs RTN or GPTQ over candidate grids; and PTQ1.61's restorative LoRA, which
+preprocesses a whole model before any of them."""
 
 from .format_search import SearchResult, output_error, search_format
 from .gptq import GPTQConfig, gptq_quantize
 from .ptq161 import PTQ161Config, ptq161_quantize
+from .restorative_lora import LoRALinear, RestorativeConfig, RestorativeResult, restorative_lora
 from .rtn import rtn_quantize
 
 METHODS = ("rtn", "gptq", "ptq161")
 
 __all__ = [
-    "GPTQConfig", "METHODS", "PTQ161Config", "SearchResult", "gptq_quantize", "output_error", "ptq161_quantize",
-    "rtn_quantize", "search_format",
+    "GPTQConfig", "LoRALinear", "METHODS", "PTQ161Config", "RestorativeConfig", "RestorativeResult", "SearchResult",
+    "gptq_quantize", "output_error", "ptq161_quantize", "restorative_lora", "rtn_quantize", "search_format",
 ]

@@ -27,9 +27,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
+# The sentence encoder's rows: integer grids, a few 4-bit grids of the zoo, PTQ1.61, and every peer.
+MINILM_ROWS := lowbit:*-int*,lowbit:*-nf4-*,lowbit:*-fp4_e2m1-*,lowbit:*-mxfp4-*,lowbit:*-nvfp4-*,llama.cpp:*,hqq:*,optimum-quanto:*,torchao:*,bitsandbytes:*,llm-compressor:*
+
 bench: bench-setup
 	$(PY) -m bench.gptq_layer
-	$(PY) -m bench.quality
+	$(PY) -m bench.quality --threads 1
+	$(PY) -m bench.quality --threads 1 --model minilm-l6 --only '$(MINILM_ROWS)' --out bench/results/minilm
 	$(PY) -m bench.grids
 
 # Peer quantizers for bench.quality (the `bench` extra), then llm-compressor without its dependencies:

@@ -124,3 +124,18 @@ def test_gptq_beats_rtn_with_every_grid_on_a_real_layer(real_layers, name):
     rtn = output_error(w, rtn_quantize(w, grid, layout).dequantize(), h)
     gptq = output_error(w, gptq_quantize(w, h, grid, layout).dequantize(), h)
     assert gptq < rtn, (name, gptq, rtn)
+
+
+@pytest.mark.parametrize("bits", [4, 3])
+def test_act_order_default_lowers_the_error_of_real_layers(real_layers, bits):
+    """Act-order (the default) quantizes the columns with the most input energy first, while the
+    most columns are left to absorb their error: on the reference model's layers it lowers the
+    total output error at the same grid and storage."""
+    assert GPTQConfig().act_order
+    grid = IntGrid(bits)
+    total = {False: 0.0, True: 0.0}
+    for w, h in real_layers.values():
+        layout = GroupLayout(*w.shape, 64)
+        for ao in total:
+            total[ao] += output_error(w, gptq_quantize(w, h, grid, layout, GPTQConfig(act_order=ao)).dequantize(), h)
+    assert total[True] < 0.97 * total[False], total

@@ -5,7 +5,7 @@ reconstruction loss ||W X - Q X||^2, H = 2 X^T X / n.
 
 As in the paper: the inverse Hessian comes from a Cholesky factorisation of the dampened H
 (damp * mean(diag H) on the diagonal); updates are applied lazily, `block_size` columns at a
-time; optional act-order visits columns in decreasing diag(H). Group parameters are fitted when
+time; act-order (on by default) visits columns in decreasing diag(H). Group parameters are fitted when
 the first column of a group is reached, on the current (already error-corrected) values of that
 group's columns. Groups are always the contiguous column ranges of the layout, also under
 act-order, so storage and the runtime need no group index.
@@ -28,7 +28,7 @@ from ..qtensor import QuantizedWeight
 class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # columns per lazy batch update
-    act_order: bool = False  # visit columns in order of decreasing diag(H)
+    act_order: bool = True  # visit columns in order of decreasing diag(H)
 
 
 class GPTQError(RuntimeError):

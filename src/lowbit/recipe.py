@@ -6,7 +6,7 @@
     group_size: 128         # > 0 groups along in_features, -1 per output channel, 0 per tensor
     symmetric: false
     ragged: short-last      # a width the group size does not divide: shorter last group, or "error"
-    gptq: {damp: 0.01, block_size: 128, act_order: true}
+    gptq: {damp: 0.01, block_size: 128, act_order: auto}
     ptq161: {salient_fraction: 0.2, iters: 4}   # method ptq161: `format` is the salient channels' grid
     calib: {seq_len: 512, n_samples: 128, seed: 0}
     preprocess: {steps: 0}  # PTQ1.61's quantization preprocessing (restorative LoRA), any method; 0: off
@@ -133,7 +133,9 @@ class Override(_Strict):
 class GPTQOptions(_Strict):
     damp: float = Field(0.01, gt=0, le=1)
     block_size: int = Field(128, ge=1)
-    act_order: bool = True  # on by default: lower error at no storage cost (groups stay contiguous)
+    # true: visit columns by decreasing diag(H) (groups stay contiguous: no storage cost); false: in order;
+    # auto: both, per layer, keeping the lower output error (act-order helps int grids, can hurt ternary/binary)
+    act_order: Literal["auto"] | bool = "auto"
 
 
 class PTQ161Options(_Strict):

@@ -16,7 +16,8 @@ Only the grid interface is used (fit / encode / decode), so any scalar grid work
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
@@ -28,7 +29,8 @@ from ..qtensor import QuantizedWeight
 class GPTQConfig:
     damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
     block_size: int = 128  # columns per lazy batch update
-    act_order: bool = True  # visit columns in order of decreasing diag(H)
+    # visit columns in order of decreasing diag(H); "auto": quantize both ways, keep the lower output error
+    act_order: bool | Literal["auto"] = "auto"
 
 
 class GPTQError(RuntimeError):
@@ -65,11 +67,30 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
+    """The layer's reconstruction loss up to a constant: tr((W - Q) H (W - Q)^T). w, w_hat: [out, in]."""
+    d = (w.float() - w_hat.float()).double()
+    return float(((d @ hessian.double()) * d).sum())
+
+
 @torch.inference_mode()
 def gptq_quantize(
     w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig = GPTQConfig()
 ) -> QuantizedWeight:
-    """`w: [out, in]`, `hessian: [in, in]` (2 X^T X / n) -> codes and parameters."""
+    """`w: [out, in]`, `hessian: [in, in]` (2 X^T X / n) -> codes and parameters.
+
+    act_order "auto" runs GPTQ in both column orders and keeps the result with the lower output
+    error: act-order lowers it for integer and most scalar grids (about 20% on the reference model's
+    layers), but for grids whose scale is a statistic of the group (ternary, binary: absmean) fitting
+    a group when its first high-energy column comes up, before the other columns' error feedback
+    has arrived, can double it. Measuring both is format-agnostic and costs a second pass."""
+    if config.act_order == "auto":
+        tries = [_gptq(w, hessian, grid, layout, replace(config, act_order=ao)) for ao in (True, False)]
+        return min(tries, key=lambda q: output_error(w, q.dequantize(), hessian))
+    return _gptq(w, hessian, grid, layout, config)
+
+
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig) -> QuantizedWeight:
     n_cols = w.shape[1]
     if hessian.shape != (n_cols, n_cols):
         raise GPTQError(f"Hessian shape {tuple(hessian.shape)} does not match weight width {n_cols}")

@@ -28,7 +28,7 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 # The sentence encoder's rows: integer grids, a few 4-bit grids of the zoo, PTQ1.61, and every peer.
-MINILM_ROWS := lowbit:*-int*,lowbit:*-nf4-*,lowbit:*-fp4_e2m1-*,lowbit:*-mxfp4-*,lowbit:*-nvfp4-*,llama.cpp:*,hqq:*,optimum-quanto:*,torchao:*,bitsandbytes:*,llm-compressor:*
+MINILM_ROWS := lowbit:rtn-int*,lowbit:gptq-int*,lowbit:ptq161-int4-pc,lowbit:ptq161-int4-g64,lowbit:*-nf4-*,lowbit:*-fp4_e2m1-*,lowbit:*-mxfp4-*,lowbit:*-nvfp4-*,llama.cpp:*,hqq:*,optimum-quanto:*,torchao:*,bitsandbytes:*,llm-compressor:*
 
 bench: bench-setup
 	$(PY) -m bench.gptq_layer

@@ -98,6 +98,9 @@ def lowbit_configs() -> list[dict]:
         where = "per channel" if g == -1 else f"g{g}"
         out.append(_lowbit(f"lowbit:ptq161-int4-{_group_tag(g)}", "ptq161", "int4", 1, g,
                            f"binary + 20% salient channels int4 {where}", recipe={"ptq161": {"salient_fraction": 0.2}}))
+        out.append(_lowbit(f"lowbit:ptq161-int4-{_group_tag(g)}-pre100", "ptq161", "int4", 1, g,
+                           f"binary + 20% salient int4 {where}, preprocessed (restorative LoRA, 100 steps)",
+                           recipe={"ptq161": {"salient_fraction": 0.2}, "preprocess": {"steps": 100}}))
     for p in NESTED_PRECISIONS:
         out.append(_lowbit(f"lowbit:rtn-nested8-g{GRID_GROUP}@{p}", "rtn", "nested8", p, GRID_GROUP,
                            f"nested8 g{GRID_GROUP} loaded at {p} bits", precision=p))

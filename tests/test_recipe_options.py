@@ -99,3 +99,13 @@ def test_cli_quantize_with_format_options(tiny_llama, tmp_path):
     assert {m["grid"]["alpha"] for m in header["modules"].values()} == {2.0}
     res = CliRunner().invoke(app, ["quantize", str(tiny_llama), "--format", "power3", "--format-option", "alpah=2", "-o", str(tmp_path / "x")])
     assert res.exit_code == 2 and "format_options" in res.output
+
+
+def test_preprocess_steps_flag_sets_the_recipe_section(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("method: ptq161\nformat: int4\npreprocess: {steps: 5, rank: 8}\n")
+    r = build_recipe(f, None, None, None, None, None, None, None, None, None, None, None, None, 100)
+    assert (r.preprocess.steps, r.preprocess.rank) == (100, 8)  # the flag wins, the file's other keys stay
+    assert build_recipe(f, None, None, None, None, None, None, None, None, None, None, None).preprocess.steps == 5
+    with pytest.raises(RecipeError, match="steps"):
+        build_recipe(None, None, None, None, None, None, None, None, None, None, None, None, None, -1)

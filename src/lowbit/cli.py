@@ -48,6 +48,7 @@ def build_recipe(
     damp: float | None,
     ignore: list[str] | None,
     format_options: list[str] | None = None,
+    preprocess_steps: int | None = None,
 ) -> Recipe:
     """A recipe file (if any) with the flags that were given laid over it."""
     data = Recipe.from_file(recipe_file).to_dict() if recipe_file else {}
@@ -65,6 +66,8 @@ def build_recipe(
     data["calib"] = {**data.get("calib", {}), **{k: v for k, v in calib_opts.items() if v is not None}}
     gptq_opts = {"act_order": act_order, "damp": damp}
     data["gptq"] = {**data.get("gptq", {}), **{k: v for k, v in gptq_opts.items() if v is not None}}
+    if preprocess_steps is not None:
+        data["preprocess"] = {**data.get("preprocess", {}), "steps": preprocess_steps}
     if ignore is not None:
         data["ignore"] = ignore
     return Recipe.from_dict(data)
@@ -101,6 +104,7 @@ def quantize(
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (groups stay contiguous, no storage cost), or in order. [default: both, per layer, keeping the lower output error]"),
     damp: Optional[float] = typer.Option(None, help="GPTQ dampening, fraction of mean diag(H). [default: 0.01]"),
     ignore: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep unquantized (repeatable). [default: lm_head]"),
+    preprocess_steps: Optional[int] = typer.Option(None, help="PTQ1.61's quantization preprocessing: restorative-LoRA training steps on the calibration windows (distilling the original) between a first and the final quantization; 100 is a good start, the recipe's `preprocess` section has the rest. [default: 0, off]"),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, help="Replace the output directory if it exists."),
 ) -> None:
@@ -109,7 +113,8 @@ def quantize(
     from .pipeline import save_job
 
     try:
-        r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore, format_option)
+        r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
+                         format_option, preprocess_steps)
         if output.exists() and not force:
             raise ArtifactError(f"{output} already exists; choose another output directory or pass --force to replace it")
         job = run_quantize(model, r)

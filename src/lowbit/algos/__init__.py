@@ -2,8 +2,8 @@
 format search that runs RTN or GPTQ over candidate grids; and PTQ1.61's restorative LoRA, which
 preprocesses a whole model before any of them."""
 
-from .format_search import SearchResult, output_error, search_format
-from .gptq import GPTQConfig, gptq_quantize
+from .format_search import SearchResult, search_format
+from .gptq import GPTQConfig, gptq_quantize, output_error
 from .ptq161 import PTQ161Config, ptq161_quantize
 from .restorative_lora import LoRALinear, RestorativeConfig, RestorativeResult, restorative_lora
 from .rtn import rtn_quantize

@@ -25,14 +25,8 @@ import torch
 
 from ..formats import Grid, GroupLayout, SearchSpace
 from ..qtensor import QuantizedWeight
-from .gptq import GPTQConfig, gptq_quantize
+from .gptq import GPTQConfig, gptq_quantize, output_error
 from .rtn import rtn_quantize
-
-
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """tr((W - Q) H (W - Q)^T) for `w, w_hat: [out, in]`, `hessian: [in, in]` (float64 sum)."""
-    d = (w.float() - w_hat.float()).double()
-    return float(((d @ hessian.double()) * d).sum())
 
 
 @dataclass

@@ -68,9 +68,12 @@ def test_existing_directory_is_not_overwritten(gptq_artifact, tmp_path):
     (target / "keep.txt").write_text("user data")
     with pytest.raises(ArtifactError, match="already exists"):
         save_job(job, Recipe(), target)
+    with pytest.raises(ArtifactError, match="replaces only a lowbit artifact"):  # a plain directory is never replaced
+        save_job(job, Recipe(), target, force=True)
     assert (target / "keep.txt").read_text() == "user data"
-    save_job(job, Recipe(), target, force=True)
-    assert not (target / "keep.txt").exists() and (target / "lowbit.json").exists()
+    art = save_job(job, Recipe(), tmp_path / "art")
+    save_job(job, Recipe(), art, force=True)  # an artifact is
+    assert (art / "lowbit.json").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
@@ -111,8 +114,11 @@ def test_edited_header_is_refused(gptq_artifact, tmp_path):
 
 
 def test_missing_artifact_and_missing_file(tmp_path, gptq_artifact):
-    with pytest.raises(ArtifactError, match="not a directory"):
+    with pytest.raises(ArtifactError, match="nothing not found"):
         lowbit.load(tmp_path / "nothing")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ArtifactError, match="not a directory"):
+        lowbit.load(tmp_path / "afile")
     path = copy_artifact(gptq_artifact[1], tmp_path / "m")
     (path / QUANTIZED).unlink()
     with pytest.raises(ArtifactError, match="quantized.safetensors is missing"):

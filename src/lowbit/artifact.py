@@ -10,17 +10,22 @@
       config.json, tokenizer files   to rebuild the model and its tokenizer offline
 
 Written into a temporary directory beside the target, then renamed into place: an interrupted
-save leaves nothing half-written, and an existing directory is replaced only with `force`.
-Reading checks every checksum first and names the file that does not match.
+save leaves nothing half-written, and with `force` only an existing *artifact* is replaced
+(`validation.paths`). Reading treats every byte as untrusted: the header is parsed with bounds
+and checked against a schema (`validation.header`), every file against its sha256, every stored
+tensor's shape against what the header's modules need (`validation.stored`), and the model
+skeleton is built on the meta device, so nothing is allocated from a claimed shape.
 """
 
 from __future__ import annotations
 
+from .errors import ArtifactError, LowbitError  # noqa: F401  (ArtifactError is re-exported)
+
 import hashlib
 import json
 import os
+import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +35,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import __version__
-from .models import auto_class
-from .nn import QuantModule, module_from_entry
 from .checksum import sha256_file
+from .models import auto_class, is_linear, linear_weight
+from .nn import QuantModule, module_from_entry
+from .validation.header import MAX_DIM, MAX_HEADER_BYTES, HeaderError, parse_json, validate_header
+from .validation.paths import check_output, clean_stale_work_dirs, make_work_dir
+from .validation.stored import StoredTensorError, check_stored_tensors
 
 HEADER = "lowbit.json"
 QUANTIZED = "quantized.safetensors"
@@ -40,8 +48,6 @@ DENSE = "dense.safetensors"
 FORMAT_VERSION = 1
 
 
-class ArtifactError(RuntimeError):
-    pass
 
 
 def _canonical(obj: Any) -> bytes:
@@ -93,15 +99,16 @@ def save(
     dense_dtype: torch.dtype = torch.float32,
     force: bool = False,
 ) -> Path:
-    """Write `model` (with quantized modules) as an artifact directory; returns its path."""
+    """Write `model` (with quantized modules) as an artifact directory; returns its path.
+    `force` replaces an existing artifact, never anything else."""
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise ArtifactError(f"{out} already exists; choose another output directory or pass --force to replace it")
+    sources = tuple(Path(p) for p in [(source or {}).get("path")] if p and Path(p).exists())
+    check_output(out, force=force, sources=sources)
     qmods = quantized_modules(model)
     if not qmods:
         raise ArtifactError("the model holds no quantized module; quantize it before saving")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    clean_stale_work_dirs(out)
+    tmp = make_work_dir(out)
     try:
         quantized, dense, aliases = split_state(model, dense_dtype)
         save_file(quantized, str(tmp / QUANTIZED))
@@ -136,8 +143,8 @@ def save(
         }
         header["header_sha256"] = hashlib.sha256(_canonical(header)).hexdigest()
         (tmp / HEADER).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
-        if out.exists():  # force: move the old one aside, swap, then delete it
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+        if out.exists():  # force (an artifact, checked above): move the old one aside, swap, then delete it
+            backup = make_work_dir(out, suffix=".old")
             os.replace(out, backup / out.name)
             os.replace(tmp, out)
             shutil.rmtree(backup, ignore_errors=True)
@@ -150,27 +157,36 @@ def save(
 
 
 def read_header(path: str | Path, verify: bool = True) -> dict:
-    """The artifact's header, after checking it and (with `verify`) every file's sha256."""
+    """The artifact's header, after checking its bounds, its own checksum and its schema, and
+    (with `verify`) every file's sha256. Files are plain names inside the directory; a file
+    that is a symbolic link is refused (it could point anywhere)."""
     root = Path(path)
+    if not root.exists():
+        raise ArtifactError(f"{root} not found; give the output directory of `lowbit quantize`")
     if not root.is_dir():
         raise ArtifactError(f"{root} is not a directory; give the output directory of `lowbit quantize`")
     hfile = root / HEADER
     if not hfile.is_file():
         raise ArtifactError(f"{root} is not a lowbit artifact: {HEADER} is missing")
-    try:
-        header = json.loads(hfile.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{hfile} is corrupt (not valid JSON: {exc})") from None
-    if not isinstance(header, dict) or "files" not in header or "header_sha256" not in header:
+    if hfile.stat().st_size > MAX_HEADER_BYTES:
+        raise ArtifactError(f"{hfile} is {hfile.stat().st_size:,} bytes, too large for a lowbit header; it is not one")
+    header = parse_json(hfile.read_bytes(), str(hfile))
+    if not isinstance(header, dict) or "files" not in header or not isinstance(header.get("header_sha256"), str):
         raise ArtifactError(f"{hfile} is not a lowbit header (fields missing)")
     claimed = header.pop("header_sha256")
     if hashlib.sha256(_canonical(header)).hexdigest() != claimed:
         raise ArtifactError(f"{hfile} was edited or is corrupt: its content does not match its own checksum")
     if header.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{hfile}: format version {header.get('format_version')} is not supported by lowbit {__version__}")
+        raise ArtifactError(f"{hfile}: format version {header.get('format_version')!r} is not supported by lowbit {__version__}")
+    validate_header(header, str(hfile))
+    for needed in (QUANTIZED, DENSE):
+        if needed not in header["files"]:
+            raise ArtifactError(f"{hfile}: {needed} is not listed among the checked files; the artifact is incomplete")
     if verify:
         for name, digest in header["files"].items():
             f = root / name
+            if f.is_symlink():
+                raise ArtifactError(f"artifact file {f} is a symbolic link; lowbit reads only files inside the artifact")
             if not f.is_file():
                 raise ArtifactError(f"artifact file {f} is missing")
             if sha256_file(f) != digest:
@@ -178,11 +194,89 @@ def read_header(path: str | Path, verify: bool = True) -> dict:
     return header
 
 
+def validate(path: str | Path, verify: bool = True) -> tuple[dict, dict]:
+    """Everything `load` checks before building anything: the header (`read_header`) and every
+    stored tensor against the header's modules. Returns (header, dense tensor specs)."""
+    root = Path(path)
+    header = read_header(root, verify)
+    parsed = validate_header(header, str(root / HEADER))
+    for name in (QUANTIZED, DENSE):
+        if (root / name).is_symlink():
+            raise ArtifactError(f"artifact file {root / name} is a symbolic link; lowbit reads only files inside the artifact")
+    dense_specs = check_stored_tensors(parsed, root / QUANTIZED, root / DENSE, str(root / HEADER))
+    return header, dense_specs
+
+
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"artifact file {path} cannot be read: {exc}") from None
+
+
+_LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _check_config(config, root: Path, stored_keys: list[str]) -> None:
+    """Refuse a config whose numbers could not describe the stored tensors, before a skeleton
+    is built from it: sizes beyond 2^31, or more layers than the stored tensors index."""
+    values = config.to_dict()
+    for key, value in values.items():
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_DIM:
+            raise ArtifactError(f"{root / 'config.json'}: {key} = {value} is beyond any model lowbit loads")
+    indices = [int(i) for k in stored_keys for i in re.findall(r"\.(\d+)(?=\.)", k)]
+    most = max(indices, default=-1) + 1
+    for key in _LAYER_COUNT_KEYS:
+        n = values.get(key)
+        if isinstance(n, int) and n > most:
+            raise ArtifactError(f"{root / 'config.json'}: {key} = {n}, but the stored tensors hold at most {most} layers")
+
+
+def _skeleton(root: Path, header: dict, stored_keys: list[str]) -> nn.Module:
+    """The model described by the artifact's config.json, with every parameter on the meta device
+    (buffers computed at init, such as rotary frequencies, stay real)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig
+
+    if "config.json" not in header["files"]:
+        raise ArtifactError(f"{root / HEADER}: config.json is not among the checked files; pass a model skeleton to lowbit.load")
+    try:
+        config = AutoConfig.from_pretrained(root)
+    except Exception as exc:  # unknown model type, remote code, malformed JSON
+        raise ArtifactError(f"{root / 'config.json'} cannot be used: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    _check_config(config, root, stored_keys)
+    try:
+        with init_empty_weights():
+            return auto_class(header["source"].get("kind", "causal-lm")).from_config(config, dtype=torch.float32)
+    except Exception as exc:
+        raise ArtifactError(f"{root / 'config.json'} does not describe a model transformers can build: {exc}") from None
+
+
+def _check_fits(model: nn.Module, root: Path, header: dict, dense_specs: dict) -> None:
+    """Every quantized module replaces a linear layer of the same shape, and the dense file holds
+    exactly the skeleton's other tensors with their shapes, before any data is read."""
+    for name, entry in header["modules"].items():
+        try:
+            target = model.get_submodule(name)
+        except AttributeError:
+            raise ArtifactError(f"{root / HEADER}: module {name} is not part of the model") from None
+        if not is_linear(target):
+            raise ArtifactError(f"{root / HEADER}: module {name} replaces a {type(target).__name__}, not a linear layer")
+        if list(linear_weight(target).shape) != list(entry["shape"]):
+            raise ArtifactError(
+                f"{root / HEADER}: module {name} is {entry['shape']} but the model's layer is {list(linear_weight(target).shape)}"
+            )
+    qnames = tuple(f"{n}." for n in header["modules"])
+    wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(qnames)}
+    have = {k: v[0] for k, v in dense_specs.items()}
+    have.update({a: have[t] for a, t in header["aliases"].items()})
+    missing = sorted(set(wanted) - set(have))
+    unexpected = sorted(set(have) - set(wanted))
+    if missing or unexpected:
+        raise ArtifactError(f"{root / DENSE} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for key, shape in wanted.items():
+        if have[key] != shape:
+            raise ArtifactError(f"{root / DENSE}: tensor {key} is {list(have[key])}, the model needs {list(shape)}")
 
 
 def load(
@@ -193,14 +287,15 @@ def load(
     `cache_weights`: keep each layer's dequantized weight after its first use (faster repeated
     forwards, such as evaluation or generation, at the memory cost of a float model).
     `bits`: decode every nested module (`nested8`, Double Rounding) at this precision; other
-    modules are unaffected; an artifact without nested modules refuses it."""
-    root = Path(path)
-    header = read_header(root, verify)
-    if model is None:
-        from transformers import AutoConfig
+    modules are unaffected; an artifact without nested modules refuses it.
 
-        config = AutoConfig.from_pretrained(root)
-        model = auto_class(header["source"].get("kind", "causal-lm")).from_config(config, dtype=torch.float32)
+    Nothing is allocated before every check has passed; then at most the stored tensors (and
+    the float32 copies of dense ones) are."""
+    root = Path(path)
+    header, dense_specs = validate(root, verify)
+    if model is None:
+        model = _skeleton(root, header, [*dense_specs, *header["modules"]])
+    _check_fits(model, root, header, dense_specs)
     quantized = _load_tensors(root / QUANTIZED)
     switched = 0
     for name, entry in header["modules"].items():
@@ -217,22 +312,23 @@ def load(
             model.set_submodule(name, layer)
         except (RuntimeError, AttributeError) as exc:
             raise ArtifactError(f"{root / QUANTIZED}: tensors of module {name} do not fit: {exc}") from None
+    del quantized
     if bits is not None and not switched:
         formats = sorted({e["grid"]["format"] for e in header["modules"].values()})
         raise ArtifactError(
             f"{root}: bits={bits} selects the precision of nested modules (format nested8), but this artifact has "
             f"none ({', '.join(formats)}); load it without bits"
         )
-    dense = _load_tensors(root / DENSE)
+    dense = {k: (v.float() if v.is_floating_point() else v) for k, v in _load_tensors(root / DENSE).items()}
     for alias, target in header.get("aliases", {}).items():
         dense[alias] = dense[target]
-    result = model.load_state_dict(dense, strict=False)
-    qkeys = {f"{n}.{k}" for n, m in quantized_modules(model).items() for k in m.state_dict()}
-    missing = [k for k in result.missing_keys if k not in qkeys]
-    if missing or result.unexpected_keys:
-        raise ArtifactError(
-            f"{root / DENSE} does not match the model: missing {missing[:5]}, unexpected {result.unexpected_keys[:5]}"
-        )
+    try:
+        model.load_state_dict(dense, strict=False, assign=True)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{root / DENSE} does not match the model: {exc}") from None
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ArtifactError(f"{root / DENSE} does not hold {left[:5]}; the artifact is incomplete")
     model.eval()
     model.lowbit_header = header
     model.lowbit_precision = bits

@@ -5,6 +5,8 @@ each nn.Linear for a quantized module (QuantLinear, PTQ161Linear). With `recipe.
 
 from __future__ import annotations
 
+from .errors import LowbitError
+
 import copy
 import re
 import time
@@ -24,7 +26,7 @@ from .nn import PTQ161Linear, QuantLinear
 from .recipe import PreprocessOptions, Recipe, Scheme
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(LowbitError):
     pass
 
 

@@ -22,6 +22,8 @@ YAML or JSON; CLI flags build the same object. Unknown keys are refused with the
 
 from __future__ import annotations
 
+from .errors import LowbitError
+
 import json
 import re
 from pathlib import Path
@@ -37,7 +39,7 @@ from .formats import Grid, MissingFormatOptionError, SearchSpace, UnknownFormatE
 CALIBRATED_METHODS = ("gptq", "ptq161")
 
 
-class RecipeError(ValueError):
+class RecipeError(LowbitError):
     pass
 
 

@@ -7,13 +7,15 @@ it saw its training data.
 
 from __future__ import annotations
 
+from ..errors import LowbitError
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 
-class CalibrationError(ValueError):
+class CalibrationError(LowbitError):
     pass
 
 

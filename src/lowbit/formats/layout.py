@@ -13,6 +13,8 @@ widths instead.
 
 from __future__ import annotations
 
+from ..errors import LowbitError
+
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +23,7 @@ import torch
 from .base import Grid, Params
 
 
-class GroupSizeError(ValueError):
+class GroupSizeError(LowbitError):
     pass
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import LowbitError
+
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -19,7 +21,7 @@ from .search import SearchSpace, minifloat_search, power_search
 from .ternary import TernaryGrid
 
 
-class UnknownFormatError(ValueError):
+class UnknownFormatError(LowbitError):
     pass
 
 

@@ -48,6 +48,12 @@ class QuantModule(nn.Module):
     def from_entry(cls, entry: dict[str, Any]) -> "QuantModule":
         raise NotImplementedError
 
+    @classmethod
+    def state_specs(cls, entry: dict[str, Any]) -> dict[str, "TensorSpec"]:
+        """Shape and dtype of every tensor of the state dict that `from_entry(entry)` would hold,
+        computed without allocating (checked against the stored tensors before loading)."""
+        raise NotImplementedError
+
     def storage_bytes(self) -> dict[str, int]:
         """Exact bytes of every stored tensor of the weight (bias excluded)."""
         raise NotImplementedError
@@ -93,24 +99,50 @@ def register_kind(cls: type[QuantModule]) -> type[QuantModule]:
     return cls
 
 
-def module_from_entry(entry: dict[str, Any]) -> QuantModule:
-    """An empty module of the kind and shape that an artifact header entry describes."""
+def module_class(entry: dict[str, Any]) -> type[QuantModule]:
+    """The runtime class registered for an artifact header entry's kind."""
     kind = entry.get("kind", "linear")
     if kind not in MODULE_KINDS:
         raise ValueError(f"unknown quantized module kind {kind!r} (known: {', '.join(MODULE_KINDS)})")
-    return MODULE_KINDS[kind].from_entry(entry)
+    return MODULE_KINDS[kind]
+
+
+def module_from_entry(entry: dict[str, Any]) -> QuantModule:
+    """An empty module of the kind and shape that an artifact header entry describes."""
+    return module_class(entry).from_entry(entry)
 
 
 # buffers of one QuantizedWeight, names prefixed
-def register_weight_buffers(module: nn.Module, prefix: str, grid: Grid, layout: GroupLayout) -> None:
+TensorSpec = tuple[tuple[int, ...], torch.dtype]  # (shape, dtype) of one stored tensor
+
+
+def weight_buffer_specs(prefix: str, grid: Grid, layout: GroupLayout) -> dict[str, TensorSpec]:
+    """Shape and dtype of every buffer that holds one QuantizedWeight: computed, not allocated, so
+    that an artifact's claimed shapes can be compared with its stored tensors before anything is built."""
     n = layout.out_features * layout.in_features
     sets = layout.n_param_sets
-    module.register_buffer(f"{prefix}codes", torch.zeros(grid.packed_nbytes(n), dtype=torch.uint8))
+    specs: dict[str, TensorSpec] = {f"{prefix}codes": ((grid.packed_nbytes(n),), torch.uint8)}
     for f in grid.param_fields:
         if f.kind == "float16":
-            module.register_buffer(f"{prefix}{f.name}", torch.zeros(sets, dtype=torch.float16))
+            specs[f"{prefix}{f.name}"] = ((sets,), torch.float16)
         else:
-            module.register_buffer(f"{prefix}{f.name}", torch.zeros(-(-sets * f.bits // 8), dtype=torch.uint8))
+            specs[f"{prefix}{f.name}"] = ((-(-sets * f.bits // 8),), torch.uint8)
+    return specs
+
+
+def bias_spec(out_features: int, bias: bool) -> dict[str, TensorSpec]:
+    return {"bias": ((out_features,), torch.float32)} if bias else {}
+
+
+def register_buffers(module: nn.Module, specs: dict[str, TensorSpec]) -> None:
+    """Zero buffers of the given shapes (the bias, if any, is a frozen parameter: `_init_bias`)."""
+    for name, (shape, dtype) in specs.items():
+        if name != "bias":
+            module.register_buffer(name, torch.zeros(shape, dtype=dtype))
+
+
+def register_weight_buffers(module: nn.Module, prefix: str, grid: Grid, layout: GroupLayout) -> None:
+    register_buffers(module, weight_buffer_specs(prefix, grid, layout))
 
 
 def store_weight(module: nn.Module, prefix: str, qw: QuantizedWeight) -> None:

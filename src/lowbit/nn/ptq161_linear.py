@@ -14,7 +14,7 @@ import torch
 from ..formats import Grid, GroupLayout, grid_from_spec
 from ..pack import pack_codes, packed_nbytes, unpack_codes
 from ..qtensor import PTQ161Weight
-from .base import QuantModule, read_weight, register_kind, register_weight_buffers, store_weight
+from .base import QuantModule, TensorSpec, bias_spec, read_weight, register_buffers, register_kind, store_weight, weight_buffer_specs
 
 
 @register_kind
@@ -34,12 +34,32 @@ class PTQ161Linear(QuantModule):
         self.n_blocks = -(-self.n_binary // block_size)
         self.salient_grid = salient_grid
         self.salient_layout = GroupLayout(out_features, n_salient, salient_group_size, ragged)
-        self.register_buffer("mask", torch.zeros(packed_nbytes(in_features, 1), dtype=torch.uint8))
-        register_weight_buffers(self, "salient_", salient_grid, self.salient_layout)
-        self.register_buffer("signs", torch.zeros(packed_nbytes(out_features * self.n_binary, 1), dtype=torch.uint8))
-        self.register_buffer("alpha", torch.zeros(out_features * self.n_blocks, dtype=torch.float16))
-        self.register_buffer("beta", torch.zeros(self.n_binary, dtype=torch.float16))
+        register_buffers(self, self._specs(out_features, in_features, n_salient, block_size, salient_grid, self.salient_layout, bias))
         self._init_bias(bias)
+
+    @staticmethod
+    def _specs(out_f: int, in_f: int, n_salient: int, block_size: int, salient_grid: Grid,
+               salient_layout: GroupLayout, bias: bool) -> dict[str, TensorSpec]:
+        n_binary = in_f - n_salient
+        n_blocks = -(-n_binary // block_size)
+        return {
+            "mask": ((packed_nbytes(in_f, 1),), torch.uint8),
+            **weight_buffer_specs("salient_", salient_grid, salient_layout),
+            "signs": ((packed_nbytes(out_f * n_binary, 1),), torch.uint8),
+            "alpha": ((out_f * n_blocks,), torch.float16),
+            "beta": ((n_binary,), torch.float16),
+            **bias_spec(out_f, bias),
+        }
+
+    @classmethod
+    def state_specs(cls, entry: dict[str, Any]) -> dict[str, TensorSpec]:
+        out_f, in_f = entry["shape"]
+        n_salient, block_size = entry["n_salient"], entry["block_size"]
+        if not 0 < n_salient < in_f or not 0 < block_size <= in_f - n_salient:
+            raise ValueError(f"n_salient {n_salient} / block_size {block_size} do not fit an input width of {in_f}")
+        grid = grid_from_spec(entry["grid"]["salient"])
+        layout = GroupLayout(out_f, n_salient, entry["group_size"], entry.get("ragged", "short-last"))
+        return cls._specs(out_f, in_f, n_salient, block_size, grid, layout, entry["bias"])
 
     @classmethod
     def from_quantized(cls, pw: PTQ161Weight, bias: torch.Tensor | None) -> "PTQ161Linear":

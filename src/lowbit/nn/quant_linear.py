@@ -9,7 +9,7 @@ import torch
 
 from ..formats import Grid, GroupLayout, grid_from_spec
 from ..qtensor import QuantizedWeight, weight_storage_bytes
-from .base import QuantModule, read_weight, register_kind, register_weight_buffers, store_weight
+from .base import QuantModule, TensorSpec, bias_spec, read_weight, register_kind, register_weight_buffers, store_weight, weight_buffer_specs
 
 
 @register_kind
@@ -44,11 +44,19 @@ class QuantLinear(QuantModule):
             "bias": self.bias is not None,
         }
 
+    @staticmethod
+    def _grid_layout(entry: dict[str, Any]) -> tuple[Grid, GroupLayout]:
+        out_f, in_f = entry["shape"]
+        return grid_from_spec(entry["grid"]), GroupLayout(out_f, in_f, entry["group_size"], entry.get("ragged", "short-last"))
+
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> "QuantLinear":
-        out_f, in_f = entry["shape"]
-        layout = GroupLayout(out_f, in_f, entry["group_size"], entry.get("ragged", "short-last"))
-        return cls(grid_from_spec(entry["grid"]), layout, entry["bias"])
+        return cls(*cls._grid_layout(entry), entry["bias"])
+
+    @classmethod
+    def state_specs(cls, entry: dict[str, Any]) -> dict[str, TensorSpec]:
+        grid, layout = cls._grid_layout(entry)
+        return {**weight_buffer_specs("", grid, layout), **bias_spec(layout.out_features, entry["bias"])}
 
     def set_precision(self, bits: int) -> bool:
         grid = self.grid.with_precision(bits)

@@ -25,7 +25,7 @@ def test_options_reach_the_grid():
     ({"format": "power4", "format_options": {"alpah": 2}}, "'format_options': format 'power4' does not take option(s) alpah"),
     ({"format": "lut"}, "'format_options': format 'lut' needs its table"),
     ({"format": "lut", "format_options": {"levels": [0, 1, 1]}}, "'format_options': .*distinct"),
-    ({"format": "int4", "format_options": {"clip": 0.9}}, "'format_options': .*clip .*symmetric=true"),
+    ({"format": "int4", "format_options": {"clip": 0.9}}, "'format_options': .*clip .*--sym"),
     ({"format": "nf4", "format_options": {"clip": 1.5}}, "'format_options': .*clip is a number in"),
     ({"format": "fp4_search", "format_options": {"splits": ["e2m2"]}}, "'format_options': .*e2m2"),
     ({"format": "power4", "overrides": [{"pattern": "q_proj", "format_options": {"beta": 1}}]}, "'overrides': override 0 .*format_options: .*beta"),

@@ -17,6 +17,7 @@ from .eval.source_grid import artifact_contains_source_grid
 from .models import LoadedModel, load_model
 from .quantize import QuantizeReport, quantize_model
 from .recipe import Recipe
+from .validation.finite import check_finite_model
 
 
 @dataclass
@@ -44,9 +45,14 @@ def calibration_batches(loaded: LoadedModel, recipe: Recipe) -> tuple[list[torch
     return list(windows.split(c.batch_size)), info
 
 
-def quantize(source: str, recipe: Recipe, show_progress: bool = True) -> QuantizeJob:
-    """Load `source` and quantize it in memory by `recipe`."""
-    loaded = load_model(source)
+def quantize(source: str, recipe: Recipe, show_progress: bool = True, allow_pickle: bool = False) -> QuantizeJob:
+    """Load `source` and quantize it in memory by `recipe`. Every tensor of the source is checked
+    for NaN/Inf first, and a calibration file named by the recipe must be readable text, whether
+    or not the method needs it (a misspelled path is never recorded silently)."""
+    if recipe.calib.path:
+        read_text(recipe.calib.path)
+    loaded = load_model(source, allow_pickle=allow_pickle)
+    check_finite_model(loaded.model, f"model {source}")
     needs_calib = recipe.preprocess.steps > 0 or any(
         s is not None and s.needs_calibration
         for s in (recipe.scheme_for(n) for n, _ in loaded.model.named_modules())
@@ -90,14 +96,16 @@ def evaluate(
     header = read_header(path)
     quantized = load(path, verify=False, cache_weights=True, bits=bits)  # read_header verified every file
     if isinstance(reference, LoadedModel):
-        ref = reference
+        ref, ref_desc = reference, reference.source
     else:
-        ref = load_model(reference or header["source"].get("path") or header["source"]["model"])
+        ref_desc = reference or _header_reference(header)
+        ref = load_model(ref_desc)
     if text_path:
         text, text_desc = read_text(text_path), str(text_path)
     else:
         text, text_desc = default_text("eval")
-    result: dict = {"artifact": str(path), "text": text_desc}
+    result: dict = {"artifact": str(path), "reference": str(ref_desc), "reference_from_header": reference is None,
+                    "text": text_desc}
     if bits is not None:
         result["precision"] = bits
     if ref.kind == "causal-lm":
@@ -112,3 +120,13 @@ def evaluate(
     result["source_format"] = header["source"].get("source_format")
     result["source_grid"] = artifact_contains_source_grid(header)
     return result
+
+
+def _header_reference(header: dict) -> str:
+    """The original model an artifact names: its local path if that still exists, else what the
+    user passed when quantizing (an alias, a path, a hub id)."""
+    src = header["source"]
+    path = src.get("path")
+    if path and Path(path).exists():
+        return path
+    return src.get("model") or path or ""

@@ -66,6 +66,13 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
         plans[name] = LayerPlan(scheme, layout)
     if not plans:
         raise QuantizeError("no linear layer to quantize: check the recipe's ignore patterns and overrides")
+    widest = max(p.layout.in_features for p in plans.values())
+    too_wide = sorted({p.scheme.group_size for p in plans.values() if p.scheme.group_size > widest and not p.scheme.grid().fixed_group_size})
+    if too_wide and "group_size" in recipe.model_fields_set:  # asked for, not the default
+        raise QuantizeError(
+            f"group size {too_wide[0]} is wider than every layer (the widest takes {widest} inputs): it would mean one "
+            "group per output channel; say so with --group-size -1, or pick a size up to the layer width (e.g. 128)"
+        )
     return plans, skipped
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .algos import METHODS
 from .formats import Grid, MissingFormatOptionError, SearchSpace, UnknownFormatError, get_format
@@ -77,6 +77,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _lift_symmetric(data: Any) -> Any:
+    """`format_options: {symmetric: true}` means the scheme's `symmetric` (one place for it)."""
+    if not isinstance(data, dict) or not isinstance(data.get("format_options"), dict) or "symmetric" not in data["format_options"]:
+        return data
+    options = dict(data["format_options"])
+    sym = options.pop("symmetric")
+    if not isinstance(sym, bool):
+        raise ValueError(f"format option symmetric must be true or false, got {sym!r}")
+    if data.get("symmetric") is not None and data["symmetric"] != sym:
+        raise ValueError("symmetric and format_options.symmetric disagree; give one of them")
+    return {**data, "format_options": options, "symmetric": sym}
+
+
 class Scheme(_Strict):
     """How one layer is quantized."""
 
@@ -86,6 +99,7 @@ class Scheme(_Strict):
     symmetric: bool = False
     format_options: dict[str, Any] = Field(default_factory=dict, validate_default=True)
 
+    _symmetric_option = model_validator(mode="before")(classmethod(lambda cls, data: _lift_symmetric(data)))
     _format = field_validator("format")(classmethod(lambda cls, v: _check_format(v)))
     _method = field_validator("method")(classmethod(lambda cls, v: _check_method(v)))
     _group = field_validator("group_size")(classmethod(lambda cls, v: _check_group_size(v)))
@@ -117,6 +131,8 @@ class Override(_Strict):
     group_size: int | None = None
     symmetric: bool | None = None
     format_options: dict[str, Any] | None = None
+
+    _symmetric_option = model_validator(mode="before")(classmethod(lambda cls, data: _lift_symmetric(data)))
 
     @field_validator("pattern")
     @classmethod

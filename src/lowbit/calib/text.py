@@ -19,11 +19,28 @@ class CalibrationError(LowbitError):
     pass
 
 
+def looks_binary(sample: bytes) -> bool:
+    """A NUL byte, or more than 10% of the decoded characters undecodable or control characters
+    (other than whitespace): not text a language model should be calibrated or evaluated on."""
+    if b"\x00" in sample:
+        return True
+    decoded = sample.decode("utf-8", errors="replace")
+    if not decoded:
+        return False
+    bad = sum(1 for c in decoded if c == "\ufffd" or (ord(c) < 32 and c not in "\n\r\t\f\v"))
+    return bad > 0.1 * len(decoded)
+
+
 def read_text(path: str | Path) -> str:
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise CalibrationError(f"text file {p} not found")
-    text = p.read_text(encoding="utf-8", errors="replace")
+    if not p.is_file():
+        raise CalibrationError(f"{p} is not a text file")
+    raw = p.read_bytes()
+    if looks_binary(raw[: 1 << 16]):
+        raise CalibrationError(f"{p} is a binary file, not text; give a UTF-8 text file like the model's real input")
+    text = raw.decode("utf-8", errors="replace")
     if not text.strip():
         raise CalibrationError(f"text file {p} is empty")
     return text
@@ -85,6 +102,10 @@ def random_windows(tokenizer, text: str, seq_len: int, n_windows: int, seed: int
 def consecutive_windows(tokenizer, text: str, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
     """[n, seq_len] non-overlapping windows from the start of the text (evaluation).
     `max_tokens` caps the text tokens used (special tokens not counted)."""
+    if seq_len < 2:
+        raise CalibrationError(f"sequence length {seq_len} is too short: a window needs at least 2 tokens to predict one")
+    if max_tokens is not None and max_tokens < 1:
+        raise CalibrationError(f"max tokens must be at least 1, got {max_tokens}")
     frame = framing(tokenizer)
     body = _body_len(seq_len, frame)
     ids = tokenize(tokenizer, text)

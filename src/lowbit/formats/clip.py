@@ -30,7 +30,7 @@ class ClippedGrid(Grid):
         if len(fields) != 1 or fields[0].name != "scale" or fields[0].kind != "float16":
             raise ValueError(
                 f"clip applies to grids whose only parameter is an fp16 scale; {inner.name} stores "
-                f"{', '.join(f.name for f in fields)} (an asymmetric int grid: use symmetric=true)"
+                f"{', '.join(f.name for f in fields)} (an asymmetric int grid: add --sym, or symmetric: true in the recipe)"
             )
         self.inner = inner
         self.clip = float(clip)

@@ -62,7 +62,7 @@ def _minifloat(m: re.Match[str], o: dict[str, Any]) -> Grid:
 _FORMATS: list[_Format] = [
     _Format(
         re.compile(r"int([2-8])"),
-        lambda m, o: IntGrid(int(m.group(1)), symmetric=bool(o.get("symmetric", False))),
+        lambda m, o: IntGrid(int(m.group(1)), symmetric=bool(_options(m.group(0), o, ("symmetric",)).get("symmetric", False))),
         "uniform integer grid, 2-8 bits; options: symmetric (default false: asymmetric with a zero point)",
         "2-8", "fp16 scale (+ b-bit zero point if asymmetric)",
     ),

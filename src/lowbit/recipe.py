@@ -266,16 +266,22 @@ class Recipe(Scheme):
             return cls.model_validate(data)
         except ValidationError as exc:
             raise RecipeError(describe_validation_error(exc)) from None
+        except RecursionError:
+            raise RecipeError("invalid recipe: nested too deeply") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> "Recipe":
         p = Path(path)
         if not p.is_file():
             raise RecipeError(f"recipe file {p} not found")
-        text = p.read_text(encoding="utf-8")
+        if p.stat().st_size > 1 << 20:
+            raise RecipeError(f"recipe file {p} is {p.stat().st_size:,} bytes; a recipe is a few lines (at most 1 MB)")
         try:
+            text = p.read_text(encoding="utf-8")
             data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        except RecursionError:
+            raise RecipeError(f"recipe file {p} is nested too deeply to be a recipe") from None
+        except (ValueError, yaml.YAMLError) as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
             raise RecipeError(f"recipe file {p} is not valid {'JSON' if p.suffix == '.json' else 'YAML'}: {exc}") from None
         if not isinstance(data, dict):
             raise RecipeError(f"recipe file {p} must hold a mapping of keys (method, format, ...)")

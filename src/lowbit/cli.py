@@ -105,6 +105,7 @@ def build_recipe(
     ignore: list[str] | None,
     format_options: list[str] | None = None,
     preprocess_steps: int | None = None,
+    target: str | None = None,
 ) -> Recipe:
     """A recipe file (if any) with the flags that were given laid over it."""
     data = Recipe.from_file(recipe_file).to_dict() if recipe_file else {}
@@ -116,7 +117,7 @@ def build_recipe(
         data.pop("format_options", None)  # the file's options belong to the file's format
     if format_options:
         data["format_options"] = {**data.get("format_options", {}), **parse_format_options(format_options)}
-    flat = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric}
+    flat = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric, "target": target}
     data.update({k: v for k, v in flat.items() if v is not None})
     calib_opts = {"path": str(calib) if calib else None, "n_samples": n_samples, "seq_len": seq_len}
     data["calib"] = {**data.get("calib", {}), **{k: v for k, v in calib_opts.items() if v is not None}}
@@ -161,6 +162,7 @@ def quantize(
     damp: Optional[float] = typer.Option(None, help="GPTQ dampening, fraction of mean diag(H). (default: 0.01)"),
     ignore: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep unquantized (repeatable). (default: lm_head)"),
     preprocess_steps: Optional[int] = typer.Option(None, help="PTQ1.61's quantization preprocessing: restorative-LoRA training steps on the calibration windows (distilling the original) between a first and the final quantization; 100 is a good start, the recipe's `preprocess` section has the rest. (default: 0, off)"),
+    target: Optional[str] = typer.Option(None, help="Export layout the codes must fit exactly: gguf:q4_0, gguf:q5_0, gguf:q8_0 (sets format, --sym and a group size of whole blocks; `lowbit export` then writes it bit for bit)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
     allow_pickle: bool = typer.Option(False, show_default=False, help="Read a checkpoint stored only as pytorch_model.bin (torch's restricted unpickler; still untrusted input). Without it only safetensors are read."),
@@ -173,7 +175,7 @@ def quantize(
 
     with _guard():
         r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
-                         format_option, preprocess_steps)
+                         format_option, preprocess_steps, target)
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
         job = run_quantize(model, r, allow_pickle=allow_pickle)
@@ -254,6 +256,22 @@ def inspect(
     for name, digest in header["files"].items():
         out.print(f"[dim]sha256 {digest}  {name}[/]")
     out.print("[green]all checksums verified[/], every stored tensor matches the header")
+
+
+@app.command()
+def export(
+    artifact: Path = typer.Argument(..., help="Artifact directory written by `lowbit quantize`."),
+    to: str = typer.Option(..., "--to", help="Format to write: gguf (llama.cpp, llama-cpp-python, ollama)."),
+    output: Path = typer.Option(..., "-o", "--output", help="File to write (not replaced unless --force)."),
+    embeddings: str = typer.Option("f16", show_default=False, help="GGUF type of the token embeddings and output layer: f16 or q8_0 (round to nearest). (default: f16)"),
+    force: bool = typer.Option(False, show_default=False, help="Replace an existing output file."),
+) -> None:
+    """Write an artifact in another tool's format, decoding to lowbit's weights bit for bit; a grid with no exact layout is refused with the --target that fits."""
+    from .export import export_artifact
+
+    with _guard():
+        path = export_artifact(artifact, to, output, force=force, embeddings=embeddings)
+        console.print(f"[green]wrote[/] {path} ({path.stat().st_size:,} bytes)")
 
 
 def _print_rows(rows: list[dict], columns: dict[str, str], as_json: bool, caption: str) -> None:

@@ -26,6 +26,12 @@ from .nn import PTQ161Linear, QuantLinear
 from .recipe import PreprocessOptions, Recipe, Scheme
 
 
+def target_block(name: str) -> int:
+    from .export.targets import get_target
+
+    return get_target(name).block
+
+
 class QuantizeError(LowbitError):
     pass
 
@@ -58,6 +64,10 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
             skipped[name] = "excluded by the recipe (ignore/override)"
             continue
         out_f, in_f = linear_weight(module).shape
+        if recipe.target and in_f % target_block(recipe.target):
+            skipped[name] = (f"input width {in_f} is not a multiple of the {recipe.target} block "
+                             f"({target_block(recipe.target)}): kept in float (exported as F16)")
+            continue
         fixed = scheme.grid().fixed_group_size  # a format with its own block size (MXFP4) sets the groups
         try:
             layout = GroupLayout(out_f, in_f, fixed or scheme.group_size, recipe.ragged)

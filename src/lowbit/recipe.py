@@ -194,7 +194,28 @@ class PreprocessOptions(_Strict):
         return v
 
 
+def _apply_target(data: Any) -> Any:
+    """`target: gguf:q4_0` fixes format, symmetric and group size (`export.targets`); a conflicting
+    value given alongside is refused rather than silently replaced."""
+    if not isinstance(data, dict) or data.get("target") is None:
+        return data
+    from .export.errors import ExportError
+    from .export.targets import recipe_settings
+
+    if not isinstance(data["target"], str):
+        raise ValueError(f"target must be a name such as gguf:q4_0, got {data['target']!r}")
+    try:
+        settings = recipe_settings(data["target"], data.get("group_size"))
+    except ExportError as exc:
+        raise ValueError(str(exc)) from None
+    for key in ("format", "symmetric"):
+        if data.get(key) is not None and str(data[key]).lower() != str(settings[key]).lower():
+            raise ValueError(f"target {data['target']} stores {key} {settings[key]}; drop {key} {data[key]!r} or the target")
+    return {**data, **settings, "target": data["target"].strip().lower()}
+
+
 class Recipe(Scheme):
+    target: str | None = None  # an export layout the codes must fit exactly (`lowbit.export.targets`)
     ragged: Literal["short-last", "error"] = "short-last"
     gptq: GPTQOptions = GPTQOptions()
     ptq161: PTQ161Options = PTQ161Options()
@@ -202,6 +223,8 @@ class Recipe(Scheme):
     preprocess: PreprocessOptions = PreprocessOptions()
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
+
+    _target = model_validator(mode="before")(classmethod(lambda cls, data: _apply_target(_lift_symmetric(data))))
 
     @field_validator("ignore")
     @classmethod
@@ -257,8 +280,10 @@ class Recipe(Scheme):
         return any(s.needs_calibration for s in [base, *(_apply(base, o) for o in self.overrides if not o.skip)])
 
     def to_dict(self) -> dict:
-        """JSON-able keys; without `preprocess` when it is off, so artifacts read as they did before it."""
-        return self.model_dump(mode="json", exclude={"preprocess"} if self.preprocess.steps == 0 else None)
+        """JSON-able keys; without `preprocess` when it is off and `target` when there is none, so
+        artifacts read as they did before those existed."""
+        exclude = ({"preprocess"} if self.preprocess.steps == 0 else set()) | ({"target"} if self.target is None else set())
+        return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":

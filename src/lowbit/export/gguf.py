@@ -1,0 +1,217 @@
+"""Write a lowbit artifact as a GGUF file that llama.cpp (llama-cpp-python, ollama) loads and runs.
+
+Quantized modules become raw GGUF blocks of their exact type (`targets`, `gguf_blocks`): the
+file decodes, in gguf-py's own `dequantize`, to lowbit's dequantized weights bit for bit. Modules
+kept in float (the recipe's `ignore`, widths without a block layout) are written as F16, the
+embeddings and output as F16 or (`embeddings="q8_0"`) Q8_0 quantized here (round to nearest,
+llama.cpp's reference rule), norms and biases as F32. Llama-family and Qwen2 models, tied
+embeddings (no `output.weight`: llama.cpp reuses `token_embd`). Llama's q/k rows are permuted
+the way llama.cpp's converter does (whole rows move, so blocks move intact).
+
+The tokenizer: byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3) with their merges,
+special tokens and chat template. The pre-tokenizer name llama.cpp needs is looked up by model
+family (`_PRE`), else "default" (llama.cpp then warns and uses its default splitting).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..artifact import load, read_header
+from ..nn import QuantLinear
+from ..validation.paths import check_output_file
+from .errors import ExportError
+from .gguf_blocks import pack_blocks
+from .targets import gguf_type_for, why_not_gguf
+
+ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}
+# pre-tokenizer names llama.cpp knows, by (model_type, vocab size) and then by model_type
+_PRE = {("llama", 49152): "smollm", ("llama", 128256): "llama-bpe", ("qwen2", None): "qwen2"}
+FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0"}
+
+
+def _permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's q/k row order: within each head, the two rotary halves interleaved."""
+    rows = x.shape[0]
+    return x.reshape(n_head, 2, rows // n_head // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
+    """Inverse of `_permute_rows` (for readers that compare with the Hugging Face layout)."""
+    rows = x.shape[0]
+    return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _add_hparams(w, config, name: str, file_type: str) -> None:
+    import gguf
+
+    w.add_name(name)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_block_count(config.num_hidden_layers)
+    w.add_feed_forward_length(config.intermediate_size)
+    w.add_head_count(config.num_attention_heads)
+    w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    w.add_rope_freq_base(_rope_theta(config))
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_rope_dimension_count(_head_dim(config))
+    w.add_vocab_size(config.vocab_size)
+    if getattr(config, "head_dim", None):
+        w.add_key_length(config.head_dim)
+        w.add_value_length(config.head_dim)
+    w.add_file_type(getattr(gguf.LlamaFileType, file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_tokenizer(w, root: Path, config) -> None:
+    """Byte-level BPE vocabulary, merges, special tokens and chat template from the artifact."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    tj = root / "tokenizer.json"
+    model = json.loads(tj.read_text(encoding="utf-8")).get("model", {}) if tj.is_file() else {}
+    if model.get("type") != "BPE":
+        raise ExportError(
+            f"{root}: GGUF export writes byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3); "
+            f"this artifact's tokenizer is {model.get('type') or 'missing'}"
+        )
+    tok = AutoTokenizer.from_pretrained(root)
+    vocab = tok.get_vocab()  # token -> id, added tokens included
+    n = max(config.vocab_size, max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    added = tok.get_added_vocab()
+    special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    tokens, types = [], []
+    for i in range(n):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif t in added:
+            tokens.append(t)
+            types.append(gguf.TokenType.CONTROL if t in special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(t)
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("gpt2")
+    pre = _PRE.get((config.model_type, config.vocab_size)) or _PRE.get((config.model_type, None)) or "default"
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    gguf.SpecialVocab(root, load_merges=True, n_vocab=n).add_to_gguf(w, quiet=True)
+
+
+def plan(header: dict) -> tuple[dict[str, str], list[str]]:
+    """(module -> GGUF type) for every quantized module, or the reasons some have none."""
+    types, problems = {}, []
+    for name, entry in header["modules"].items():
+        t = gguf_type_for(entry)
+        if t is None:
+            problems.append(why_not_gguf(name, entry))
+        else:
+            types[name] = t
+    return types, problems
+
+
+def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: str = "f16") -> Path:
+    """Write `artifact` as the GGUF file `out` (temporary file, then rename); returns `out`."""
+    import gguf
+
+    if embeddings not in ("f16", "q8_0"):
+        raise ExportError(f"embeddings type {embeddings!r}: use f16 or q8_0")
+    check_output_file(out, force=force)
+    header = read_header(artifact)
+    types, problems = plan(header)
+    if problems:
+        shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
+        raise ExportError(f"{artifact} cannot be written as GGUF exactly: {shown}")
+    model = load(artifact, verify=False)
+    config = model.config
+    if config.model_type not in ARCHS:
+        raise ExportError(f"GGUF export supports {', '.join(ARCHS)} models; this one is {config.model_type}")
+    arch = getattr(gguf.MODEL_ARCH, ARCHS[config.model_type])
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
+    n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    permute = config.model_type == "llama"
+    main_type = max(set(types.values()), key=list(types.values()).count)
+
+    def gguf_name(hf: str) -> str:
+        mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if mapped is None:
+            raise ExportError(f"{artifact}: tensor {hf} has no GGUF name for {config.model_type}")
+        return mapped
+
+    def head_permute(hf: str, x: np.ndarray) -> np.ndarray:
+        if permute and hf.endswith(("q_proj.weight", "q_proj.bias")):
+            return _permute_rows(x, n_head)
+        if permute and hf.endswith(("k_proj.weight", "k_proj.bias")):
+            return _permute_rows(x, n_kv)
+        return x
+
+    tensors: list[tuple[str, np.ndarray, Any]] = []  # (name, data, raw ggml type or None)
+    qnames = set(types)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    for name, module in model.named_modules():
+        if name in qnames and isinstance(module, QuantLinear):
+            raw = pack_blocks(module.quantized_weight(), types[name])
+            raw = head_permute(name + ".weight", raw)
+            tensors.append((gguf_name(name + ".weight"), raw, getattr(gguf.GGMLQuantizationType, types[name])))
+    for key, value in model.state_dict().items():
+        module_name = key.rsplit(".", 1)[0]
+        if module_name in qnames and not key.endswith(".bias"):
+            continue
+        if tied and key == "lm_head.weight":
+            continue  # llama.cpp reuses token_embd
+        x = value.detach().float().numpy()
+        x = head_permute(key, x)
+        if key.endswith(("embed_tokens.weight", "lm_head.weight")) and embeddings == "q8_0" and x.shape[-1] % 32 == 0:
+            tensors.append((gguf_name(key), gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0),
+                            gguf.GGMLQuantizationType.Q8_0))
+        elif x.ndim >= 2:
+            tensors.append((gguf_name(key), x.astype(np.float16), None))
+        else:
+            tensors.append((gguf_name(key), x.astype(np.float32), None))
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
+        _add_hparams(w, config, header["source"].get("model") or artifact.name, FILE_TYPES[main_type])
+        _add_tokenizer(w, artifact, config)
+        for tname, data, raw_type in tensors:
+            w.add_tensor(tname, data, raw_dtype=raw_type)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        tmp.chmod(0o666 & ~_umask())
+        os.replace(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

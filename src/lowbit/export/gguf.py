@@ -131,8 +131,6 @@ def plan(header: dict) -> tuple[dict[str, str], list[str]]:
 
 def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: str = "f16") -> Path:
     """Write `artifact` as the GGUF file `out` (temporary file, then rename); returns `out`."""
-    import gguf
-
     if embeddings not in ("f16", "q8_0"):
         raise ExportError(f"embeddings type {embeddings!r}: use f16 or q8_0")
     check_output_file(out, force=force)
@@ -142,6 +140,16 @@ def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: st
         shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
         raise ExportError(f"{artifact} cannot be written as GGUF exactly: {shown}")
     model = load(artifact, verify=False)
+    return write_model_gguf(model, artifact, out, types, header["source"].get("model") or artifact.name, embeddings)
+
+
+def write_model_gguf(model: torch.nn.Module, tokenizer_dir: Path, out: Path, types: dict[str, str], name: str,
+                     embeddings: str = "f16") -> Path:
+    """The GGUF writer proper: `types` names the GGUF type of each QuantLinear of `model` (all of
+    them); every other tensor is written in float (F16 matrices, F32 vectors). With no quantized
+    module this writes the float model (the F16 GGUF that llama.cpp's own quantizer starts from)."""
+    import gguf
+
     config = model.config
     if config.model_type not in ARCHS:
         raise ExportError(f"GGUF export supports {', '.join(ARCHS)} models; this one is {config.model_type}")
@@ -149,12 +157,12 @@ def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: st
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     permute = config.model_type == "llama"
-    main_type = max(set(types.values()), key=list(types.values()).count)
+    main_type = max(set(types.values()), key=list(types.values()).count) if types else "F16"
 
     def gguf_name(hf: str) -> str:
         mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if mapped is None:
-            raise ExportError(f"{artifact}: tensor {hf} has no GGUF name for {config.model_type}")
+            raise ExportError(f"tensor {hf} has no GGUF name for {config.model_type}")
         return mapped
 
     def head_permute(hf: str, x: np.ndarray) -> np.ndarray:
@@ -167,19 +175,18 @@ def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: st
     tensors: list[tuple[str, np.ndarray, Any]] = []  # (name, data, raw ggml type or None)
     qnames = set(types)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    for name, module in model.named_modules():
-        if name in qnames and isinstance(module, QuantLinear):
-            raw = pack_blocks(module.quantized_weight(), types[name])
-            raw = head_permute(name + ".weight", raw)
-            tensors.append((gguf_name(name + ".weight"), raw, getattr(gguf.GGMLQuantizationType, types[name])))
+    for mname, module in model.named_modules():
+        if mname in qnames:
+            if not isinstance(module, QuantLinear):
+                raise ExportError(f"{mname} is not a QuantLinear; it cannot be written as {types[mname]}")
+            raw = head_permute(mname + ".weight", pack_blocks(module.quantized_weight(), types[mname]))
+            tensors.append((gguf_name(mname + ".weight"), raw, getattr(gguf.GGMLQuantizationType, types[mname])))
     for key, value in model.state_dict().items():
-        module_name = key.rsplit(".", 1)[0]
-        if module_name in qnames and not key.endswith(".bias"):
+        if key.rsplit(".", 1)[0] in qnames and not key.endswith(".bias"):
             continue
         if tied and key == "lm_head.weight":
             continue  # llama.cpp reuses token_embd
-        x = value.detach().float().numpy()
-        x = head_permute(key, x)
+        x = head_permute(key, value.detach().float().numpy())
         if key.endswith(("embed_tokens.weight", "lm_head.weight")) and embeddings == "q8_0" and x.shape[-1] % 32 == 0:
             tensors.append((gguf_name(key), gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0),
                             gguf.GGMLQuantizationType.Q8_0))
@@ -195,8 +202,8 @@ def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: st
     tmp = Path(tmp_name)
     try:
         w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
-        _add_hparams(w, config, header["source"].get("model") or artifact.name, FILE_TYPES[main_type])
-        _add_tokenizer(w, artifact, config)
+        _add_hparams(w, config, name, FILE_TYPES.get(main_type, "MOSTLY_F16"))
+        _add_tokenizer(w, Path(tokenizer_dir), config)
         for tname, data, raw_type in tensors:
             w.add_tensor(tname, data, raw_dtype=raw_type)
         w.write_header_to_file()

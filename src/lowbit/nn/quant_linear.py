@@ -24,6 +24,7 @@ class QuantLinear(QuantModule):
         self.out_features = layout.out_features
         register_weight_buffers(self, "", grid, layout)
         self._init_bias(bias)
+        self._packed: object = None  # runtime.packed.PackedInt once built, False where the kernels do not apply
 
     @classmethod
     def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None) -> "QuantLinear":
@@ -64,14 +65,35 @@ class QuantLinear(QuantModule):
             return False
         self.grid = grid
         self._cached = None
+        self._packed = None
         return True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._packed = None  # new codes: rebuild the packed view on the next forward
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """With integer grids on the CPU, `runtime.packed`'s kernels (no float weight per call);
+        anything else, or a forward that needs gradients, dequantizes as the base class does."""
+        packed = self._packed_view()
+        if packed and x.dtype == torch.float32 and x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad):
+            return packed.linear(x, None if self.bias is None else self.bias.float(), self.dequantize)
+        return super().forward(x)
+
+    def _packed_view(self):
+        if self._packed is None:
+            from ..runtime.packed import PackedInt
+
+            self._packed = PackedInt.from_module(self) or False
+        return self._packed
 
     def quantized_weight(self) -> QuantizedWeight:
         """Unpack the stored tensors into codes and parameters."""
         return read_weight(self, "", self.grid, self.layout)
 
     def _dequantize(self) -> torch.Tensor:
-        return self.quantized_weight().dequantize()
+        packed = self._packed_view()  # the C decode where it applies: the same values, bit for bit
+        return packed.dequantize() if packed else self.quantized_weight().dequantize()
 
     def storage_bytes(self) -> dict[str, int]:
         return weight_storage_bytes(self.grid, self.layout)

@@ -1,0 +1,261 @@
+"""Where a quantized SmolLM2 runs, and what it costs there: the same model, text and windows in
+every runtime, each row measured in its own process (so its peak RSS is its own).
+
+Rows: (e) the fp32 transformers model; (d) lowbit's own runtime (`lowbit.load`); (a) lowbit's GGUF
+export (`lowbit quantize --method gptq --target gguf:q4_0`, then `lowbit export --to gguf`) run
+in llama.cpp (llama-cpp-python, built from source: `pip install llama-cpp-python`); (b) llama.cpp's
+own Q4_0 and Q4_K_M, made by llama.cpp's quantizer from an F16 GGUF of the same model, once with
+its default tensor types and once with F16 embeddings and output, which is lowbit's file type.
+
+Columns: KL to the fp32 model on the evaluation windows (from each runtime's own logits), batch-1
+greedy decode and prefill tokens per second (best of 3, 2 threads), peak RSS, file size, and the
+answer to the demo's question. SmolLM2's published weights are GGUF Q4_1 (asymmetric, blocks of
+32): Q4_0 and Q4_K are other grids, so no row wins by reproducing the source grid.
+
+    python -m bench.deploy [--rows fp32,lowbit,...] [--max-tokens 4096]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .common import RESULTS, machine, markdown_table, write_results
+
+PROMPT = "What is the capital of France?"
+MODEL = "smollm2-135m"
+WORK = Path("out/deploy")
+THREADS = 2
+DECODE_TOKENS = 64
+PREFILL_TOKENS = 256
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _windows(max_tokens: int):
+    from lowbit.calib.sources import default_text
+    from lowbit.calib.text import consecutive_windows
+    from lowbit.models import load_model
+
+    ref = load_model(MODEL)
+    text, _ = default_text("eval")
+    return ref, consecutive_windows(ref.tokenizer, text, 512, max_tokens)
+
+
+def _kl_from_logits(ref_model, windows: torch.Tensor, logits_of) -> float:
+    """Mean KL(fp32 || runtime) over every position; `logits_of(ids [seq]) -> [seq, vocab]`."""
+    import torch.nn.functional as F
+
+    total, n = 0.0, 0
+    with torch.inference_mode():
+        for ids in windows:
+            lr = F.log_softmax(ref_model(input_ids=ids[None]).logits[0].float(), -1)
+            lq = F.log_softmax(torch.as_tensor(np.asarray(logits_of(ids)), dtype=torch.float32), -1)
+            total += (lr.exp() * (lr - lq)).sum().item()
+            n += ids.numel()
+    return total / n
+
+
+# transformers-style runtimes (fp32, lowbit.load) --------------------------------------------------
+
+def _hf_speed(model, tokenizer) -> dict:
+    from lowbit.demo import _answer
+
+    prompt = torch.randint(100, 20000, (1, PREFILL_TOKENS), generator=torch.Generator().manual_seed(0))
+    short = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
+    prefill, decode = [], []
+    with torch.inference_mode():
+        for _ in range(3):
+            t = time.perf_counter()
+            model(input_ids=prompt, use_cache=False)
+            prefill.append(PREFILL_TOKENS / (time.perf_counter() - t))
+            t = time.perf_counter()
+            model.generate(short, attention_mask=torch.ones_like(short), max_new_tokens=DECODE_TOKENS, min_new_tokens=DECODE_TOKENS,
+                           do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            decode.append(DECODE_TOKENS / (time.perf_counter() - t))
+    return {"prefill_tokens_per_s": max(prefill), "decode_tokens_per_s": max(decode), "answer": _answer(model, tokenizer, PROMPT)}
+
+
+def row_fp32(max_tokens: int) -> dict:
+    from lowbit.models import load_model
+
+    ref = load_model(MODEL)
+    speed = _hf_speed(ref.model, ref.tokenizer)
+    rss = _peak_rss_mb()
+    weights = sum(p.numel() * 4 for p in ref.model.parameters())
+    return {"tool": "transformers", "method": "fp32", "bits": 32, "runtime": "transformers", **speed,
+            "peak_rss_mb": rss, "kl": 0.0, "file_bytes": weights}
+
+
+def row_lowbit(max_tokens: int) -> dict:
+    import lowbit
+    from transformers import AutoTokenizer
+
+    art = WORK / "smol-gptq-q4_0"
+    model = lowbit.load(art)
+    tok = AutoTokenizer.from_pretrained(art)
+    speed = _hf_speed(model, tok)
+    rss = _peak_rss_mb()
+    ref, windows = _windows(max_tokens)
+    with torch.inference_mode():
+        kl = _kl_from_logits(ref.model, windows, lambda ids: model(input_ids=ids[None]).logits[0].float())
+    size = sum(p.stat().st_size for p in art.iterdir())
+    return {"tool": "lowbit", "method": "gptq q4_0 g32", "bits": 4, "runtime": "lowbit (lowbit.load)", **speed,
+            "peak_rss_mb": rss, "kl": kl, "file_bytes": size}
+
+
+# llama.cpp -------------------------------------------------------------------------------------
+
+def _llama_speed(path: Path) -> dict:
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_ctx=1024, n_batch=512, n_threads=THREADS, logits_all=False, verbose=False)
+    prompt = torch.randint(100, 20000, (PREFILL_TOKENS,), generator=torch.Generator().manual_seed(0)).tolist()
+    short = llm.tokenize(PROMPT.encode(), add_bos=False)
+    prefill, decode = [], []
+    for _ in range(3):
+        llm.reset()
+        t = time.perf_counter()
+        llm.eval(prompt)
+        prefill.append(PREFILL_TOKENS / (time.perf_counter() - t))
+        llm.reset()
+        llm.eval(short)
+        t = time.perf_counter()
+        for _ in range(DECODE_TOKENS):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            llm.eval([nxt])
+        decode.append(DECODE_TOKENS / (time.perf_counter() - t))
+    llm.reset()
+    answer = llm.create_chat_completion(messages=[{"role": "user", "content": PROMPT}], max_tokens=24, temperature=0.0)
+    rss = _peak_rss_mb()
+    del llm
+    return {"prefill_tokens_per_s": max(prefill), "decode_tokens_per_s": max(decode),
+            "answer": answer["choices"][0]["message"]["content"].strip(), "peak_rss_mb": rss}
+
+
+def _llama_kl(path: Path, max_tokens: int) -> float:
+    from llama_cpp import Llama
+
+    ref, windows = _windows(max_tokens)
+    llm = Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=512, n_threads=THREADS, logits_all=True, verbose=False)
+
+    def logits_of(ids: torch.Tensor) -> np.ndarray:
+        llm.reset()
+        llm.eval(ids.tolist())
+        return np.array(llm.scores[: ids.numel()])
+
+    return _kl_from_logits(ref.model, windows, logits_of)
+
+
+def _llama_row(path: Path, max_tokens: int, **fields) -> dict:
+    speed = _llama_speed(path)
+    return {**fields, "runtime": "llama.cpp", **speed, "kl": _llama_kl(path, max_tokens), "file_bytes": path.stat().st_size}
+
+
+def row_llamacpp_lowbit(max_tokens: int) -> dict:
+    return _llama_row(WORK / "smol-gptq-q4_0.gguf", max_tokens, tool="lowbit", method="gptq q4_0 g32 (lowbit export)", bits=4)
+
+
+def _llama_quantized(ftype: str, f16_embeddings: bool) -> Path:
+    """llama.cpp's own quantizer, in process, from the F16 GGUF."""
+    import llama_cpp
+
+    src = WORK / "smol-f16.gguf"
+    out = WORK / f"smol-llamacpp-{ftype.lower()}{'-f16emb' if f16_embeddings else ''}.gguf"
+    if out.exists():
+        return out
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    params.nthread = THREADS
+    if f16_embeddings:
+        params.token_embedding_type = llama_cpp.GGML_TYPE_F16
+        params.output_tensor_type = llama_cpp.GGML_TYPE_F16
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc})")
+    return out
+
+
+def _llama_own(ftype: str, f16_embeddings: bool, max_tokens: int) -> dict:
+    emb = "F16 embeddings/output" if f16_embeddings else "default tensor types"
+    return _llama_row(_llama_quantized(ftype, f16_embeddings), max_tokens, tool="llama.cpp",
+                      method=f"{ftype} (llama-quantize, {emb})", bits=4)
+
+
+ROWS = {
+    "fp32": row_fp32,
+    "lowbit": row_lowbit,
+    "llama.cpp:lowbit-gguf": row_llamacpp_lowbit,
+    "llama.cpp:q4_0-f16emb": lambda m: _llama_own("Q4_0", True, m),
+    "llama.cpp:q4_0": lambda m: _llama_own("Q4_0", False, m),
+    "llama.cpp:q4_k_m": lambda m: _llama_own("Q4_K_M", False, m),
+}
+
+
+def prepare(n_samples: int) -> None:
+    """The artifacts the rows read: lowbit's GPTQ q4_0 artifact and its GGUF; the F16 GGUF."""
+    from lowbit.export.gguf import write_gguf, write_model_gguf
+    from lowbit.models import load_model
+    from lowbit.pipeline import quantize, save_job
+    from lowbit.recipe import Recipe
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    art = WORK / "smol-gptq-q4_0"
+    if not art.exists():
+        recipe = Recipe.from_dict({"method": "gptq", "target": "gguf:q4_0", "calib": {"n_samples": n_samples, "seq_len": 512}})
+        save_job(quantize(MODEL, recipe), recipe, art)
+    if not (WORK / "smol-gptq-q4_0.gguf").exists():
+        write_gguf(art, WORK / "smol-gptq-q4_0.gguf")
+    if not (WORK / "smol-f16.gguf").exists():
+        ref = load_model(MODEL)
+        write_model_gguf(ref.model, Path(ref.path), WORK / "smol-f16.gguf", {}, "SmolLM2-135M-Instruct f16")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated: {', '.join(ROWS)}")
+    ap.add_argument("--max-tokens", type=int, default=4096, help="evaluation tokens for KL")
+    ap.add_argument("--n-samples", type=int, default=32, help="GPTQ calibration windows of 512 tokens")
+    ap.add_argument("--row", help=argparse.SUPPRESS)  # internal: measure one row in this process
+    args = ap.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.row:
+        print("ROW " + json.dumps(ROWS[args.row](args.max_tokens)))
+        return
+    prepare(args.n_samples)
+    rows = []
+    for name in args.rows.split(","):
+        proc = subprocess.run([sys.executable, "-m", "bench.deploy", "--row", name, "--max-tokens", str(args.max_tokens)],
+                              capture_output=True, text=True)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
+        if line is None:
+            print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append({"row": name, **json.loads(line[4:])})
+        print(f"{name}: {rows[-1]}", file=sys.stderr)
+    fp32 = next((r for r in rows if r["method"] == "fp32"), None)
+    for r in rows:
+        r["decode_vs_fp32"] = r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"] if fp32 else None
+    cols = [("tool", "tool", ""), ("method", "method", ""), ("runtime", "runtime", ""), ("kl", "KL", ".4f"),
+            ("decode_tokens_per_s", "decode tok/s", ".1f"), ("decode_vs_fp32", "decode / fp32", ".2f"),
+            ("prefill_tokens_per_s", "prefill tok/s", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+            ("file_bytes", "file bytes", ","), ("answer", "answer", "")]
+    table = markdown_table(rows, cols)
+    print(table)
+    write_results("deploy", {"machine": machine(), "model": MODEL, "max_tokens": args.max_tokens, "rows": rows})
+    (RESULTS / "deploy.md").write_text(f"# Deploy: {MODEL}, same windows and machine, each row in its own process\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

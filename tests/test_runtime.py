@@ -1,0 +1,97 @@
+"""lowbit's packed runtime: the C kernels against dequantize + F.linear, the fallback, and a
+loaded model's logits with and without them."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.algos import rtn_quantize
+from lowbit.formats import GroupLayout, get_grid
+from lowbit.nn import QuantLinear
+from lowbit.runtime.kernels import library
+from lowbit.runtime.packed import PackedInt
+
+
+def make_layer(bits, symmetric, group, out_f=48, in_f=256, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=gen)
+    qw = rtn_quantize(w, get_grid(f"int{bits}", symmetric=symmetric), GroupLayout(out_f, in_f, group))
+    return QuantLinear.from_quantized(qw, torch.randn(out_f, generator=gen)), qw
+
+
+def test_the_kernels_are_built_here():
+    assert library() is not None, "a C compiler exists on this machine and in CI: the kernels must build"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("group,in_f", [(32, 256), (64, 256), (128, 256), (-1, 256), (0, 256), (64, 96), (128, 576)])
+@pytest.mark.parametrize("rows", [1, 5, 8, 17])
+def test_kernel_matches_dequantize_and_linear(bits, symmetric, group, in_f, rows):
+    layer, qw = make_layer(bits, symmetric, group, in_f=in_f)
+    packed = PackedInt.from_module(layer)
+    assert packed is not None
+    assert torch.equal(packed.dequantize(), qw.dequantize())  # the C decode is lowbit's decode, bit for bit
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        got = layer(x)
+    want = F.linear(x, qw.dequantize(), layer.bias)
+    scale = (x.abs() @ qw.dequantize().abs().T).max()
+    assert (got - want).abs().max() <= 1e-5 * scale, (got - want).abs().max()
+
+
+def test_memory_of_the_packed_view_is_under_a_quarter_of_fp32():
+    layer, _ = make_layer(4, True, 32, out_f=64, in_f=512)
+    p = PackedInt.from_module(layer)
+    held = p.codes.numel() + 4 * (p.scale.numel() + p.zero.numel() + p.scale_zero.numel())
+    assert p.codes.data_ptr() == layer.codes.data_ptr()  # the module's buffer, not a copy
+    assert held <= 0.25 * 4 * 64 * 512
+
+
+def test_grids_and_layouts_the_kernels_do_not_cover_fall_back():
+    for bits, group, in_f in [(3, 32, 256), (2, 32, 256), (4, 48, 96), (4, 32, 100)]:
+        gen = torch.Generator().manual_seed(0)
+        w = torch.randn(16, in_f, generator=gen)
+        qw = rtn_quantize(w, get_grid(f"int{bits}"), GroupLayout(16, in_f, group))
+        layer = QuantLinear.from_quantized(qw, None)
+        assert PackedInt.from_module(layer) is None
+        x = torch.randn(2, in_f)
+        assert torch.equal(layer(x), F.linear(x, qw.dequantize()))
+
+
+def test_gradients_use_the_differentiable_path():
+    layer, qw = make_layer(4, False, 32)
+    x = torch.randn(3, 256, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is not None and torch.allclose(x.grad, qw.dequantize().sum(0).expand(3, -1), atol=1e-5)
+
+
+def test_loaded_model_logits_with_and_without_the_kernels(tiny_llama, tmp_path):
+    from lowbit.pipeline import quantize, save_job
+    from lowbit.recipe import Recipe
+
+    art = tmp_path / "art"
+    r = Recipe.from_dict({"method": "rtn", "format": "int4", "group_size": 32})
+    save_job(quantize(str(tiny_llama), r, show_progress=False), r, art)
+    code = (
+        "import sys, torch, lowbit\n"
+        "m = lowbit.load(sys.argv[1])\n"
+        "ids = torch.tensor([[5, 9, 200, 31, 7]])\n"
+        "with torch.inference_mode():\n"
+        "    full = m(input_ids=ids).logits[0]\n"
+        "    step = [m(input_ids=ids[:, : i + 1]).logits[0, -1] for i in range(ids.shape[1])]\n"
+        "torch.save({'full': full, 'step': torch.stack(step)}, sys.argv[2])\n"
+    )
+    outs = {}
+    for flag in ("0", "1"):
+        path = tmp_path / f"out{flag}.pt"
+        env = {**os.environ, "LOWBIT_NO_EXT": flag}
+        subprocess.run([sys.executable, "-c", code, str(art), str(path)], check=True, env=env, timeout=300)
+        outs[flag] = torch.load(path, weights_only=True)
+    fast, slow = outs["0"], outs["1"]
+    assert torch.allclose(fast["full"], slow["full"], atol=1e-4)  # 5 rows: the kernel path
+    assert torch.allclose(fast["step"], slow["step"], atol=1e-4)

@@ -95,3 +95,16 @@ def test_loaded_model_logits_with_and_without_the_kernels(tiny_llama, tmp_path):
     fast, slow = outs["0"], outs["1"]
     assert torch.allclose(fast["full"], slow["full"], atol=1e-4)  # 5 rows: the kernel path
     assert torch.allclose(fast["step"], slow["step"], atol=1e-4)
+
+
+def test_generate_command(tiny_llama, tmp_path):
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    runner = CliRunner()
+    art = tmp_path / "art"
+    assert runner.invoke(app, ["quantize", str(tiny_llama), "--method", "rtn", "--group-size", "32", "-o", str(art)]).exit_code == 0
+    res = runner.invoke(app, ["generate", str(art), "--prompt", "To be or not", "--max-new-tokens", "5"])
+    assert res.exit_code == 0, res.output
+    assert "decode 5 tokens at" in res.output and "tokens/s" in res.output

@@ -274,6 +274,48 @@ def export(
         console.print(f"[green]wrote[/] {path} ({path.stat().st_size:,} bytes)")
 
 
+@app.command()
+def generate(
+    artifact: Path = typer.Argument(..., help="Artifact directory of a causal LM."),
+    prompt: str = typer.Option(..., help="Text to continue (or, with --chat, the user's message)."),
+    chat: bool = typer.Option(False, "--chat", show_default=False, help="Wrap the prompt in the tokenizer's chat template."),
+    max_new_tokens: int = typer.Option(64, min=1, show_default=False, help="Tokens to generate (greedy). (default: 64)"),
+) -> None:
+    """Generate greedily with lowbit's packed runtime; the text on stdout, prefill and decode tokens/s on stderr."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from .artifact import load
+
+    with _guard():
+        model = load(artifact)
+        if model.lowbit_header["source"].get("kind") != "causal-lm":
+            raise RecipeError(f"{artifact} holds an encoder; generate needs a causal LM")
+        tok = AutoTokenizer.from_pretrained(artifact)
+        if chat:
+            if not getattr(tok, "chat_template", None):
+                raise RecipeError(f"{artifact}'s tokenizer has no chat template; drop --chat")
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model(input_ids=ids)  # the prompt alone: prefill speed
+            prefill_s = time.perf_counter() - start
+            start = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+            total_s = time.perf_counter() - start
+        new = out[0, ids.shape[1]:].tolist()
+        decode_s = max(total_s - prefill_s, 1e-9)  # generate's own prefill costs about one prompt forward
+    sys.stdout.write(tok.decode(new, skip_special_tokens=True).strip() + "\n")
+    console.print(f"prefill {ids.shape[1]} tokens at {ids.shape[1] / prefill_s:.1f} tokens/s; "
+                  f"decode {len(new)} tokens at {len(new) / decode_s:.1f} tokens/s", highlight=False)
+
+
 def _print_rows(rows: list[dict], columns: dict[str, str], as_json: bool, caption: str) -> None:
     """A listing as JSON on stdout, or as a table of `columns` (row key -> header)."""
     if as_json:

@@ -28,33 +28,42 @@ static void group_sums(const float *x, int64_t batch, int64_t in, int64_t group,
         }
 }
 
-/* codes [out, in/2] bytes; xd [batch, in] de-interleaved x; scale, sz [out, n_groups]; y [batch, out] */
+/* codes [out, in/2] bytes; xd [batch, in] de-interleaved x; scale, sz [out, n_groups]; y [batch, out].
+ * Vector accumulators carry the scale (acc += s * (q . x) per 32-block), so no horizontal sum is
+ * needed until the end of a row; the zero-point term is a scalar per group. */
 void lowbit_gemv_int4(const uint8_t *codes, const float *x, const float *xd, const float *scale, const float *sz,
                       float *y, int64_t batch, int64_t out, int64_t in, int64_t group, int64_t n_groups, float *x_sum) {
     group_sums(x, batch, in, group, n_groups, x_sum);
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *row = codes + o * (in / 2);
-        float acc_row[MAXB] = {0};
+        float zacc[MAXB] = {0};
+#ifdef __AVX512F__
+        __m512 acc[MAXB];
+        for (int64_t b = 0; b < batch; b++) acc[b] = _mm512_setzero_ps();
+        const __m128i mask = _mm_set1_epi8(0x0F);
         for (int64_t g = 0; g < n_groups; g++) {
             int64_t lo = g * group, hi = lo + group < in ? lo + group : in;
-            float dot[MAXB] = {0};
-#ifdef __AVX512F__
-            __m512 vacc[MAXB];
-            for (int64_t b = 0; b < batch; b++) vacc[b] = _mm512_setzero_ps();
+            __m512 s = _mm512_set1_ps(scale[o * n_groups + g]);
             for (int64_t i = lo; i < hi; i += 32) {
                 __m128i bytes = _mm_loadu_si128((const __m128i *)(row + i / 2));
-                __m128i mask = _mm_set1_epi8(0x0F);
                 __m512 qlo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
                 __m512 qhi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
                 for (int64_t b = 0; b < batch; b++) {
                     const float *xb = xd + b * in + i;
-                    vacc[b] = _mm512_fmadd_ps(qlo, _mm512_loadu_ps(xb), vacc[b]);
-                    vacc[b] = _mm512_fmadd_ps(qhi, _mm512_loadu_ps(xb + 16), vacc[b]);
+                    __m512 p = _mm512_mul_ps(qlo, _mm512_loadu_ps(xb));
+                    p = _mm512_fmadd_ps(qhi, _mm512_loadu_ps(xb + 16), p);
+                    acc[b] = _mm512_fmadd_ps(p, s, acc[b]);
                 }
             }
-            for (int64_t b = 0; b < batch; b++) dot[b] = _mm512_reduce_add_ps(vacc[b]);
+            for (int64_t b = 0; b < batch; b++) zacc[b] += sz[o * n_groups + g] * x_sum[b * n_groups + g];
+        }
+        for (int64_t b = 0; b < batch; b++) y[b * out + o] = _mm512_reduce_add_ps(acc[b]) - zacc[b];
 #else
+        float acc[MAXB] = {0};
+        for (int64_t g = 0; g < n_groups; g++) {
+            int64_t lo = g * group, hi = lo + group < in ? lo + group : in;
+            float dot[MAXB] = {0};
             for (int64_t i = lo; i < hi; i += 32)
                 for (int64_t j = 0; j < 16; j++) {
                     uint8_t byte = row[i / 2 + j];
@@ -62,11 +71,13 @@ void lowbit_gemv_int4(const uint8_t *codes, const float *x, const float *xd, con
                     for (int64_t b = 0; b < batch; b++)
                         dot[b] += ql * xd[b * in + i + j] + qh * xd[b * in + i + 16 + j];
                 }
-#endif
-            float s = scale[o * n_groups + g], z = sz[o * n_groups + g];
-            for (int64_t b = 0; b < batch; b++) acc_row[b] += s * dot[b] - z * x_sum[b * n_groups + g];
+            for (int64_t b = 0; b < batch; b++) {
+                acc[b] += scale[o * n_groups + g] * dot[b];
+                zacc[b] += sz[o * n_groups + g] * x_sum[b * n_groups + g];
+            }
         }
-        for (int64_t b = 0; b < batch; b++) y[b * out + o] = acc_row[b];
+        for (int64_t b = 0; b < batch; b++) y[b * out + o] = acc[b] - zacc[b];
+#endif
     }
 }
 
@@ -77,26 +88,40 @@ void lowbit_gemv_int8(const uint8_t *codes, const float *x, const float *scale, 
     #pragma omp parallel for schedule(static)
     for (int64_t o = 0; o < out; o++) {
         const uint8_t *row = codes + o * in;
-        float acc_row[MAXB] = {0};
+        float zacc[MAXB] = {0};
+#ifdef __AVX512F__
+        __m512 acc[MAXB];
+        for (int64_t b = 0; b < batch; b++) acc[b] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < n_groups; g++) {
+            int64_t lo = g * group, hi = lo + group < in ? lo + group : in;
+            __m512 s = _mm512_set1_ps(scale[o * n_groups + g]);
+            for (int64_t i = lo; i < hi; i += 32) {
+                __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + i))));
+                __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + i + 16))));
+                for (int64_t b = 0; b < batch; b++) {
+                    const float *xb = x + b * in + i;
+                    __m512 p = _mm512_mul_ps(q0, _mm512_loadu_ps(xb));
+                    p = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xb + 16), p);
+                    acc[b] = _mm512_fmadd_ps(p, s, acc[b]);
+                }
+            }
+            for (int64_t b = 0; b < batch; b++) zacc[b] += sz[o * n_groups + g] * x_sum[b * n_groups + g];
+        }
+        for (int64_t b = 0; b < batch; b++) y[b * out + o] = _mm512_reduce_add_ps(acc[b]) - zacc[b];
+#else
+        float acc[MAXB] = {0};
         for (int64_t g = 0; g < n_groups; g++) {
             int64_t lo = g * group, hi = lo + group < in ? lo + group : in;
             float dot[MAXB] = {0};
-#ifdef __AVX512F__
-            __m512 vacc[MAXB];
-            for (int64_t b = 0; b < batch; b++) vacc[b] = _mm512_setzero_ps();
-            for (int64_t i = lo; i < hi; i += 16) {
-                __m512 q = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(row + i))));
-                for (int64_t b = 0; b < batch; b++) vacc[b] = _mm512_fmadd_ps(q, _mm512_loadu_ps(x + b * in + i), vacc[b]);
-            }
-            for (int64_t b = 0; b < batch; b++) dot[b] = _mm512_reduce_add_ps(vacc[b]);
-#else
             for (int64_t i = lo; i < hi; i++)
                 for (int64_t b = 0; b < batch; b++) dot[b] += (float)row[i] * x[b * in + i];
-#endif
-            float s = scale[o * n_groups + g], z = sz[o * n_groups + g];
-            for (int64_t b = 0; b < batch; b++) acc_row[b] += s * dot[b] - z * x_sum[b * n_groups + g];
+            for (int64_t b = 0; b < batch; b++) {
+                acc[b] += scale[o * n_groups + g] * dot[b];
+                zacc[b] += sz[o * n_groups + g] * x_sum[b * n_groups + g];
+            }
         }
-        for (int64_t b = 0; b < batch; b++) y[b * out + o] = acc_row[b];
+        for (int64_t b = 0; b < batch; b++) y[b * out + o] = acc[b] - zacc[b];
+#endif
     }
 }
 

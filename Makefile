@@ -35,6 +35,7 @@ bench: bench-setup
 	$(PY) -m bench.quality --threads 1
 	$(PY) -m bench.quality --threads 1 --model minilm-l6 --only '$(MINILM_ROWS)' --out bench/results/minilm
 	$(PY) -m bench.grids
+	$(PY) -m bench.deploy
 
 # Peer quantizers for bench.quality (the `bench` extra), then llm-compressor without its dependencies:
 # it pins transformers<=5.17.0 (and wants auto-round, nvidia-ml-py) but runs GPTQ with 5.24.0 here.

@@ -40,6 +40,11 @@ PREFILL_TOKENS = 256
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM: per address space, so unlike ru_maxrss it does not carry the
+    parent's peak across fork and exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -104,6 +109,7 @@ def row_lowbit(max_tokens: int) -> dict:
 
     art = WORK / "smol-gptq-q4_0"
     model = lowbit.load(art)
+    load_rss = _peak_rss_mb()
     tok = AutoTokenizer.from_pretrained(art)
     speed = _hf_speed(model, tok)
     rss = _peak_rss_mb()
@@ -112,7 +118,7 @@ def row_lowbit(max_tokens: int) -> dict:
         kl = _kl_from_logits(ref.model, windows, lambda ids: model(input_ids=ids[None]).logits[0].float())
     size = sum(p.stat().st_size for p in art.iterdir())
     return {"tool": "lowbit", "method": "gptq q4_0 g32", "bits": 4, "runtime": "lowbit (lowbit.load)", **speed,
-            "peak_rss_mb": rss, "kl": kl, "file_bytes": size}
+            "peak_rss_mb": rss, "load_peak_rss_mb": load_rss, "kl": kl, "file_bytes": size}
 
 
 # llama.cpp -------------------------------------------------------------------------------------

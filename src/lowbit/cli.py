@@ -261,8 +261,8 @@ def inspect(
 @app.command()
 def export(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `lowbit quantize`."),
-    to: str = typer.Option(..., "--to", help="Format to write: gguf (llama.cpp, llama-cpp-python, ollama)."),
-    output: Path = typer.Option(..., "-o", "--output", help="File to write (not replaced unless --force)."),
+    to: str = typer.Option(..., "--to", help="Format to write: gguf (llama.cpp, llama-cpp-python, ollama) or compressed-tensors (transformers, vLLM)."),
+    output: Path = typer.Option(..., "-o", "--output", help="File (gguf) or directory (compressed-tensors) to write; not replaced unless --force."),
     embeddings: str = typer.Option("f16", show_default=False, help="GGUF type of the token embeddings and output layer: f16 or q8_0 (round to nearest). (default: f16)"),
     force: bool = typer.Option(False, show_default=False, help="Replace an existing output file."),
 ) -> None:
@@ -271,7 +271,8 @@ def export(
 
     with _guard():
         path = export_artifact(artifact, to, output, force=force, embeddings=embeddings)
-        console.print(f"[green]wrote[/] {path} ({path.stat().st_size:,} bytes)")
+        size = path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.iterdir())
+        console.print(f"[green]wrote[/] {path} ({size:,} bytes)")
 
 
 @app.command()

@@ -1,6 +1,7 @@
 """Artifacts out to the runtimes people deploy with: `export_artifact(path, to=..., out=...)`.
 
-One module per target format: `gguf` (llama.cpp, llama-cpp-python, ollama). Which lowbit grid
+One module per target format: `gguf` (llama.cpp, llama-cpp-python, ollama), `compressed_tensors`
+(transformers, vLLM). Which lowbit grid
 maps exactly onto which external layout lives in `targets`; a module whose grid has no exact
 mapping is refused (naming the grid, the targets it would fit and the `--target` flag that makes
 it fit), never converted with a silent loss.
@@ -13,7 +14,10 @@ from typing import Callable
 
 from .errors import ExportError
 
-WRITERS: dict[str, str] = {"gguf": "lowbit.export.gguf:write_gguf"}
+WRITERS: dict[str, str] = {
+    "gguf": "lowbit.export.gguf:write_gguf",
+    "compressed-tensors": "lowbit.export.compressed_tensors:write_compressed_tensors",
+}
 
 
 def _writer(to: str) -> Callable[..., Path]:

@@ -261,8 +261,8 @@ def inspect(
 @app.command()
 def export(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `lowbit quantize`."),
-    to: str = typer.Option(..., "--to", help="Format to write: gguf (llama.cpp, llama-cpp-python, ollama) or compressed-tensors (transformers, vLLM)."),
-    output: Path = typer.Option(..., "-o", "--output", help="File (gguf) or directory (compressed-tensors) to write; not replaced unless --force."),
+    to: str = typer.Option(..., "--to", help="Format to write: gguf (llama.cpp, llama-cpp-python, ollama), compressed-tensors (transformers, vLLM) or gptq (HF GPTQ: transformers + gptqmodel, vLLM)."),
+    output: Path = typer.Option(..., "-o", "--output", help="File (gguf) or directory (compressed-tensors, gptq) to write; not replaced unless --force (and then only an earlier export)."),
     embeddings: str = typer.Option("f16", show_default=False, help="GGUF type of the token embeddings and output layer: f16 or q8_0 (round to nearest). (default: f16)"),
     force: bool = typer.Option(False, show_default=False, help="Replace an existing output file."),
 ) -> None:

@@ -1,7 +1,8 @@
 """Artifacts out to the runtimes people deploy with: `export_artifact(path, to=..., out=...)`.
 
 One module per target format: `gguf` (llama.cpp, llama-cpp-python, ollama), `compressed_tensors`
-(transformers, vLLM). Which lowbit grid
+(transformers, vLLM), `hf_gptq` (transformers + gptqmodel, vLLM, TGI); `_common` holds what the
+last two share (an artifact's weights as integers, int32 bit packing, atomic output directories). Which lowbit grid
 maps exactly onto which external layout lives in `targets`; a module whose grid has no exact
 mapping is refused (naming the grid, the targets it would fit and the `--target` flag that makes
 it fit), never converted with a silent loss.
@@ -17,6 +18,7 @@ from .errors import ExportError
 WRITERS: dict[str, str] = {
     "gguf": "lowbit.export.gguf:write_gguf",
     "compressed-tensors": "lowbit.export.compressed_tensors:write_compressed_tensors",
+    "gptq": "lowbit.export.hf_gptq:export_hf_gptq",
 }
 
 

@@ -33,7 +33,7 @@ from ..pack import pack_codes
 from ..validation.paths import clean_stale_work_dirs, make_work_dir
 from .errors import ExportError
 
-MARKER = "lowbit_export.json"  # written into every export directory: what --force may replace
+from ._common import MARKER  # written into every export directory: what --force may replace
 
 
 def _scheme(name: str, entry: dict[str, Any]) -> tuple[int, str, int | None]:

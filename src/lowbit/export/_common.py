@@ -176,16 +176,21 @@ def linear_module_names(art: ArtifactContents) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
 
 
-def write_output(out_dir: str | Path, force: bool, fill: Callable[[Path], None], what: str = "") -> Path:
-    """Run `fill(tmp)` on a work directory beside `out_dir`, then rename it into place: an
-    interrupted export leaves nothing half-written. An existing output is replaced only with
-    `force`, and only if it is an earlier lowbit export (it holds MARKER), never anything else."""
-    out = Path(out_dir)
+def check_export_target(out: Path, force: bool) -> None:
+    """Refuse an output directory that exists, unless `force` and it is an earlier lowbit export."""
     if out.exists():
         if not force:
             raise ExportError(f"{out} already exists; choose another output directory or pass --force to replace an earlier export")
         if not (out.is_dir() and (out / MARKER).is_file()):
             raise ExportError(f"--force replaces only an earlier lowbit export, and {out} is not one; choose another output path")
+
+
+def write_output(out_dir: str | Path, force: bool, fill: Callable[[Path], None], what: str = "") -> Path:
+    """Run `fill(tmp)` on a work directory beside `out_dir`, then rename it into place: an
+    interrupted export leaves nothing half-written. An existing output is replaced only with
+    `force`, and only if it is an earlier lowbit export (it holds MARKER), never anything else."""
+    out = Path(out_dir)
+    check_export_target(out, force)
     clean_stale_work_dirs(out)
     tmp = make_work_dir(out)
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -30,10 +29,9 @@ from safetensors.torch import save_file
 from ..artifact import DENSE, HEADER, QUANTIZED, load, read_header
 from ..nn import QuantLinear
 from ..pack import pack_codes
-from ..validation.paths import clean_stale_work_dirs, make_work_dir
+from ._common import check_export_target, write_output
 from .errors import ExportError
 
-from ._common import MARKER  # written into every export directory: what --force may replace
 
 
 def _scheme(name: str, entry: dict[str, Any]) -> tuple[int, str, int | None]:
@@ -78,9 +76,7 @@ def write_compressed_tensors(artifact: Path, out: Path, *, force: bool = False, 
         raise ExportError(f"{artifact} mixes schemes ({kinds}); compressed-tensors exports here take one scheme for all layers")
     bits, strategy, group = next(iter(schemes.values()))
     out = Path(out)
-    if out.exists() and not (force and (out / MARKER).is_file()):
-        raise ExportError(f"{out} already exists; choose another directory" +
-                          ("" if force else " or pass --force to replace an earlier export"))
+    check_export_target(out, force)  # before the model is loaded
     model = load(artifact, verify=False)
     dense_dtype = getattr(torch, header["dense_dtype"])
     tensors: dict[str, torch.Tensor] = {}
@@ -108,9 +104,7 @@ def write_compressed_tensors(artifact: Path, out: Path, *, force: bool = False, 
                                       "output_activations": None, "format": "pack-quantized"}},
         "ignore": sorted(linears), "kv_cache_scheme": None, "sparsity_config": {}, "global_compression_ratio": None,
     }
-    clean_stale_work_dirs(out)
-    tmp = make_work_dir(out)
-    try:
+    def fill(tmp: Path) -> None:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         config = json.loads((artifact / "config.json").read_text())
         config["quantization_config"] = qconfig
@@ -118,16 +112,5 @@ def write_compressed_tensors(artifact: Path, out: Path, *, force: bool = False, 
         for f in sorted(artifact.iterdir()):  # tokenizer and generation files
             if f.is_file() and f.name not in (HEADER, QUANTIZED, DENSE, "config.json"):
                 shutil.copy2(f, tmp / f.name)
-        (tmp / MARKER).write_text(json.dumps({"from": str(artifact), "header_sha256": header.get("header_sha256"),
-                                              "format": "compressed-tensors pack-quantized"}, indent=2) + "\n")
-        if out.exists():
-            backup = make_work_dir(out, suffix=".old")
-            os.replace(out, backup / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+
+    return write_output(out, force, fill, what="compressed-tensors pack-quantized")

@@ -19,8 +19,6 @@ skeleton is built on the meta device, so nothing is allocated from a claimed sha
 
 from __future__ import annotations
 
-from .errors import ArtifactError, LowbitError  # noqa: F401  (ArtifactError is re-exported)
-
 import hashlib
 import json
 import os
@@ -36,6 +34,7 @@ from torch import nn
 
 from . import __version__
 from .checksum import sha256_file
+from .errors import ArtifactError  # noqa: F401  (re-exported: callers catch lowbit.artifact.ArtifactError)
 from .models import auto_class, is_linear, linear_weight
 from .nn import QuantModule, module_from_entry
 from .validation.header import MAX_DIM, MAX_HEADER_BYTES, HeaderError, parse_json, validate_header

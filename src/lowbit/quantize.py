@@ -5,8 +5,6 @@ each nn.Linear for a quantized module (QuantLinear, PTQ161Linear). With `recipe.
 
 from __future__ import annotations
 
-from .errors import LowbitError
-
 import copy
 import re
 import time
@@ -20,13 +18,15 @@ from .algos import (
     GPTQConfig, PTQ161Config, RestorativeConfig, gptq_quantize, ptq161_quantize, restorative_lora, rtn_quantize, search_format,
 )
 from .calib.walker import walk_blocks, whole_model_hessians
+from .errors import LowbitError
 from .formats import GroupLayout, SearchSpace
 from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
 from .nn import PTQ161Linear, QuantLinear
 from .recipe import PreprocessOptions, Recipe, Scheme
 
 
-def target_block(name: str) -> int:
+def _target_block(name: str) -> int:
+    """Weights per block of an export target (`--target`); imported late: export reads artifacts."""
     from .export.targets import get_target
 
     return get_target(name).block
@@ -64,9 +64,9 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
             skipped[name] = "excluded by the recipe (ignore/override)"
             continue
         out_f, in_f = linear_weight(module).shape
-        if recipe.target and in_f % target_block(recipe.target):
+        if recipe.target and in_f % _target_block(recipe.target):
             skipped[name] = (f"input width {in_f} is not a multiple of the {recipe.target} block "
-                             f"({target_block(recipe.target)}): kept in float (exported as F16)")
+                             f"({_target_block(recipe.target)}): kept in float (exported as F16)")
             continue
         fixed = scheme.grid().fixed_group_size  # a format with its own block size (MXFP4) sets the groups
         try:

@@ -22,8 +22,6 @@ YAML or JSON; CLI flags build the same object. Unknown keys are refused with the
 
 from __future__ import annotations
 
-from .errors import LowbitError
-
 import json
 import re
 from pathlib import Path
@@ -33,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .algos import METHODS
+from .errors import LowbitError
 from .formats import Grid, MissingFormatOptionError, SearchSpace, UnknownFormatError, get_format
 
 # methods that need calibration inputs (layer Hessians)

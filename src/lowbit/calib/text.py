@@ -7,12 +7,12 @@ it saw its training data.
 
 from __future__ import annotations
 
-from ..errors import LowbitError
-
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from ..errors import LowbitError
 
 
 class CalibrationError(LowbitError):

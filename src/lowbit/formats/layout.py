@@ -13,13 +13,12 @@ widths instead.
 
 from __future__ import annotations
 
-from ..errors import LowbitError
-
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
+from ..errors import LowbitError
 from .base import Grid, Params
 
 

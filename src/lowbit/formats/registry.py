@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from ..errors import LowbitError
-
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from ..errors import LowbitError
 from .base import Grid
 from .binary import BinaryGrid
 from .clip import ClippedGrid

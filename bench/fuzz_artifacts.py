@@ -123,6 +123,7 @@ def forge_module(doc: dict, rng: random.Random) -> tuple[dict, str]:
     """A self-consistent forgery: one module's shape (and group size) changed, with its numel and
     stored bytes recomputed the way lowbit computes them, so that only the stored tensors can tell."""
     from lowbit.nn.base import module_class
+    from lowbit.validation.stored import _nbytes
 
     doc = copy.deepcopy(doc)
     name = rng.choice(sorted(doc["modules"]))
@@ -136,14 +137,6 @@ def forge_module(doc: dict, rng: random.Random) -> tuple[dict, str]:
     except (ValueError, KeyError, TypeError):
         pass
     return doc, f"forge {name} shape {entry['shape']} g{entry['group_size']}"
-
-
-def _nbytes(spec: tuple) -> int:
-    shape, dtype = spec
-    n = 1
-    for d in shape:
-        n *= d
-    return n * dtype.itemsize
 
 
 def mutate_safetensors(raw: bytes, rng: random.Random) -> tuple[bytes, str]:

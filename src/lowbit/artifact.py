@@ -38,7 +38,7 @@ from .errors import ArtifactError  # noqa: F401  (re-exported: callers catch low
 from .models import auto_class, is_linear, linear_weight
 from .nn import QuantModule, module_from_entry
 from .validation.header import MAX_DIM, MAX_HEADER_BYTES, HeaderError, parse_json, validate_header
-from .validation.paths import check_output, clean_stale_work_dirs, make_work_dir
+from .validation.paths import check_output, clean_stale_work_dirs, make_work_dir, swap_into_place
 from .validation.stored import StoredTensorError, check_stored_tensors
 
 HEADER = "lowbit.json"
@@ -142,13 +142,7 @@ def save(
         }
         header["header_sha256"] = hashlib.sha256(_canonical(header)).hexdigest()
         (tmp / HEADER).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
-        if out.exists():  # force (an artifact, checked above): move the old one aside, swap, then delete it
-            backup = make_work_dir(out, suffix=".old")
-            os.replace(out, backup / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)  # with force, the old artifact (checked above) goes only once the new one is in
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from ..artifact import DENSE, HEADER, QUANTIZED, validate
-from ..validation.paths import clean_stale_work_dirs, make_work_dir
+from ..validation.paths import clean_stale_work_dirs, make_work_dir, swap_into_place
 from .errors import ExportError
 from ..formats import BinaryGrid, ClippedGrid, Grid, IntGrid, TernaryGrid
 from ..nn import module_from_entry
@@ -196,13 +195,7 @@ def write_output(out_dir: str | Path, force: bool, fill: Callable[[Path], None],
     try:
         fill(tmp)
         (tmp / MARKER).write_text(json.dumps({"format": what}, indent=2) + "\n")
-        if out.exists():
-            backup = make_work_dir(out, suffix=".old")
-            os.replace(out, backup / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

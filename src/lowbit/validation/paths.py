@@ -129,3 +129,15 @@ def clean_stale_work_dirs(out: Path) -> list[Path]:
         shutil.rmtree(entry, ignore_errors=True)
         removed.append(entry)
     return removed
+
+
+def swap_into_place(work: Path, out: Path) -> None:
+    """Rename the finished work directory to `out`; an existing `out` (already checked to be
+    replaceable) is moved aside first and deleted only once the new one is in place."""
+    if out.exists():
+        backup = make_work_dir(out, suffix=".old")
+        os.replace(out, backup / out.name)
+        os.replace(work, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.replace(work, out)

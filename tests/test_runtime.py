@@ -44,12 +44,14 @@ def test_kernel_matches_dequantize_and_linear(bits, symmetric, group, in_f, rows
     assert (got - want).abs().max() <= 1e-5 * scale, (got - want).abs().max()
 
 
-def test_memory_of_the_packed_view_is_under_a_quarter_of_fp32():
-    layer, _ = make_layer(4, True, 32, out_f=64, in_f=512)
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_packed_view_reads_the_modules_own_buffers(symmetric):
+    layer, _ = make_layer(4, symmetric, 32, out_f=64, in_f=512)
     p = PackedInt.from_module(layer)
-    held = p.codes.numel() + 4 * (p.scale.numel() + p.zero.numel() + p.scale_zero.numel())
-    assert p.codes.data_ptr() == layer.codes.data_ptr()  # the module's buffer, not a copy
-    assert held <= 0.25 * 4 * 64 * 512
+    assert p.codes.data_ptr() == layer.codes.data_ptr()  # the module's buffers, not copies
+    assert p.scale.data_ptr() == layer.scale.data_ptr() and p.scale.dtype == torch.float16
+    extra = 0 if p.zero is None else p.zero.numel()  # asymmetric: zero points widened to a byte per group
+    assert extra == (0 if symmetric else 64 * 512 // 32)
 
 
 def test_grids_and_layouts_the_kernels_do_not_cover_fall_back():
@@ -108,3 +110,68 @@ def test_generate_command(tiny_llama, tmp_path):
     res = runner.invoke(app, ["generate", str(art), "--prompt", "To be or not", "--max-new-tokens", "5"])
     assert res.exit_code == 0, res.output
     assert "decode 5 tokens at" in res.output and "tokens/s" in res.output
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+def test_half_linear_equals_the_widened_weight(dtype, rows):
+    from lowbit.runtime.dense import SLICE_ROWS, HalfLinear
+
+    gen = torch.Generator().manual_seed(0)
+    out_f = SLICE_ROWS + 77  # more than one slice on many rows
+    w = torch.randn(out_f, 200, generator=gen).to(dtype)
+    b = torch.randn(out_f, generator=gen)
+    x = torch.randn(rows, 200, generator=gen)
+    with torch.inference_mode():
+        got = HalfLinear(w, b)(x)
+    want = F.linear(x, w.float(), b)
+    assert (got - want).abs().max() <= 1e-5 * (x.abs() @ w.float().abs().T).max()
+
+
+def test_half_embedding_widens_exactly():
+    from lowbit.runtime.dense import HalfEmbedding
+
+    w = torch.randn(50, 16).bfloat16()
+    ids = torch.tensor([[3, 0, 49, 3]])
+    assert torch.equal(HalfEmbedding(w, None)(ids), F.embedding(ids, w.float()))
+
+
+def _bf16_artifact(tiny_llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lowbit.pipeline import quantize, save_job
+    from lowbit.recipe import Recipe
+
+    src = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(tiny_llama, dtype=torch.bfloat16).save_pretrained(src)
+    for f in tiny_llama.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            (src / f.name).write_bytes(f.read_bytes())
+    art = tmp_path / "art"
+    r = Recipe.from_dict({"method": "rtn", "format": "int4", "group_size": 32, "symmetric": True})
+    save_job(quantize(str(src), r, show_progress=False), r, art)
+    return art
+
+
+@pytest.mark.parametrize("family", ["tiny_llama", "tiny_qwen2"])  # untied and tied output layer
+def test_loaded_model_keeps_half_precision_dense_tensors(family, request, tmp_path):
+    import lowbit
+    from lowbit.runtime.dense import HalfEmbedding, HalfLinear
+
+    art = _bf16_artifact(request.getfixturevalue(family), tmp_path)
+    assert lowbit.artifact.read_header(art)["dense_dtype"] == "bfloat16"
+    fast, wide = lowbit.load(art), lowbit.load(art, widen_dense=True)
+    emb = fast.get_input_embeddings()
+    assert isinstance(emb, HalfEmbedding) and emb.weight.dtype == torch.bfloat16
+    assert isinstance(fast.lm_head, HalfLinear)  # the recipe's default skips lm_head
+    if fast.config.tie_word_embeddings:
+        assert fast.lm_head.weight is emb.weight  # one tensor, tied
+    assert fast.dtype == torch.float32 and wide.get_input_embeddings().weight.dtype == torch.float32
+    ids = torch.tensor([[5, 9, 200, 31, 7, 11, 2, 90, 4, 8]])
+    with torch.inference_mode():
+        for n in (1, 10):  # decode-sized and prefill-sized inputs
+            a, b = fast(input_ids=ids[:, :n]).logits, wide(input_ids=ids[:, :n]).logits
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), (a - b).abs().max()
+    held = sum(t.numel() * t.element_size() for t in [*fast.parameters(), *fast.buffers()] if t.dim() == 2 or t.dtype == torch.uint8)
+    widened = sum(t.numel() * t.element_size() for t in [*wide.parameters(), *wide.buffers()] if t.dim() == 2 or t.dtype == torch.uint8)
+    assert held < widened

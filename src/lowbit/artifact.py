@@ -37,6 +37,7 @@ from .checksum import sha256_file
 from .errors import ArtifactError  # noqa: F401  (re-exported: callers catch lowbit.artifact.ArtifactError)
 from .models import auto_class, is_linear, linear_weight
 from .nn import QuantModule, module_from_entry
+from .runtime.dense import keep_half_precision
 from .validation.header import MAX_DIM, MAX_HEADER_BYTES, HeaderError, parse_json, validate_header
 from .validation.paths import check_output, clean_stale_work_dirs, make_work_dir, swap_into_place
 from .validation.stored import StoredTensorError, check_stored_tensors
@@ -273,7 +274,12 @@ def _check_fits(model: nn.Module, root: Path, header: dict, dense_specs: dict) -
 
 
 def load(
-    path: str | Path, model: nn.Module | None = None, verify: bool = True, cache_weights: bool = False, bits: int | None = None
+    path: str | Path,
+    model: nn.Module | None = None,
+    verify: bool = True,
+    cache_weights: bool = False,
+    bits: int | None = None,
+    widen_dense: bool = False,
 ) -> nn.Module:
     """Rebuild the quantized model from an artifact. `model`: a skeleton to fill instead of the
     one built from the stored config (for models that are not Hugging Face models).
@@ -281,9 +287,12 @@ def load(
     forwards, such as evaluation or generation, at the memory cost of a float model).
     `bits`: decode every nested module (`nested8`, Double Rounding) at this precision; other
     modules are unaffected; an artifact without nested modules refuses it.
+    `widen_dense`: make every stored bf16/fp16 dense tensor an fp32 parameter (to train the
+    loaded model). By default plain embeddings and unquantized linear layers keep their stored
+    precision in `runtime.dense`'s modules (the same values, computed in fp32), so a tied
+    embedding costs its stored bytes, not twice them; norms and biases are widened.
 
-    Nothing is allocated before every check has passed; then at most the stored tensors (and
-    the float32 copies of dense ones) are."""
+    Nothing is allocated before every check has passed; then the stored tensors are, once."""
     root = Path(path)
     header, dense_specs = validate(root, verify)
     if model is None:
@@ -300,7 +309,7 @@ def load(
             raise ArtifactError(f"{root / HEADER}: module {name} cannot be rebuilt: {exc}") from None
         own = {k.removeprefix(name + "."): v for k, v in quantized.items() if k.startswith(name + ".")}
         try:
-            layer.load_state_dict(own, strict=True)
+            layer.load_state_dict(own, strict=True, assign=True)  # the read tensors become the buffers: no second copy
             layer.cache_weight = cache_weights
             model.set_submodule(name, layer)
         except (RuntimeError, AttributeError) as exc:
@@ -312,9 +321,11 @@ def load(
             f"{root}: bits={bits} selects the precision of nested modules (format nested8), but this artifact has "
             f"none ({', '.join(formats)}); load it without bits"
         )
-    dense = {k: (v.float() if v.is_floating_point() else v) for k, v in _load_tensors(root / DENSE).items()}
+    dense = _load_tensors(root / DENSE)
     for alias, target in header.get("aliases", {}).items():
         dense[alias] = dense[target]
+    held = set() if widen_dense else keep_half_precision(model, dense)
+    dense = {k: (v.float() if v.is_floating_point() else v) for k, v in dense.items() if k not in held}
     try:
         model.load_state_dict(dense, strict=False, assign=True)
     except RuntimeError as exc:

@@ -67,10 +67,11 @@ def library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError) as exc:
         warnings.warn(f"lowbit's fast kernels are unavailable ({exc}); layers dequantize in PyTorch instead", stacklevel=2)
         return None
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.lowbit_gemv_int4.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, p]
-    lib.lowbit_gemv_int8.argtypes = [p, p, p, p, p, i64, i64, i64, i64, i64, p]
-    lib.lowbit_dequant.argtypes = [p, ctypes.c_int, p, p, p, i64, i64, i64, i64]
-    for f in (lib.lowbit_gemv_int4, lib.lowbit_gemv_int8, lib.lowbit_dequant):
+    p, i64, f32, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+    for f in (lib.lowbit_gemv_int4, lib.lowbit_gemv_int8):
+        f.argtypes = [p, p, p, p, f32, p, i64, i64, i64, i64, i64, p]
+    lib.lowbit_gemv_half.argtypes = [p, i32, p, p, i64, i64, i64]
+    lib.lowbit_dequant.argtypes = [p, i32, p, p, f32, p, i64, i64, i64, i64]
+    for f in (lib.lowbit_gemv_int4, lib.lowbit_gemv_int8, lib.lowbit_gemv_half, lib.lowbit_dequant):
         f.restype = None
     return lib

@@ -1,10 +1,11 @@
-"""A QuantLinear's integer weight in the layout the C kernels read, and the product with it.
+"""A QuantLinear's integer weight as the C kernels read it, and the product with it.
 
-The codes are the module's own packed buffer (4-bit: two codes per byte, LSB first; 8-bit: one
-byte each) used in place, not copied; scales and zero points are widened once to fp32
-[out, n_groups], plus scale * zero for the product kernel. For int4 with groups of 32 that is
-0.875 bytes per weight against fp32's 4. Batch-few inputs (decode) run the product kernel;
-more rows (prefill) dequantize once into fp32, bit for bit as lowbit decodes, then one matmul.
+The kernels read the module's own buffers in place, nothing copied or widened: the packed codes
+(4-bit: two codes per byte, LSB first; 8-bit: one byte each), the fp16 scales [out, n_groups],
+and for asymmetric grids the zero points unpacked to one byte per group (symmetric grids pass
+their constant zero). For int4 with groups of 32 that is 0.5625 bytes per weight, the artifact's
+own size, against fp32's 4. Batch-few inputs (decode) run the product kernel; more rows
+(prefill) dequantize once into fp32, bit for bit as lowbit decodes, then one matmul.
 """
 
 from __future__ import annotations
@@ -35,9 +36,9 @@ class PackedInt:
     group: int  # columns per group (the whole row for per-channel / per-tensor layouts)
     n_groups: int
     codes: torch.Tensor  # the module's packed buffer, uint8
-    scale: torch.Tensor  # [out, n_groups] float32
-    zero: torch.Tensor  # [out, n_groups] float32
-    scale_zero: torch.Tensor  # [out, n_groups] float32, scale * zero
+    scale: torch.Tensor  # [out, n_groups] float16 (the module's buffer where its layout is per group)
+    zero: torch.Tensor | None  # [out, n_groups] uint8, or None: every zero point is `zero_const`
+    zero_const: float
 
     @classmethod
     def from_module(cls, layer) -> "PackedInt | None":
@@ -50,18 +51,21 @@ class PackedInt:
         if group % BLOCK or library() is None:
             return None
         out_f, n_groups = layout.out_features, layout.n_groups
-        scale = layer.scale.float().reshape(layout.param_rows, n_groups).expand(out_f, n_groups).contiguous()
-        if grid.symmetric:
-            zero = torch.full_like(scale, float(2 ** (grid.bits - 1)))
-        else:
-            zero = unpack_codes(layer.zero, grid.bits, layout.n_param_sets).float()
+        # per-channel/per-tensor layouts share scales across rows: expanded (a small copy); grouped: the buffer itself
+        scale = layer.scale.reshape(layout.param_rows, n_groups).expand(out_f, n_groups).contiguous()
+        zero = None
+        if not grid.symmetric:
+            zero = unpack_codes(layer.zero, grid.bits, layout.n_param_sets).to(torch.uint8)
             zero = zero.reshape(layout.param_rows, n_groups).expand(out_f, n_groups).contiguous()
-        return cls(grid.bits, out_f, layout.in_features, group, n_groups, layer.codes, scale, zero, (scale * zero).contiguous())
+        return cls(grid.bits, out_f, layout.in_features, group, n_groups, layer.codes, scale, zero, float(2 ** (grid.bits - 1)))
+
+    def _zero_args(self) -> tuple:
+        return (None if self.zero is None else self.zero.data_ptr(), self.zero_const)
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32, equal to the module's own decode bit for bit."""
         w = torch.empty(self.out_features, self.in_features)
-        library().lowbit_dequant(self.codes.data_ptr(), self.bits, self.scale.data_ptr(), self.zero.data_ptr(), w.data_ptr(),
+        library().lowbit_dequant(self.codes.data_ptr(), self.bits, self.scale.data_ptr(), *self._zero_args(), w.data_ptr(),
                                  self.out_features, self.in_features, self.group, self.n_groups)
         return w
 
@@ -70,15 +74,9 @@ class PackedInt:
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features)
         x_sum = torch.empty(rows * self.n_groups)
-        lib = library()
-        args = (self.scale.data_ptr(), self.scale_zero.data_ptr(), y.data_ptr(), rows, self.out_features, self.in_features,
-                self.group, self.n_groups, x_sum.data_ptr())
-        if self.bits == 4:
-            # per 32-block: the 16 even positions, then the 16 odd ones (low and high nibbles)
-            xd = x.reshape(rows, -1, 16, 2).transpose(-1, -2).contiguous()
-            lib.lowbit_gemv_int4(self.codes.data_ptr(), x.data_ptr(), xd.data_ptr(), *args)
-        else:
-            lib.lowbit_gemv_int8(self.codes.data_ptr(), x.data_ptr(), *args)
+        kernel = library().lowbit_gemv_int4 if self.bits == 4 else library().lowbit_gemv_int8
+        kernel(self.codes.data_ptr(), x.data_ptr(), self.scale.data_ptr(), *self._zero_args(), y.data_ptr(), rows,
+               self.out_features, self.in_features, self.group, self.n_groups, x_sum.data_ptr())
         return y
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, weight=None) -> torch.Tensor:

@@ -5,7 +5,8 @@ Rows: (e) the fp32 transformers model; (d) lowbit's own runtime (`lowbit.load`);
 export (`lowbit quantize --method gptq --target gguf:q4_0`, then `lowbit export --to gguf`) run
 in llama.cpp (llama-cpp-python, built from source: `pip install llama-cpp-python`); (b) llama.cpp's
 own Q4_0 and Q4_K_M, made by llama.cpp's quantizer from an F16 GGUF of the same model, once with
-its default tensor types and once with F16 embeddings and output, which is lowbit's file type.
+its default tensor types and once with F16 embeddings and output, which is lowbit's file type;
+(c) the compressed-tensors export (`lowbit export --to compressed-tensors`) in plain transformers.
 
 Columns: KL to the fp32 model on the evaluation windows (from each runtime's own logits), batch-1
 greedy decode and prefill tokens per second (best of 3, 2 threads), peak RSS, file size, and the
@@ -46,6 +47,27 @@ def _peak_rss_mb() -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _import_baseline_mb() -> float:
+    """RSS once torch, transformers and the Llama modeling code are imported, before any weight:
+    the floor every transformers-based row stands on (about 390 MB here)."""
+    import transformers.models.llama.modeling_llama  # noqa: F401
+
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def _held_bytes(model) -> int:
+    """Bytes of every parameter and buffer the model holds (tied tensors once)."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _windows(max_tokens: int):
@@ -92,15 +114,29 @@ def _hf_speed(model, tokenizer) -> dict:
     return {"prefill_tokens_per_s": max(prefill), "decode_tokens_per_s": max(decode), "answer": _answer(model, tokenizer, PROMPT)}
 
 
+def _first_forward_rss(model) -> float:
+    """Peak RSS after one decode-sized forward: stored tensors read lazily (mmap) are resident by then."""
+    with torch.inference_mode():
+        model(input_ids=torch.tensor([[1, 2, 3]]))
+    return _peak_rss_mb()
+
+
 def row_fp32(max_tokens: int) -> dict:
     from lowbit.models import load_model
 
+    base = _import_baseline_mb()
     ref = load_model(MODEL)
+    loaded = _first_forward_rss(ref.model)
     speed = _hf_speed(ref.model, ref.tokenizer)
     rss = _peak_rss_mb()
     weights = sum(p.numel() * 4 for p in ref.model.parameters())
     return {"tool": "transformers", "method": "fp32", "bits": 32, "runtime": "transformers", **speed,
-            "peak_rss_mb": rss, "kl": 0.0, "file_bytes": weights}
+            "import_rss_mb": base, "load_peak_rss_mb": loaded, "peak_rss_mb": rss, "weight_bytes_held": _held_bytes(ref.model),
+            "kl": 0.0, "file_bytes": weights}
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
 def row_lowbit(max_tokens: int) -> dict:
@@ -108,17 +144,37 @@ def row_lowbit(max_tokens: int) -> dict:
     from transformers import AutoTokenizer
 
     art = WORK / "smol-gptq-q4_0"
+    base = _import_baseline_mb()
     model = lowbit.load(art)
-    load_rss = _peak_rss_mb()
+    loaded = _first_forward_rss(model)
     tok = AutoTokenizer.from_pretrained(art)
     speed = _hf_speed(model, tok)
     rss = _peak_rss_mb()
     ref, windows = _windows(max_tokens)
     with torch.inference_mode():
         kl = _kl_from_logits(ref.model, windows, lambda ids: model(input_ids=ids[None]).logits[0].float())
-    size = sum(p.stat().st_size for p in art.iterdir())
     return {"tool": "lowbit", "method": "gptq q4_0 g32", "bits": 4, "runtime": "lowbit (lowbit.load)", **speed,
-            "peak_rss_mb": rss, "load_peak_rss_mb": load_rss, "kl": kl, "file_bytes": size}
+            "import_rss_mb": base, "load_peak_rss_mb": loaded, "peak_rss_mb": rss, "weight_bytes_held": _held_bytes(model),
+            "kl": kl, "file_bytes": _dir_bytes(art)}
+
+
+def row_compressed_tensors(max_tokens: int) -> dict:
+    """The compressed-tensors export in plain transformers (no lowbit import in this process's model path)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ct = WORK / "smol-gptq-q4_0-ct"
+    base = _import_baseline_mb()
+    model = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32).eval()
+    loaded = _first_forward_rss(model)
+    tok = AutoTokenizer.from_pretrained(ct)
+    speed = _hf_speed(model, tok)
+    rss = _peak_rss_mb()
+    ref, windows = _windows(max_tokens)
+    with torch.inference_mode():
+        kl = _kl_from_logits(ref.model, windows, lambda ids: model(input_ids=ids[None]).logits[0].float())
+    return {"tool": "lowbit", "method": "gptq q4_0 g32 (lowbit export)", "bits": 4, "runtime": "transformers (compressed-tensors)",
+            **speed, "import_rss_mb": base, "load_peak_rss_mb": loaded, "peak_rss_mb": rss,
+            "weight_bytes_held": _held_bytes(model), "kl": kl, "file_bytes": _dir_bytes(ct)}
 
 
 # llama.cpp -------------------------------------------------------------------------------------
@@ -207,6 +263,7 @@ SOURCE_GRID = {"llama.cpp:q4_k_m": True}
 ROWS = {
     "fp32": row_fp32,
     "lowbit": row_lowbit,
+    "transformers:lowbit-ct": row_compressed_tensors,
     "llama.cpp:lowbit-gguf": row_llamacpp_lowbit,
     "llama.cpp:q4_0-f16emb": lambda m: _llama_own("Q4_0", True, m),
     "llama.cpp:q4_0": lambda m: _llama_own("Q4_0", False, m),
@@ -216,6 +273,7 @@ ROWS = {
 
 def prepare(n_samples: int) -> None:
     """The artifacts the rows read: lowbit's GPTQ q4_0 artifact and its GGUF; the F16 GGUF."""
+    from lowbit.export.compressed_tensors import write_compressed_tensors
     from lowbit.export.gguf import write_gguf, write_model_gguf
     from lowbit.models import load_model
     from lowbit.pipeline import quantize, save_job
@@ -228,6 +286,8 @@ def prepare(n_samples: int) -> None:
         save_job(quantize(MODEL, recipe), recipe, art)
     if not (WORK / "smol-gptq-q4_0.gguf").exists():
         write_gguf(art, WORK / "smol-gptq-q4_0.gguf")
+    if not (WORK / "smol-gptq-q4_0-ct").exists():
+        write_compressed_tensors(art, WORK / "smol-gptq-q4_0-ct")
     if not (WORK / "smol-f16.gguf").exists():
         ref = load_model(MODEL)
         write_model_gguf(ref.model, Path(ref.path), WORK / "smol-f16.gguf", {}, "SmolLM2-135M-Instruct f16")
@@ -269,14 +329,21 @@ def render(rows: list[dict], max_tokens: int) -> None:
     for r in rows:
         r["decode_vs_fp32"] = r["decode_tokens_per_s"] / fp32["decode_tokens_per_s"] if fp32 else None
         r["source_grid"] = SOURCE_GRID.get(r["row"], False)
+        held, full = r.get("weight_bytes_held"), fp32.get("weight_bytes_held") if fp32 else None
+        r["weights_vs_fp32"] = held / full if held and full else None
+        r["load_over_import_mb"] = r["load_peak_rss_mb"] - r["import_rss_mb"] if "import_rss_mb" in r else None
     cols = [("tool", "tool", ""), ("method", "method", ""), ("runtime", "runtime", ""), ("kl", "KL", ".4f"),
             ("decode_tokens_per_s", "decode tok/s", ".1f"), ("decode_vs_fp32", "decode / fp32", ".2f"),
-            ("prefill_tokens_per_s", "prefill tok/s", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
+            ("prefill_tokens_per_s", "prefill tok/s", ".0f"), ("weights_vs_fp32", "weights held / fp32", ".3f"),
+            ("load_over_import_mb", "load RSS over import MB", ".0f"), ("peak_rss_mb", "peak RSS MB", ".0f"),
             ("file_bytes", "file bytes", ","), ("source_grid", "≈ source grid", ""), ("answer", "answer", "")]
     table = markdown_table(rows, cols)
     print(table)
     note = (f"KL over the first {max_tokens} tokens of the evaluation text (windows of 512). ≈ source grid: the format nearly "
-            "contains the Q4_1 grid SmolLM2's weights were published in, so its KL is not evidence for the method.")
+            "contains the Q4_1 grid SmolLM2's weights were published in, so its KL is not evidence for the method. "
+            "Weights held: bytes of every parameter and buffer in memory, over the fp32 model's. Load RSS over import: peak RSS "
+            "after loading and one forward, minus the RSS of the same process once torch and transformers' modeling code "
+            "are imported (transformers rows only; llama.cpp rows load no Python model code).")
     (RESULTS / "deploy.md").write_text(f"# Deploy: {MODEL}, same windows and machine, each row in its own process\n\n{table}\n\n{note}\n")
 
 

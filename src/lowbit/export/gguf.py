@@ -1,7 +1,12 @@
 """Write a lowbit artifact as a GGUF file that llama.cpp (llama-cpp-python, ollama) loads and runs.
 
 Quantized modules become raw GGUF blocks of their exact type (`targets`, `gguf_blocks`): the
-file decodes, in gguf-py's own `dequantize`, to lowbit's dequantized weights bit for bit. Modules
+file decodes, in gguf-py's own `dequantize`, to lowbit's dequantized weights bit for bit. A
+module's type is its recorded target's (`--target`, or the fallback its width was quantized
+for), else the one its grid is made for (int4/int5/int8 sym -> Q4_0/Q5_0/Q8_0, int4_min/int5_min
+-> Q4_1/Q5_1, mxfp4 -> MXFP4, ternary2/ternary -> TQ2_0/TQ1_0); `to="gguf:q5_0"` asks for one type
+for all, which also writes lossless wider mappings (int4 asym -> Q5_0). Anything else is refused
+with the reason, what it would fit and the `--target` that fits it. Modules
 kept in float (the recipe's `ignore`, widths without a block layout) are written as F16, the
 embeddings and output as F16 or (`embeddings="q8_0"`) Q8_0 quantized here (round to nearest,
 llama.cpp's reference rule), norms and biases as F32. Llama-family and Qwen2 models, tied
@@ -29,12 +34,15 @@ from ..nn import QuantLinear
 from ..validation.paths import check_output_file
 from .errors import ExportError
 from .gguf_blocks import pack_blocks
-from .targets import gguf_type_for, why_not_gguf
+from .targets import get_target, gguf_type_for, why_not_gguf
 
 ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}
 # pre-tokenizer names llama.cpp knows, by (model_type, vocab size) and then by model_type
 _PRE = {("llama", 49152): "smollm", ("llama", 128256): "llama-bpe", ("qwen2", None): "qwen2"}
-FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0"}
+FILE_TYPES = {
+    "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0",
+    "MXFP4": "MOSTLY_MXFP4_MOE", "TQ1_0": "MOSTLY_TQ1_0", "TQ2_0": "MOSTLY_TQ2_0",
+}
 
 
 def _permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
@@ -117,25 +125,30 @@ def _add_tokenizer(w, root: Path, config) -> None:
     gguf.SpecialVocab(root, load_merges=True, n_vocab=n).add_to_gguf(w, quiet=True)
 
 
-def plan(header: dict) -> tuple[dict[str, str], list[str]]:
-    """(module -> GGUF type) for every quantized module, or the reasons some have none."""
+def plan(header: dict, to: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """(module -> GGUF type) for every quantized module, or the reasons some have none. `to`: a
+    target (gguf:q5_0) whose type every module is written as (`targets.gguf_type_for`)."""
     types, problems = {}, []
     for name, entry in header["modules"].items():
-        t = gguf_type_for(entry)
+        t = gguf_type_for(entry, to)
         if t is None:
-            problems.append(why_not_gguf(name, entry))
+            problems.append(why_not_gguf(name, entry, to))
         else:
             types[name] = t
     return types, problems
 
 
-def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: str = "f16") -> Path:
-    """Write `artifact` as the GGUF file `out` (temporary file, then rename); returns `out`."""
+def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: str = "f16", to: str | None = None) -> Path:
+    """Write `artifact` as the GGUF file `out` (temporary file, then rename); returns `out`. Each
+    quantized module is written as its recorded target's type, else its grid's own type; with `to`
+    (a target such as gguf:q5_0), as that target's type (a lossless wider one: int4 asym -> Q5_0)."""
     if embeddings not in ("f16", "q8_0"):
         raise ExportError(f"embeddings type {embeddings!r}: use f16 or q8_0")
+    if to is not None:
+        to = get_target(to).name
     check_output_file(out, force=force)
     header = read_header(artifact)
-    types, problems = plan(header)
+    types, problems = plan(header, to)
     if problems:
         shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
         raise ExportError(f"{artifact} cannot be written as GGUF exactly: {shown}")
@@ -179,7 +192,7 @@ def write_model_gguf(model: torch.nn.Module, tokenizer_dir: Path, out: Path, typ
         if mname in qnames:
             if not isinstance(module, QuantLinear):
                 raise ExportError(f"{mname} is not a QuantLinear; it cannot be written as {types[mname]}")
-            raw = head_permute(mname + ".weight", pack_blocks(module.quantized_weight(), types[mname]))
+            raw = head_permute(mname + ".weight", pack_blocks(module.quantized_weight(), types[mname], mname))
             tensors.append((gguf_name(mname + ".weight"), raw, getattr(gguf.GGMLQuantizationType, types[mname])))
     for key, value in model.state_dict().items():
         if key.rsplit(".", 1)[0] in qnames and not key.endswith(".bias"):

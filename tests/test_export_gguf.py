@@ -325,6 +325,13 @@ def tiny_gemma3(tmp_path_factory):
     return save_tiny(tiny_gemma3_model(), tmp_path_factory.mktemp("tiny-gemma3"))
 
 
+@pytest.fixture(scope="module")
+def tiny_gemma3_capped(tmp_path_factory):
+    """Global attention only (no sliding window written) and a final logit softcap that bites."""
+    model = tiny_gemma3_model(final_logit_softcapping=0.5, layer_types=["full_attention"] * 2)
+    return save_tiny(model, tmp_path_factory.mktemp("tiny-gemma3-capped"))
+
+
 def test_gemma3_metadata_norms_and_codes(tiny_gemma3, calib_text, tmp_path):
     art, out = tmp_path / "art", tmp_path / "g.gguf"
     quantize(tiny_gemma3, art, "--method", "gptq", "--target", "gguf:q4_0", calib=calib_text)
@@ -399,6 +406,7 @@ def sharp_qwen2(tiny_qwen2, tmp_path_factory):
     ("tiny_llama", "gguf:q4_0", "gptq"), ("sharp_llama", "gguf:q4_0", "gptq"), ("sharp_llama", "gguf:mxfp4", "rtn"),
     ("tiny_qwen2", "gguf:q8_0", "rtn"), ("sharp_qwen2", "gguf:q5_1", "gptq"), ("tiny256", "gguf:tq1_0", "rtn"),
     ("tiny_gemma3", "gguf:q4_0", "gptq"), ("tiny_gemma3", "gguf:q4_1", "rtn"), ("tiny_gemma3", "gguf:tq2_0", "rtn"),
+    ("tiny_gemma3_capped", "gguf:q8_0", "rtn"),
 ])
 def test_llama_cpp_logits_agree_with_lowbit(request, calib_text, tmp_path, fixture, target, method):
     """llama.cpp (llama-cpp-python) runs the exported file and its logits match lowbit's own

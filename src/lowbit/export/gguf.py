@@ -19,9 +19,10 @@ llama.cpp computes itself (the query scale) is checked against the config and re
 would differ.
 
 The tokenizer: byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3) with their merges,
-special tokens and chat template. SentencePiece-style tokenizers (Gemma's own, Llama 2) are
-refused: their GGUF form (model "llama", scores, token types) is not written here. The pre-tokenizer name llama.cpp needs is looked up by model
+special tokens and chat template; the pre-tokenizer name llama.cpp needs is looked up by model
 family (`_PRE`), else "default" (llama.cpp then warns and uses its default splitting).
+SentencePiece-style tokenizers (Gemma's own, Llama 2) are refused: their GGUF form (model
+"llama", scores, token types) is not written here.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The non-integer grids (minifloats, MXFP4/NVFP4, NormalFloat, lookup tables, power, log, ternary,
-binary): exact code round trips, specs, packing, error properties, GPTQ vs RTN, and end to end."""
+binary) and the fp16-min integer grids (int4_min, int5_min): exact code round trips, specs,
+packing, error properties, GPTQ vs RTN, and end to end."""
 
 import json
 import math
@@ -25,7 +26,7 @@ GRIDS = [
     ("nvfp4", {"scale_rule": "mse", "tensor_scale_exp": -3}), ("nf4", {}), ("nf3", {}), ("nf8", {}),
     ("lut", {"levels": [0.5, -1.0, 0.0, 2.0, -0.25]}), ("power4", {}), ("power3", {"alpha": 2.0}), ("power8", {}),
     ("post4", {}), ("post8", {}), ("log4", {}), ("log3", {}), ("log8", {}), ("ternary", {}),
-    ("ternary", {"scale": "median"}), ("ternary2", {}), ("binary", {}),
+    ("ternary", {"scale": "median"}), ("ternary2", {}), ("binary", {}), ("int4_min", {}), ("int5_min", {}),
 ]
 IDS = [n + "".join(f"-{k}={v}" for k, v in o.items()) for n, o in GRIDS]
 
@@ -83,7 +84,7 @@ def test_codes_and_parameters_are_storable(name, opts):
         v = params[f.name]
         assert v.shape == (32, 1)
         if f.kind == "float16":
-            assert torch.equal(v, v.half().float()) and (v > 0).all()
+            assert torch.equal(v, v.half().float()) and (f.name == "min" or (v > 0).all())  # a min takes any sign
         else:
             assert torch.equal(v, v.round()) and v.min() >= 0 and v.max() < 2**f.bits
     if grid.name != "binary":  # 1 bit has no zero level
@@ -261,6 +262,7 @@ def test_bits_per_weight():
     assert bpw["int4"] == 4 + 16 / 64 + 4 / 64
     assert bpw["nf4"] == bpw["fp4_e2m1"] == bpw["power4"] == bpw["post4"] == 4 + 16 / 64
     assert bpw["mxfp4"] == 4 + 8 / 32 and bpw["nvfp4"] == 4 + 8 / 16
+    assert bpw["int4_min"] == 4 + 32 / 64 and bpw["int5_min"] == 5 + 32 / 64
     assert bpw["ternary"] == 1.6 + 16 / 64 and bpw["ternary2"] == 2 + 16 / 64 and bpw["binary"] == 1 + 16 / 64
     print("\nbits per weight (g64; mxfp4 g32, nvfp4 g16): " + ", ".join(f"{n} {b:.4g}" for n, b in bpw.items()))
 
@@ -293,7 +295,7 @@ def test_registry_names_options_and_listing():
     assert Recipe(format="ternary", symmetric=True).grid().name == "ternary"
 
 
-@pytest.mark.parametrize("fmt", ["nf4", "mxfp4", "nvfp4", "ternary", "power3"])
+@pytest.mark.parametrize("fmt", ["nf4", "mxfp4", "nvfp4", "ternary", "power3", "int4_min"])
 def test_end_to_end_artifact(fmt, tiny_llama, tmp_path):
     r = Recipe(method="rtn", format=fmt, group_size=64)
     job = quantize(str(tiny_llama), r, show_progress=False)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lowbit.formats import GroupLayout, IntGrid, get_grid
+from lowbit.formats import GroupLayout, IntGrid, IntMinGrid, get_grid
 from lowbit.formats.layout import GroupSizeError
 from lowbit.formats.registry import UnknownFormatError
 
@@ -51,6 +51,24 @@ def test_more_bits_less_error():
     w = torch.randn(64, 256)
     errs = [((IntGrid(b).quantize(w, IntGrid(b).fit(w)) - w) ** 2).mean() for b in range(2, 9)]
     assert all(a > b for a, b in zip(errs, errs[1:]))
+
+
+@pytest.mark.parametrize("bits", [4, 5])
+def test_min_grid_needs_no_zero_in_its_range(bits):
+    """int{b}_min: w = scale * q + min with fp16 scale and min; a block far from 0 still gets the full
+    2^b levels, the error is at most about half a step, and the decode is the GGUF Q4_1 / Q5_1 one."""
+    grid = IntMinGrid(bits)
+    w = 5.0 + torch.rand(16, 32)  # all in [5, 6]: an int grid with an integer zero point wastes most levels
+    params = grid.fit(w)
+    assert torch.equal(params["min"], params["min"].half().float()) and (params["min"] > 4.9).all()
+    assert torch.equal(params["scale"], params["scale"].half().float())
+    codes = grid.encode(w, params)
+    err = (grid.decode(codes, params) - w).abs()
+    assert (err <= params["scale"] * 0.51 + 4e-3).all()  # fp16 rounding of min and scale: a little more than half
+    expected = codes.float() * params["scale"]  # multiply, round, then add: as ggml decodes
+    assert torch.equal(grid.decode(codes, params), expected + params["min"])
+    assert ((IntGrid(bits).quantize(w, IntGrid(bits).fit(w)) - w) ** 2).mean() > 4 * (err**2).mean()
+    assert get_grid(f"int{bits}_min").name == f"int{bits}_min" and grid.spec() == {"format": f"int{bits}_min"}
 
 
 def test_registry_names_and_errors():

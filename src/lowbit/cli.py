@@ -162,7 +162,7 @@ def quantize(
     damp: Optional[float] = typer.Option(None, help="GPTQ dampening, fraction of mean diag(H). (default: 0.01)"),
     ignore: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep unquantized (repeatable). (default: lm_head)"),
     preprocess_steps: Optional[int] = typer.Option(None, help="PTQ1.61's quantization preprocessing: restorative-LoRA training steps on the calibration windows (distilling the original) between a first and the final quantization; 100 is a good start, the recipe's `preprocess` section has the rest. (default: 0, off)"),
-    target: Optional[str] = typer.Option(None, help="Export layout the codes must fit exactly: gguf:q4_0, gguf:q5_0, gguf:q8_0 (sets format, --sym and a group size of whole blocks; `lowbit export` then writes it bit for bit)."),
+    target: Optional[str] = typer.Option(None, help="Export layout the codes must fit exactly: gguf:q4_0, gguf:q4_1, gguf:q5_0, gguf:q5_1, gguf:q8_0, gguf:mxfp4, gguf:tq2_0, gguf:tq1_0 (sets the format, --sym where it applies and a group size of whole blocks; `lowbit export` then writes it bit for bit). A layer whose width the block does not divide is quantized for the target's fallback (tq* -> gguf:q4_0) or kept in float, and listed."),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
     allow_pickle: bool = typer.Option(False, show_default=False, help="Read a checkpoint stored only as pytorch_model.bin (torch's restricted unpickler; still untrusted input). Without it only safetensors are read."),
@@ -185,6 +185,12 @@ def quantize(
             f"[green]wrote[/] {path}: {len(job.report.modules)} layers quantized ({r.method} {r.format} g{r.group_size}), "
             f"{summary['bpw']:.3f} bits per weight, {len(job.report.skipped)} kept, {job.report.seconds:.1f} s"
         )
+        if r.target:  # what is not stored as the target itself, layer by layer
+            for name, m in job.report.modules.items():
+                if m.get("target_note"):
+                    console.print(f"{name}: {m['target_note']}", highlight=False)
+            for name, why in job.report.skipped.items():
+                console.print(f"kept {name}: {why}", highlight=False)
 
 
 @app.command("eval")
@@ -261,7 +267,7 @@ def inspect(
 @app.command()
 def export(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `lowbit quantize`."),
-    to: str = typer.Option(..., "--to", help="Format to write: gguf (llama.cpp, llama-cpp-python, ollama), compressed-tensors (transformers, vLLM) or gptq (HF GPTQ: transformers + gptqmodel, vLLM)."),
+    to: str = typer.Option(..., "--to", help="Format to write: gguf (llama.cpp, llama-cpp-python, ollama), compressed-tensors (transformers, vLLM) or gptq (HF GPTQ: transformers + gptqmodel, vLLM). gguf:<type> (gguf:q5_0, ...) writes every quantized layer as that GGUF type where it holds the weights exactly (int4 asym -> gguf:q5_0, int3 sym -> gguf:q4_0)."),
     output: Path = typer.Option(..., "-o", "--output", help="File (gguf) or directory (compressed-tensors, gptq) to write; not replaced unless --force (and then only an earlier export)."),
     embeddings: str = typer.Option("f16", show_default=False, help="GGUF type of the token embeddings and output layer: f16 or q8_0 (round to nearest). (default: f16)"),
     force: bool = typer.Option(False, show_default=False, help="Replace an existing output file."),

@@ -77,7 +77,7 @@ def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = Fa
         source["preprocess"] = {k: v for k, v in job.report.preprocess.items() if k != "seconds"}
     return save(
         loaded.model, out, tokenizer=loaded.tokenizer, source=source, recipe=recipe.to_dict(),
-        module_info={n: {"method": m["method"]} for n, m in job.report.modules.items()},
+        module_info={n: {k: m[k] for k in ("method", "target", "target_note") if k in m} for n, m in job.report.modules.items()},
         skipped=job.report.skipped, dense_dtype=loaded.dtype, force=force,
     )
 

@@ -25,11 +25,22 @@ from .nn import PTQ161Linear, QuantLinear
 from .recipe import PreprocessOptions, Recipe, Scheme
 
 
-def _target_block(name: str) -> int:
-    """Weights per block of an export target (`--target`); imported late: export reads artifacts."""
-    from .export.targets import get_target
+def _target_scheme(scheme: Scheme, target: str, in_features: int) -> tuple[Scheme | None, str | None, str]:
+    """A layer's scheme under an export target (`--target`): unchanged if the target's block divides
+    its input width, else its fallback's (TQ1_0/TQ2_0 -> gguf:q4_0, as llama.cpp's quantizer does);
+    returns (scheme or None if no block fits, the target it is quantized for, why it is not `target`).
+    Imported late: export reads artifacts."""
+    from .export.targets import get_target, recipe_settings, target_for_width
 
-    return get_target(name).block
+    asked = get_target(target)
+    fit = target_for_width(target, in_features)
+    why = f"input width {in_features} is not a multiple of the {asked.name} block ({asked.block})"
+    if fit is None:
+        return None, None, f"{why}: kept in float (exported as F16)"
+    if fit.name == asked.name:
+        return scheme, fit.name, ""
+    fallback = scheme.model_copy(update={**recipe_settings(fit.name, None), "format_options": {}})  # options belong to a format
+    return fallback, fit.name, f"{why}: quantized for {fit.name}"
 
 
 class QuantizeError(LowbitError):
@@ -40,6 +51,8 @@ class QuantizeError(LowbitError):
 class LayerPlan:
     scheme: Scheme
     layout: GroupLayout
+    target: str | None = None  # the export target its codes fit (the recipe's, or its fallback)
+    note: str = ""  # why the target is a fallback
 
 
 @dataclass
@@ -64,16 +77,18 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
             skipped[name] = "excluded by the recipe (ignore/override)"
             continue
         out_f, in_f = linear_weight(module).shape
-        if recipe.target and in_f % _target_block(recipe.target):
-            skipped[name] = (f"input width {in_f} is not a multiple of the {recipe.target} block "
-                             f"({_target_block(recipe.target)}): kept in float (exported as F16)")
-            continue
+        target, note = None, ""
+        if recipe.target:
+            scheme, target, note = _target_scheme(scheme, recipe.target, in_f)
+            if scheme is None:
+                skipped[name] = note
+                continue
         fixed = scheme.grid().fixed_group_size  # a format with its own block size (MXFP4) sets the groups
         try:
             layout = GroupLayout(out_f, in_f, fixed or scheme.group_size, recipe.ragged)
         except ValueError as exc:
             raise QuantizeError(f"{name}: {exc}") from None
-        plans[name] = LayerPlan(scheme, layout)
+        plans[name] = LayerPlan(scheme, layout, target, note)
     if not plans:
         raise QuantizeError("no linear layer to quantize: check the recipe's ignore patterns and overrides")
     widest = max(p.layout.in_features for p in plans.values())
@@ -125,6 +140,8 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
         "shape": list(qw.shape),
         "bpw": qw.bits_per_weight(),
         "seconds": time.perf_counter() - start,
+        **({"target": plan.target} if plan.target else {}),
+        **({"target_note": plan.note} if plan.note else {}),
         **extra,
     }
 

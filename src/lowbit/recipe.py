@@ -207,8 +207,8 @@ def _apply_target(data: Any) -> Any:
         settings = recipe_settings(data["target"], data.get("group_size"))
     except ExportError as exc:
         raise ValueError(str(exc)) from None
-    for key in ("format", "symmetric"):
-        if data.get(key) is not None and str(data[key]).lower() != str(settings[key]).lower():
+    for key in ("format", "symmetric"):  # symmetric: only where the target's grid has the choice
+        if key in settings and data.get(key) is not None and str(data[key]).lower() != str(settings[key]).lower():
             raise ValueError(f"target {data['target']} stores {key} {settings[key]}; drop {key} {data[key]!r} or the target")
     return {**data, **settings, "target": data["target"].strip().lower()}
 

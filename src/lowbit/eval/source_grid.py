@@ -34,7 +34,7 @@ def contains_source_grid(source_format: str | None, fmt: str, symmetric: bool, g
     `group_size`) hold every value of the source grid? True when it has at least as many bits,
     a zero point if the source has one, and each of its groups lies inside one source block."""
     src = parse_source_format(source_format)
-    match = re.fullmatch(r"int(\d)", fmt)
+    match = re.fullmatch(r"int(\d)(?:_min)?", fmt)  # int4_min: an fp16 step and min, asymmetric
     if src is None or match is None:
         return False
     bits = int(match.group(1))

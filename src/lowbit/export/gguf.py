@@ -1,16 +1,28 @@
 """Write a lowbit artifact as a GGUF file that llama.cpp (llama-cpp-python, ollama) loads and runs.
 
 Quantized modules become raw GGUF blocks of their exact type (`targets`, `gguf_blocks`): the
-file decodes, in gguf-py's own `dequantize`, to lowbit's dequantized weights bit for bit. Modules
+file decodes, in gguf-py's own `dequantize`, to lowbit's dequantized weights bit for bit. A
+module's type is its recorded target's (`--target`, or the fallback its width was quantized
+for), else the one its grid is made for (int4/int5/int8 sym -> Q4_0/Q5_0/Q8_0, int4_min/int5_min
+-> Q4_1/Q5_1, mxfp4 -> MXFP4, ternary2/ternary -> TQ2_0/TQ1_0); `to="gguf:q5_0"` asks for one type
+for all, which also writes lossless wider mappings (int4 asym -> Q5_0). Anything else is refused
+with the reason, what it would fit and the `--target` that fits it. Modules
 kept in float (the recipe's `ignore`, widths without a block layout) are written as F16, the
 embeddings and output as F16 or (`embeddings="q8_0"`) Q8_0 quantized here (round to nearest,
-llama.cpp's reference rule), norms and biases as F32. Llama-family and Qwen2 models, tied
-embeddings (no `output.weight`: llama.cpp reuses `token_embd`). Llama's q/k rows are permuted
-the way llama.cpp's converter does (whole rows move, so blocks move intact).
+llama.cpp's reference rule), norms and biases as F32. Llama-family, Qwen2 and Gemma 3 text
+models (`Gemma3ForCausalLM`), tied embeddings (no `output.weight`: llama.cpp reuses
+`token_embd`). Llama's q/k rows are permuted the way llama.cpp's converter does (whole rows
+move, so blocks move intact); Qwen2 and Gemma 3 use NEOX rope and are written as they are.
+Gemma 3: RMSNorm weights are written as 1 + w (HF applies (1 + w), llama.cpp the stored
+weight), the sliding window with the per-layer pattern and both rope bases are written; what
+llama.cpp computes itself (the query scale) is checked against the config and refused if it
+would differ.
 
 The tokenizer: byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3) with their merges,
-special tokens and chat template. The pre-tokenizer name llama.cpp needs is looked up by model
+special tokens and chat template; the pre-tokenizer name llama.cpp needs is looked up by model
 family (`_PRE`), else "default" (llama.cpp then warns and uses its default splitting).
+SentencePiece-style tokenizers (Gemma's own, Llama 2) are refused: their GGUF form (model
+"llama", scores, token types) is not written here.
 """
 
 from __future__ import annotations
@@ -29,12 +41,15 @@ from ..nn import QuantLinear
 from ..validation.paths import check_output_file
 from .errors import ExportError
 from .gguf_blocks import pack_blocks
-from .targets import gguf_type_for, why_not_gguf
+from .targets import get_target, gguf_type_for, why_not_gguf
 
-ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2"}
+ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3"}
 # pre-tokenizer names llama.cpp knows, by (model_type, vocab size) and then by model_type
 _PRE = {("llama", 49152): "smollm", ("llama", 128256): "llama-bpe", ("qwen2", None): "qwen2"}
-FILE_TYPES = {"Q4_0": "MOSTLY_Q4_0", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0"}
+FILE_TYPES = {
+    "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0",
+    "MXFP4": "MOSTLY_MXFP4_MOE", "TQ1_0": "MOSTLY_TQ1_0", "TQ2_0": "MOSTLY_TQ2_0",
+}
 
 
 def _permute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
@@ -49,13 +64,54 @@ def unpermute_rows(x: np.ndarray, n_head: int) -> np.ndarray:
     return x.reshape(n_head, rows // n_head // 2, 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
 def _head_dim(config) -> int:
     return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def _rope_params(config, layer_type: str | None = None) -> dict:
+    """The rope parameters (rope_theta, rope_type, factor ...) of all layers, or of one layer type
+    (Gemma 3: "full_attention" / "sliding_attention")."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    if layer_type is not None and isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+def _gemma3_hparams(w, config) -> None:
+    """Gemma 3 keys beyond the common ones, as llama.cpp's converter writes them and its loader reads
+    them: global-layer rope base (and linear scaling) in rope.*, local-layer base in rope.freq_base_swa,
+    the sliding window and which layers use it, the final logit softcap. What llama.cpp has no key
+    for and computes itself is checked instead, and refused if it would differ."""
+    import gguf
+
+    if getattr(config, "attn_logit_softcapping", None):
+        raise ExportError("Gemma 3 with attn_logit_softcapping: llama.cpp's gemma3 graph has no attention softcap")
+    n_embd_head = _head_dim(config)
+    # llama.cpp scales queries by 1/sqrt(head_dim), by 1/sqrt(hidden/heads) for the 62-layer (27B) model
+    implied = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else n_embd_head
+    if getattr(config, "query_pre_attn_scalar", implied) != implied:
+        raise ExportError(
+            f"Gemma 3 with query_pre_attn_scalar {config.query_pre_attn_scalar}: llama.cpp scales queries by "
+            f"1/sqrt({implied}) for this shape (it reads no key for it), so the file would not run this model"
+        )
+    full, local = _rope_params(config, "full_attention"), _rope_params(config, "sliding_attention")
+    for which, p in (("full_attention", full), ("sliding_attention", local)):
+        kind = p.get("rope_type", "default")
+        if kind not in ("default", "linear") or (which == "sliding_attention" and kind != "default"):
+            raise ExportError(f"Gemma 3 {which} rope type {kind!r}: the GGUF writer handles default rope, and linear "
+                              "scaling on the global layers (as the 4B-27B models use)")
+    w.add_rope_freq_base(float(full["rope_theta"]))
+    if full.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(full["factor"]))
+    layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * config.num_hidden_layers)
+    if getattr(config, "sliding_window", None) and "sliding_attention" in layer_types:
+        w.add_sliding_window(int(config.sliding_window))
+        w.add_sliding_window_pattern([t == "sliding_attention" for t in layer_types])  # True: a local layer
+        w.add_rope_freq_base_swa(float(local["rope_theta"]))
+    if getattr(config, "final_logit_softcapping", None):
+        w.add_final_logit_softcapping(float(config.final_logit_softcapping))
 
 
 def _add_hparams(w, config, name: str, file_type: str) -> None:
@@ -68,13 +124,16 @@ def _add_hparams(w, config, name: str, file_type: str) -> None:
     w.add_feed_forward_length(config.intermediate_size)
     w.add_head_count(config.num_attention_heads)
     w.add_head_count_kv(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
-    w.add_rope_freq_base(_rope_theta(config))
     w.add_layer_norm_rms_eps(config.rms_norm_eps)
     w.add_rope_dimension_count(_head_dim(config))
     w.add_vocab_size(config.vocab_size)
     if getattr(config, "head_dim", None):
         w.add_key_length(config.head_dim)
         w.add_value_length(config.head_dim)
+    if config.model_type == "gemma3_text":
+        _gemma3_hparams(w, config)
+    else:
+        w.add_rope_freq_base(float(_rope_params(config)["rope_theta"]))
     w.add_file_type(getattr(gguf.LlamaFileType, file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
@@ -85,11 +144,16 @@ def _add_tokenizer(w, root: Path, config) -> None:
     from transformers import AutoTokenizer
 
     tj = root / "tokenizer.json"
-    model = json.loads(tj.read_text(encoding="utf-8")).get("model", {}) if tj.is_file() else {}
-    if model.get("type") != "BPE":
+    spec = json.loads(tj.read_text(encoding="utf-8")) if tj.is_file() else {}
+    kind = (spec.get("model") or {}).get("type")
+    byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if kind != "BPE" or not byte_level:
+        what = ("SentencePiece-style BPE (byte fallback, no byte-level pre-tokenizer: Gemma, Llama 2, Mistral), "
+                "whose GGUF form (tokenizer.ggml.model 'llama', scores, token types) this writer does not produce"
+                if kind == "BPE" else kind or "missing")
         raise ExportError(
             f"{root}: GGUF export writes byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3); "
-            f"this artifact's tokenizer is {model.get('type') or 'missing'}"
+            f"this artifact's tokenizer is {what}. Nothing was written"
         )
     tok = AutoTokenizer.from_pretrained(root)
     vocab = tok.get_vocab()  # token -> id, added tokens included
@@ -117,25 +181,30 @@ def _add_tokenizer(w, root: Path, config) -> None:
     gguf.SpecialVocab(root, load_merges=True, n_vocab=n).add_to_gguf(w, quiet=True)
 
 
-def plan(header: dict) -> tuple[dict[str, str], list[str]]:
-    """(module -> GGUF type) for every quantized module, or the reasons some have none."""
+def plan(header: dict, to: str | None = None) -> tuple[dict[str, str], list[str]]:
+    """(module -> GGUF type) for every quantized module, or the reasons some have none. `to`: a
+    target (gguf:q5_0) whose type every module is written as (`targets.gguf_type_for`)."""
     types, problems = {}, []
     for name, entry in header["modules"].items():
-        t = gguf_type_for(entry)
+        t = gguf_type_for(entry, to)
         if t is None:
-            problems.append(why_not_gguf(name, entry))
+            problems.append(why_not_gguf(name, entry, to))
         else:
             types[name] = t
     return types, problems
 
 
-def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: str = "f16") -> Path:
-    """Write `artifact` as the GGUF file `out` (temporary file, then rename); returns `out`."""
+def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: str = "f16", to: str | None = None) -> Path:
+    """Write `artifact` as the GGUF file `out` (temporary file, then rename); returns `out`. Each
+    quantized module is written as its recorded target's type, else its grid's own type; with `to`
+    (a target such as gguf:q5_0), as that target's type (a lossless wider one: int4 asym -> Q5_0)."""
     if embeddings not in ("f16", "q8_0"):
         raise ExportError(f"embeddings type {embeddings!r}: use f16 or q8_0")
+    if to is not None:
+        to = get_target(to).name
     check_output_file(out, force=force)
     header = read_header(artifact)
-    types, problems = plan(header)
+    types, problems = plan(header, to)
     if problems:
         shown = "; ".join(problems[:3]) + (f" (+{len(problems) - 3} more)" if len(problems) > 3 else "")
         raise ExportError(f"{artifact} cannot be written as GGUF exactly: {shown}")
@@ -156,7 +225,8 @@ def write_model_gguf(model: torch.nn.Module, tokenizer_dir: Path, out: Path, typ
     arch = getattr(gguf.MODEL_ARCH, ARCHS[config.model_type])
     names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     n_head, n_kv = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    permute = config.model_type == "llama"
+    permute = config.model_type == "llama"  # llama.cpp's llama graph uses the interleaved rope order; qwen2 and gemma3 NEOX
+    norm_plus_one = config.model_type == "gemma3_text"  # HF Gemma applies (1 + w); llama.cpp multiplies by the stored w
     main_type = max(set(types.values()), key=list(types.values()).count) if types else "F16"
 
     def gguf_name(hf: str) -> str:
@@ -179,7 +249,7 @@ def write_model_gguf(model: torch.nn.Module, tokenizer_dir: Path, out: Path, typ
         if mname in qnames:
             if not isinstance(module, QuantLinear):
                 raise ExportError(f"{mname} is not a QuantLinear; it cannot be written as {types[mname]}")
-            raw = head_permute(mname + ".weight", pack_blocks(module.quantized_weight(), types[mname]))
+            raw = head_permute(mname + ".weight", pack_blocks(module.quantized_weight(), types[mname], mname))
             tensors.append((gguf_name(mname + ".weight"), raw, getattr(gguf.GGMLQuantizationType, types[mname])))
     for key, value in model.state_dict().items():
         if key.rsplit(".", 1)[0] in qnames and not key.endswith(".bias"):
@@ -187,6 +257,8 @@ def write_model_gguf(model: torch.nn.Module, tokenizer_dir: Path, out: Path, typ
         if tied and key == "lm_head.weight":
             continue  # llama.cpp reuses token_embd
         x = head_permute(key, value.detach().float().numpy())
+        if norm_plus_one and key.endswith("norm.weight"):
+            x = x + np.float32(1.0)  # as convert_hf_to_gguf: exact in float32, as HF computes 1 + w
         if key.endswith(("embed_tokens.weight", "lm_head.weight")) and embeddings == "q8_0" and x.shape[-1] % 32 == 0:
             tensors.append((gguf_name(key), gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0),
                             gguf.GGMLQuantizationType.Q8_0))

@@ -2,17 +2,33 @@
 
 A target (`--target gguf:q4_0`) fixes the grid, the symmetric flag and the group size so that
 RTN/GPTQ choose codes for exactly what the external format stores; the export then only moves
-bits. GGUF's legacy blocks hold 32 weights along a row with one fp16 scale `d`:
+bits. GGUF's blocks run along a row (the input features) with one scale per block:
 
-    gguf:q4_0   d * (u - 8),  u in 0..15    = lowbit int4 symmetric: (q - 8) * scale
-    gguf:q5_0   d * (u - 16), u in 0..31    = lowbit int5 symmetric
-    gguf:q8_0   d * q,        q in -128..127 = lowbit int8 symmetric: (q - 128) * scale
+    target      block  decode                      lowbit grid
+    gguf:q4_0   32     d * (u - 8),  u in 0..15    int4 symmetric: (q - 8) * scale
+    gguf:q4_1   32     d * u + m,    u in 0..15    int4_min: q * scale + min (fp16 min)
+    gguf:q5_0   32     d * (u - 16), u in 0..31    int5 symmetric
+    gguf:q5_1   32     d * u + m,    u in 0..31    int5_min
+    gguf:q8_0   32     d * q,        q in -128..127 int8 symmetric: (q - 128) * scale
+    gguf:mxfp4  32     2^(e-127) * E2M1[u]         mxfp4 (E8M0 scale code e)
+    gguf:tq2_0  256    d * t, t in {-1, 0, 1}      ternary2 (2 bits per trit)
+    gguf:tq1_0  256    d * t                       ternary (5 trits per byte)
 
 (lowbit's symmetric grids use the extra negative level, as GGUF does, so the scales agree too.)
-A group of 64 or 128 maps as well (its scale is repeated in each 32-block), but stores the same
-bytes as groups of 32, so the target's default is 32. A layer whose input width is not a multiple
-of 32 has no block layout: under a target it is kept in float and exported as F16 (llama.cpp's
-own fallback for such rows), and the report says so.
+A group of 64 or 128 maps as well (its scale is repeated in each block), but stores the same
+bytes as groups of one block, so the target's default is the block.
+
+Beyond its own type, a weight maps exactly into a *wider* type whenever its values are small
+integers times an fp16 scale per block (`integer_range`): int2/int3 symmetric, ternary and
+binary fit Q4_0; int4 asymmetric with an integer zero point (q - zero in [-15, 15]) fits Q5_0;
+int6/int7 (symmetric, or asymmetric up to int7) fit Q8_0; binary fits the TQ types. Such a
+weight is written that way only on request (`lowbit export --to gguf:q5_0`); it never fits
+Q4_1/Q5_1, whose min -zero * scale is generally not an fp16 number.
+
+Widths a block does not divide follow one rule (`target_for_width`): under a target such a
+layer is quantized for the target's fallback (TQ1_0/TQ2_0 -> gguf:q4_0, as llama.cpp's own
+quantizer does), reported per layer; where no block fits (a width that is not a multiple of
+32) it is kept in float and exported as F16 (llama.cpp's own fallback for such rows).
 """
 
 from __future__ import annotations
@@ -20,27 +36,77 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import LowbitError
+from ..formats import BinaryGrid, ClippedGrid, Grid, IntGrid, IntMinGrid, MXFP4Grid, TernaryGrid, get_grid, grid_from_spec
 from .errors import ExportError
+
+
+@dataclass(frozen=True)
+class GGMLType:
+    """One GGUF storage type lowbit writes from stored codes (layouts: `gguf_blocks`)."""
+
+    name: str  # gguf.GGMLQuantizationType member
+    block: int  # weights per block along a row
+    block_bytes: int
+    decode: str  # "signed": d * v, v an integer in [lo, hi]; "affine": d * u + m, u in [0, hi]; "mxfp4"
+    lo: int = 0
+    hi: int = 0
+
+    @property
+    def bpw(self) -> float:
+        return 8 * self.block_bytes / self.block
+
+
+GGML_TYPES: dict[str, GGMLType] = {
+    t.name: t
+    for t in [
+        GGMLType("Q4_0", 32, 18, "signed", -8, 7),
+        GGMLType("Q4_1", 32, 20, "affine", 0, 15),
+        GGMLType("Q5_0", 32, 22, "signed", -16, 15),
+        GGMLType("Q5_1", 32, 24, "affine", 0, 31),
+        GGMLType("Q8_0", 32, 34, "signed", -128, 127),
+        GGMLType("MXFP4", 32, 17, "mxfp4"),
+        GGMLType("TQ2_0", 256, 66, "signed", -1, 1),
+        GGMLType("TQ1_0", 256, 54, "signed", -1, 1),
+    ]
+}
 
 
 @dataclass(frozen=True)
 class Target:
     name: str  # as --target spells it
     format: str  # the lowbit grid
-    symmetric: bool
-    block: int  # weights per block along a row
+    symmetric: bool | None  # None: the grid has no such choice
     ggml_type: str  # gguf.GGMLQuantizationType member
     description: str
+    fallback: str | None = None  # the target for widths this block does not divide; None: kept in float
+
+    @property
+    def ggml(self) -> GGMLType:
+        return GGML_TYPES[self.ggml_type]
+
+    @property
+    def block(self) -> int:
+        """Weights per block along a row."""
+        return self.ggml.block
 
 
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in [
-        Target("gguf:q4_0", "int4", True, 32, "Q4_0", "llama.cpp Q4_0: 4-bit symmetric, fp16 scale per 32 (4.5 bpw)"),
-        Target("gguf:q5_0", "int5", True, 32, "Q5_0", "llama.cpp Q5_0: 5-bit symmetric, fp16 scale per 32 (5.5 bpw)"),
-        Target("gguf:q8_0", "int8", True, 32, "Q8_0", "llama.cpp Q8_0: 8-bit symmetric, fp16 scale per 32 (8.5 bpw)"),
+        Target("gguf:q4_0", "int4", True, "Q4_0", "llama.cpp Q4_0: 4-bit symmetric, fp16 scale per 32 (4.5 bpw)"),
+        Target("gguf:q4_1", "int4_min", None, "Q4_1", "llama.cpp Q4_1: 4-bit, fp16 scale and min per 32 (5.0 bpw)"),
+        Target("gguf:q5_0", "int5", True, "Q5_0", "llama.cpp Q5_0: 5-bit symmetric, fp16 scale per 32 (5.5 bpw)"),
+        Target("gguf:q5_1", "int5_min", None, "Q5_1", "llama.cpp Q5_1: 5-bit, fp16 scale and min per 32 (6.0 bpw)"),
+        Target("gguf:q8_0", "int8", True, "Q8_0", "llama.cpp Q8_0: 8-bit symmetric, fp16 scale per 32 (8.5 bpw)"),
+        Target("gguf:mxfp4", "mxfp4", None, "MXFP4", "llama.cpp MXFP4: E2M1 with an E8M0 scale per 32 (4.25 bpw)"),
+        Target("gguf:tq2_0", "ternary2", None, "TQ2_0", "llama.cpp TQ2_0: ternary, fp16 scale per 256 (2.06 bpw)",
+               fallback="gguf:q4_0"),
+        Target("gguf:tq1_0", "ternary", None, "TQ1_0", "llama.cpp TQ1_0: ternary, 5 trits a byte, fp16 scale per 256 "
+               "(1.69 bpw)", fallback="gguf:q4_0"),
     ]
 }
+_BY_TYPE = {t.ggml_type: t for t in TARGETS.values()}
 
 
 def get_target(name: str) -> Target:
@@ -51,42 +117,164 @@ def get_target(name: str) -> Target:
 
 
 def recipe_settings(name: str, group_size: int | None) -> dict[str, Any]:
-    """The recipe keys a target fixes: format, symmetric and a group size that is a whole number
-    of blocks (the given one if it is, else the block)."""
+    """The recipe keys a target fixes: format, symmetric (where the grid has the choice) and a
+    group size that is a whole number of blocks (the given one if it is, else the block)."""
     t = get_target(name)
+    fixed = get_grid(t.format).fixed_group_size  # MXFP4: its own block of 32, no other
+    if fixed and group_size is not None and group_size != fixed:
+        raise ExportError(f"target {t.name} stores one scale per {fixed} weights; group size {group_size} is not {fixed} "
+                          f"(leave --group-size out)")
     if group_size is not None and not (group_size == -1 or (group_size > 0 and group_size % t.block == 0)):
         raise ExportError(
             f"target {t.name} stores blocks of {t.block}; group size {group_size} is not a multiple of it "
             f"(use {t.block}, a multiple of it, or -1)"
         )
-    return {"format": t.format, "symmetric": t.symmetric, "group_size": t.block if group_size is None else group_size}
+    settings: dict[str, Any] = {"format": t.format, "group_size": t.block if group_size is None else group_size}
+    if t.symmetric is not None:
+        settings["symmetric"] = t.symmetric
+    return settings
 
 
-def gguf_type_for(entry: dict[str, Any]) -> str | None:
-    """The GGUF block type that stores an artifact module's weights exactly, or None."""
-    if entry.get("kind", "linear") != "linear":
-        return None
-    grid = entry["grid"]
-    in_f = entry["shape"][1]
-    for t in TARGETS.values():
-        if not t.name.startswith("gguf:"):
-            continue
-        if grid.get("format") != t.format or grid.get("symmetric") is not t.symmetric or set(grid) - {"format", "symmetric"}:
-            continue
-        g = entry["group_size"]
-        if in_f % t.block == 0 and (g in (-1, 0) or (g > 0 and g % t.block == 0)):
-            return t.ggml_type
+def target_for_width(name: str, in_features: int) -> Target | None:
+    """The target a layer of this input width is quantized for: `name` if its block divides the
+    width, else the first of its fallbacks that does; None if none does (the layer stays float)."""
+    t: Target | None = get_target(name)
+    while t is not None and in_features % t.block:
+        t = TARGETS[t.fallback] if t.fallback else None
+    return t
+
+
+# ---- which stored weight maps onto which type --------------------------------------------------
+
+def _inner(grid: Grid) -> Grid:
+    return grid.inner if isinstance(grid, ClippedGrid) else grid  # clipping changes only the fit
+
+
+def integer_range(grid: Grid) -> tuple[int, int] | None:
+    """[lo, hi] of the integers v such that the grid's values are v * (fp16 scale of the group), or
+    None if its values are not of that form. Asymmetric int: v = q - zero."""
+    g = _inner(grid)
+    if isinstance(g, IntGrid):
+        half = 2 ** (g.bits - 1)
+        return (-half, half - 1) if g.symmetric else (-g.maxq, g.maxq)
+    if isinstance(g, (TernaryGrid, BinaryGrid)):
+        return (-1, 1)
     return None
 
 
-def why_not_gguf(name: str, entry: dict[str, Any]) -> str:
-    """One sentence: why this module has no exact GGUF layout, and what would give it one."""
-    grid = entry["grid"]
-    desc = grid.get("format", "?") + ("" if "symmetric" not in grid else (" sym" if grid["symmetric"] else " asym"))
-    fits = [t.name for t in TARGETS.values() if t.format == grid.get("format")]
-    if entry["shape"][1] % 32:
-        return f"{name}: its input width {entry['shape'][1]} is not a multiple of GGUF's 32-weight blocks"
-    hint = f"quantize with --target {fits[0] if fits else 'gguf:q4_0'}"
-    if fits and grid.get("symmetric") is False:
-        return f"{name}: {desc} g{entry['group_size']} stores an integer zero point, which {', '.join(fits)} cannot hold; {hint}"
-    return f"{name}: grid {desc} g{entry['group_size']} has no exact GGUF layout (targets: {', '.join(TARGETS)}); {hint}"
+def grid_label(grid: Grid) -> str:
+    g = _inner(grid)
+    if isinstance(g, IntGrid):
+        return f"{g.name} {'sym' if g.symmetric else 'asym'}"
+    return g.name
+
+
+def misfit(grid: Grid, group_size: int, in_features: int, ggml_type: str) -> str | None:
+    """Why a weight of `in_features` columns on `grid`, in groups of `group_size` (> 0, -1 per row,
+    0 per tensor), does not decode exactly from `ggml_type` blocks; None if it does."""
+    t, g = GGML_TYPES[ggml_type], _inner(grid)
+    if in_features % t.block:
+        return f"input width {in_features} is not a multiple of {t.name}'s {t.block}-weight block"
+    if group_size > 0 and group_size % t.block:
+        return f"group size {group_size} is not a multiple of {t.name}'s {t.block}-weight block (one scale per block)"
+    if t.decode == "mxfp4":
+        return None if isinstance(g, MXFP4Grid) else f"{t.name} holds E2M1 values with power-of-two block scales (format mxfp4)"
+    if t.decode == "affine":
+        if isinstance(g, IntMinGrid) and g.maxq <= t.hi:
+            return None
+        if isinstance(g, IntGrid) and not g.symmetric:
+            return f"{grid_label(g)} stores an integer zero point, whose min -zero*scale is generally not the fp16 min {t.name} stores"
+        return f"{t.name} decodes d*u + m with an fp16 step and min, u in [0, {t.hi}] (format int{t.hi.bit_length()}_min)"
+    rng = integer_range(g)
+    if rng is None:
+        return f"{t.name} holds integers times a per-block fp16 scale, which {g.name}'s levels are not"
+    if rng[0] < t.lo or rng[1] > t.hi:
+        return f"{t.name} holds integers in [{t.lo}, {t.hi}], {grid_label(g)} needs [{rng[0]}, {rng[1]}]"
+    return None
+
+
+def native_type(grid: Grid) -> str | None:
+    """The GGUF type a grid is made for (same code width and decode), if any."""
+    g = _inner(grid)
+    if isinstance(g, IntGrid) and g.symmetric:
+        return {4: "Q4_0", 5: "Q5_0", 8: "Q8_0"}.get(g.bits)
+    if isinstance(g, IntMinGrid):
+        return {4: "Q4_1", 5: "Q5_1"}.get(g.bits)
+    if isinstance(g, MXFP4Grid):
+        return "MXFP4"
+    if isinstance(g, TernaryGrid):
+        return "TQ1_0" if g.packed else "TQ2_0"
+    return None
+
+
+def exact_types(grid: Grid, group_size: int, in_features: int) -> list[str]:
+    """Every GGUF type the weight decodes exactly from, fewest bits per weight first."""
+    found = [t for t in GGML_TYPES.values() if misfit(grid, group_size, in_features, t.name) is None]
+    return [t.name for t in sorted(found, key=lambda t: (t.bpw, t.name))]
+
+
+def _entry_grid(entry: dict[str, Any]) -> Grid | None:
+    if entry.get("kind", "linear") != "linear":
+        return None
+    try:
+        return grid_from_spec(entry["grid"])
+    except (LowbitError, KeyError, TypeError):  # a format (or option) this lowbit does not know: no mapping
+        return None
+
+
+def gguf_type_for(entry: dict[str, Any], to: str | None = None) -> str | None:
+    """The GGUF type an artifact module is written as, or None if none stores it exactly. With `to`
+    (a target such as gguf:q5_0): that target's type, or its fallback's for widths its block does
+    not divide. Without: the module's recorded target, else the type its grid is made for."""
+    grid = _entry_grid(entry)
+    if grid is None:
+        return None
+    g, in_f = entry["group_size"], entry["shape"][1]
+    if to is not None:
+        t = target_for_width(to, in_f)
+        wanted = [t.ggml_type] if t is not None else []
+    else:
+        wanted = [get_target(entry["target"]).ggml_type] if entry.get("target") in TARGETS else []
+        wanted += [n for n in [native_type(grid)] if n is not None]
+    return next((w for w in wanted if misfit(grid, g, in_f, w) is None), None)
+
+
+def _suggest(grid: Grid) -> list[str]:
+    """Targets whose --target would quantize a weight like this one onto a GGUF type of its own."""
+    g = _inner(grid)
+    if isinstance(g, (TernaryGrid, BinaryGrid)):
+        return ["gguf:tq1_0", "gguf:tq2_0", "gguf:q4_0"]
+    if isinstance(g, MXFP4Grid) or g.name.startswith("fp4"):
+        return ["gguf:mxfp4", "gguf:q4_0"]
+    bits = getattr(g, "bits", 4)
+    if bits <= 4:
+        return ["gguf:q4_0", "gguf:q4_1"]
+    if bits == 5:
+        return ["gguf:q5_0", "gguf:q5_1"]
+    return ["gguf:q8_0"]
+
+
+def why_not_gguf(name: str, entry: dict[str, Any], to: str | None = None) -> str:
+    """One sentence: why this module has no exact GGUF layout, what it would fit losslessly, and
+    the quantize flag that gives it one."""
+    g, in_f = entry["group_size"], entry["shape"][1]
+    grid = _entry_grid(entry)
+    if grid is None:
+        kind = entry.get("kind", "linear")
+        what = f"a {kind!r} module" if kind != "linear" else f"grid {entry['grid'].get('format', '?')}"
+        return f"{name}: {what} has no GGUF layout; re-quantize with --method rtn or gptq and --target gguf:q4_0"
+    if in_f % 32:
+        return f"{name}: its input width {in_f} is not a multiple of GGUF's 32-weight blocks"
+    desc = f"{grid_label(grid)} g{g}"
+    wanted = target_for_width(to, in_f).ggml_type if to is not None else native_type(grid)
+    if wanted is not None:
+        head = f"{name}: {desc} does not map exactly to {wanted}: {misfit(grid, g, in_f, wanted)}"
+    elif isinstance(_inner(grid), IntGrid) and not _inner(grid).symmetric:
+        head = f"{name}: {desc} stores an integer zero point, which Q4_1/Q5_1 cannot hold (their min is an fp16 number)"
+    else:
+        head = f"{name}: grid {desc} has no exact GGUF layout of its own"
+    wider = [t for t in exact_types(grid, g, in_f) if t != wanted]
+    if wider:
+        head += f"; it fits {', '.join(_BY_TYPE[t].name for t in wider)} exactly (export with --to {_BY_TYPE[wider[0]].name})"
+    flags = " or ".join(f"--target {t}" for t in _suggest(grid))
+    return f"{head}; or quantize with {flags}"

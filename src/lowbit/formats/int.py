@@ -5,6 +5,11 @@ stored packed at b bits. The range always includes 0 (as in the GPTQ reference),
 Symmetric: w ~ scale * (q - 2^(b-1)), scale = 2 * absmax / (2^b - 1) (the GPTQ convention: the
 extra negative level is used and only the largest positive value may clip by half a step).
 Scales are fp16.
+
+`int{b}_min` (IntMinGrid): unsigned codes with an fp16 step and an fp16 offset per block,
+w ~ scale * q + min, q in [0, 2^b - 1]: llama.cpp's Q4_1 / Q5_1 decode. The asymmetric grid's
+offset -zero * scale is generally not an fp16 number; this one's is, so a block stores exactly
+what GGUF stores.
 """
 
 from __future__ import annotations
@@ -59,3 +64,47 @@ class IntGrid(Grid):
 
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         return (codes.float() - self._zero(params)) * params["scale"]
+
+
+def round_to_fp16_signed(x: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest finite fp16 value (zero allowed) and return it as float32."""
+    big = torch.finfo(torch.float16).max
+    return x.clamp(-big, big).to(torch.float16).to(torch.float32)
+
+
+class IntMinGrid(Grid):
+    """w ~ scale * q + min, q in [0, 2^b - 1], fp16 scale and fp16 min per block (`int4_min`).
+
+    Fit: min = fp16(min w), scale = fp16((max w - min) / (2^b - 1)) (1 for a constant block); the
+    range need not contain 0. Decode multiplies, then adds, in float32 (two roundings in that
+    order), as ggml's and gguf-py's Q4_1 / Q5_1 decoders do, so exported blocks decode to these
+    values bit for bit.
+    """
+
+    def __init__(self, bits: int) -> None:
+        if not 2 <= bits <= 8:
+            raise ValueError(f"integer grids have 2 to 8 bits, got {bits}")
+        self.bits = bits
+        self.maxq = 2**bits - 1
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}_min"
+
+    @property
+    def param_fields(self) -> tuple[ParamField, ...]:
+        return (ParamField.fp16("scale"), ParamField.fp16("min"))
+
+    def fit(self, w: torch.Tensor) -> Params:
+        w = w.float()
+        lo = round_to_fp16_signed(w.amin(dim=1, keepdim=True))
+        span = w.amax(dim=1, keepdim=True) - lo
+        scale = round_to_fp16(torch.where(span > 0, span / self.maxq, 1.0))
+        return {"scale": scale, "min": lo}
+
+    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+        q = torch.round((w.float() - params["min"]) / params["scale"])
+        return q.clamp(0, self.maxq).to(torch.uint8)
+
+    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
+        return codes.float() * params["scale"] + params["min"]

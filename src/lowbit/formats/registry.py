@@ -10,7 +10,7 @@ from ..errors import LowbitError
 from .base import Grid
 from .binary import BinaryGrid
 from .clip import ClippedGrid
-from .int import IntGrid
+from .int import IntGrid, IntMinGrid
 from .log import LogGrid
 from .lookup import LookupGrid, NormalFloatGrid
 from .minifloat import MinifloatGrid, MXFP4Grid, NVFP4Grid
@@ -64,6 +64,13 @@ _FORMATS: list[_Format] = [
         lambda m, o: IntGrid(int(m.group(1)), symmetric=bool(_options(m.group(0), o, ("symmetric",)).get("symmetric", False))),
         "uniform integer grid, 2-8 bits; options: symmetric (default false: asymmetric with a zero point)",
         "2-8", "fp16 scale (+ b-bit zero point if asymmetric)",
+    ),
+    _Format(
+        re.compile(r"int([2-8])_min"),
+        lambda m, o: IntMinGrid(int(m.group(1)), **_options(m.group(0), o, ())),
+        "unsigned integer codes with an fp16 step and an fp16 min per block, w = scale*q + min (llama.cpp's "
+        "Q4_1/Q5_1 decode: int4_min, int5_min); what --target gguf:q4_1 / gguf:q5_1 quantize onto",
+        "2-8", "fp16 scale + fp16 min",
     ),
     _Format(
         re.compile(r"fp([3-8])_e([1-7])m([0-6])"),
@@ -172,7 +179,7 @@ def _lut(o: dict[str, Any]) -> Grid:
 
 
 EXAMPLE_NAMES = [
-    "int8", "int4", "int3", "int2",
+    "int8", "int4", "int3", "int2", "int4_min", "int5_min",
     "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp5_e2m2", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "mxfp4", "nvfp4",
     "nf4", "nf3", "lut", "power4", "post4", "log4", "ternary", "ternary2", "binary", "nested8",
 ]
@@ -208,7 +215,7 @@ def get_grid(name: str, **options: Any) -> Grid:
         raise UnknownFormatError(f"{name!r} is a search over grids, not one grid: use it as a recipe format (get_format)")
     raise UnknownFormatError(
         f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES + SEARCH_NAMES)} "
-        "(see `lowbit formats` for the patterns: int2-8, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
+        "(see `lowbit formats` for the patterns: int2-8, int2-8_min, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
         "fpN_search, powerN_search)"
     )
 

@@ -23,6 +23,16 @@ def require_assets() -> None:
         pytest.fail(f"reference assets not found at {ASSETS} (set LOWBIT_SHARED)")
 
 
+def require_llama_cpp():
+    """llama-cpp-python, or a skip where it is not installed (a ~15 min source build); CI builds it
+    and sets LOWBIT_REQUIRE_LLAMA_CPP=1, so there a missing llama_cpp fails instead of skipping."""
+    if os.environ.get("LOWBIT_REQUIRE_LLAMA_CPP") == "1":
+        import llama_cpp
+
+        return llama_cpp
+    return pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install llama-cpp-python)")
+
+
 def save_tiny(model, out: Path) -> Path:
     model.save_pretrained(out)
     for name in TOKENIZER_FILES:

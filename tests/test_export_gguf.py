@@ -15,7 +15,7 @@ from lowbit.export.gguf import unpermute_rows
 from lowbit.export.targets import target_for_width
 from lowbit.nn import QuantLinear
 
-from conftest import save_tiny
+from conftest import require_llama_cpp, save_tiny
 
 runner = CliRunner(env={"COLUMNS": "200"})
 
@@ -416,7 +416,7 @@ def test_llama_cpp_logits_agree_with_lowbit(request, calib_text, tmp_path, fixtu
     Gemma's post-norms carry into the residual at full size). Measured controls: Gemma without the
     norm + 1, without the layer pattern or the local rope base, or llama without its q/k row order
     (the sharpened models) give 0.3 to 0.8."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = require_llama_cpp()
     art, out = tmp_path / "art", tmp_path / "m.gguf"
     quantize(request.getfixturevalue(fixture), art, "--method", method, "--target", target, calib=calib_text)
     assert cli("export", art, "--to", "gguf", "-o", out).exit_code == 0

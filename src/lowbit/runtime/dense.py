@@ -58,7 +58,9 @@ class HalfLinear(nn.Module):
             lib.lowbit_gemv_half(self.weight.data_ptr(), int(self.weight.dtype == torch.bfloat16), x2.data_ptr(), y.data_ptr(),
                                  x2.shape[0], self.out_features, self.in_features)
         else:
-            y = torch.cat([x2 @ self.weight[i:i + SLICE_ROWS].float().T for i in range(0, self.out_features, SLICE_ROWS)], dim=1)
+            y = torch.empty(x2.shape[0], self.out_features)
+            for i in range(0, self.out_features, SLICE_ROWS):  # written in place: no second [rows, out] copy
+                y[:, i:i + SLICE_ROWS] = x2 @ self.weight[i:i + SLICE_ROWS].float().T
         if self.bias is not None:
             y += self.bias
         return y.reshape(*lead, self.out_features)

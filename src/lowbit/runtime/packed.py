@@ -1,7 +1,8 @@
 """A QuantLinear's integer weight as the C kernels read it, and the product with it.
 
 The kernels read the module's own buffers in place, nothing copied or widened: the packed codes
-(4-bit: two codes per byte, LSB first; 8-bit: one byte each), the fp16 scales [out, n_groups],
+(lowbit's LSB-first bit stream at 2 to 8 bits: for 4 bits two codes per byte, for 8 one byte
+each; 4 bits has its own kernel, the other widths one generic kernel), the fp16 scales [out, n_groups],
 and for asymmetric grids the zero points unpacked to one byte per group (symmetric grids pass
 their constant zero). For int4 with groups of 32 that is 0.5625 bytes per weight, the artifact's
 own size, against fp32's 4. Batch-few inputs (decode) run the product kernel; more rows
@@ -45,7 +46,7 @@ class PackedInt:
         """The packed view of a QuantLinear, or None when the kernels do not cover its grid/layout."""
         grid = _int_grid(layer.grid)
         layout = layer.layout
-        if grid is None or grid.bits not in (4, 8) or layout.in_features % BLOCK:
+        if grid is None or not 2 <= grid.bits <= 8 or layout.in_features % BLOCK:
             return None
         group = layout.effective_group_size
         if group % BLOCK or library() is None:
@@ -73,10 +74,14 @@ class PackedInt:
         """x: [rows, in] float32 contiguous, rows <= MAX_BATCH -> [rows, out]."""
         rows = x.shape[0]
         y = torch.empty(rows, self.out_features)
-        x_sum = torch.empty(rows * self.n_groups)
-        kernel = library().lowbit_gemv_int4 if self.bits == 4 else library().lowbit_gemv_int8
-        kernel(self.codes.data_ptr(), x.data_ptr(), self.scale.data_ptr(), *self._zero_args(), y.data_ptr(), rows,
-               self.out_features, self.in_features, self.group, self.n_groups, x_sum.data_ptr())
+        work = torch.empty(rows * (self.n_groups + (self.in_features if self.bits == 4 else 0)))  # [x de-interleaved (int4),] group sums
+        lib = library()
+        args = (x.data_ptr(), self.scale.data_ptr(), *self._zero_args(), y.data_ptr(), rows, self.out_features, self.in_features,
+                self.group, self.n_groups, work.data_ptr())
+        if self.bits == 4:
+            lib.lowbit_gemv_int4(self.codes.data_ptr(), *args)
+        else:
+            lib.lowbit_gemv_bits(self.codes.data_ptr(), self.bits, *args)
         return y
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None, weight=None) -> torch.Tensor:

@@ -55,6 +55,10 @@ CASES = {
     "gptq-int4-asym-g32": {"method": "gptq", "format": "int4", "symmetric": False, "group_size": 32},
     "qwen2-int4-asym-g32": {"format": "int4", "symmetric": False, "group_size": 32},  # biased q/k/v, tied embeddings
     "qwen2-nvfp4": {"format": "nvfp4"},
+    # export-aware quantization for compressed-tensors (`--target`)
+    "target-ct-w4a16-g64": {"target": "ct:w4a16-g64"},  # tiny layers: 64/96 wide
+    "target-ct-w4a16-asym-g32": {"method": "gptq", "target": "ct:w4a16-asym-g32"},
+    "target-ct-nvfp4": {"target": "ct:nvfp4"},
 }
 IDS = torch.randint(0, 4096, (2, 40), generator=torch.Generator().manual_seed(0))  # 80 tokens: lowbit decodes exactly
 
@@ -319,3 +323,34 @@ def test_export_is_deterministic(exports, tmp_path):
     again = write_compressed_tensors(art, tmp_path / "again")
     for f in ("model.safetensors", "config.json"):
         assert (first / f).read_bytes() == (again / f).read_bytes()
+
+
+@pytest.mark.parametrize("name, fmt, sym, group", [
+    ("ct:w4a16", "int4", True, 128), ("ct:w8a16-g32", "int8", True, 32), ("ct:w4a16-asym", "int4", False, 128),
+    ("gptq:int4", "int4", True, 128), ("gptq:int3-g64-asym", "int3", False, 64), ("ct:nvfp4", "nvfp4", None, 16),
+])
+def test_compressed_tensors_and_gptq_targets_fix_the_scheme(name, fmt, sym, group):
+    r = Recipe.from_dict({"method": "rtn", "target": name})
+    assert (r.format, r.group_size) == (fmt, group)
+    if sym is not None:
+        assert r.symmetric is sym
+
+
+def test_target_mistakes_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="fixes groups of 128"):
+        Recipe.from_dict({"method": "rtn", "target": "ct:w4a16", "group_size": 64})
+    with pytest.raises(ValueError, match="known targets: .*ct:w4a16"):
+        Recipe.from_dict({"method": "rtn", "target": "ct:w5a8"})
+    with pytest.raises(ValueError, match="unknown target"):
+        Recipe.from_dict({"method": "rtn", "target": "gptq:int5"})  # GPTQ kernels take 2, 3, 4, 8 bits
+
+
+def test_a_compressed_tensors_target_is_not_a_gguf_type(exports, tmp_path):
+    from lowbit.export.gguf import write_gguf
+
+    art, _ = exports["target-ct-w4a16-g64"]
+    with pytest.raises(ExportError, match="not a GGUF type"):
+        write_gguf(art, tmp_path / "m.gguf", to="ct:w4a16-g64")
+    assert not (tmp_path / "m.gguf").exists()
+    # int4 symmetric in groups of 64 (whole 32-blocks, a short last one of 32) is also exactly Q4_0
+    assert cli("export", str(art), "--to", "gguf", "-o", str(tmp_path / "m.gguf")).exit_code == 0

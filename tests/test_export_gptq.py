@@ -30,6 +30,8 @@ CASES = {
     "mixed-groups": {"format": "int4", "symmetric": True, "group_size": 64,
                      "overrides": [{"pattern": r"mlp\.down_proj", "group_size": 32}, {"pattern": r"o_proj", "group_size": -1}]},
     "gptq-int4-asym-g32": {"method": "gptq", "format": "int4", "symmetric": False, "group_size": 32},
+    "target-gptq-int4-g64": {"target": "gptq:int4-g64"},
+    "target-gptq-int3-g32": {"method": "gptq", "target": "gptq:int3-g32"},
 }
 
 

@@ -36,7 +36,7 @@ def _target_scheme(scheme: Scheme, target: str, in_features: int) -> tuple[Schem
     fit = target_for_width(target, in_features)
     why = f"input width {in_features} is not a multiple of the {asked.name} block ({asked.block})"
     if fit is None:
-        return None, None, f"{why}: kept in float (exported as F16)"
+        return None, None, f"{why}: kept in float" + (" (exported as F16)" if asked.ggml_type else "")
     if fit.name == asked.name:
         return scheme, fit.name, ""
     fallback = scheme.model_copy(update={**recipe_settings(fit.name, None), "format_options": {}})  # options belong to a format
@@ -96,7 +96,8 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
     if too_wide and "group_size" in recipe.model_fields_set:  # asked for, not the default
         raise QuantizeError(
             f"group size {too_wide[0]} is wider than every layer (the widest takes {widest} inputs): it would mean one "
-            "group per output channel; say so with --group-size -1, or pick a size up to the layer width (e.g. 128)"
+            f"group per output channel; say so with --group-size -1, or pick a size up to the layer width (e.g. "
+            f"{max(32, 1 << (widest.bit_length() - 1))})"
         )
     return plans, skipped
 

@@ -41,7 +41,7 @@ from ..nn import QuantLinear
 from ..validation.paths import check_output_file
 from .errors import ExportError
 from .gguf_blocks import pack_blocks
-from .targets import get_target, gguf_type_for, why_not_gguf
+from .targets import TARGETS, get_target, gguf_type_for, why_not_gguf
 
 ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3"}
 # pre-tokenizer names llama.cpp knows, by (model_type, vocab size) and then by model_type
@@ -201,7 +201,11 @@ def write_gguf(artifact: Path, out: Path, *, force: bool = False, embeddings: st
     if embeddings not in ("f16", "q8_0"):
         raise ExportError(f"embeddings type {embeddings!r}: use f16 or q8_0")
     if to is not None:
-        to = get_target(to).name
+        t = get_target(to)
+        if t.ggml_type is None:
+            raise ExportError(f"{t.name} is not a GGUF type; give one of {', '.join(n for n in TARGETS)} "
+                              f"(or export with --to {t.name.split(':')[0].replace('ct', 'compressed-tensors')})")
+        to = t.name
     check_output_file(out, force=force)
     header = read_header(artifact)
     types, problems = plan(header, to)

@@ -33,6 +33,7 @@ quantizer does), reported per layer; where no block fits (a width that is not a 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,9 +78,10 @@ class Target:
     name: str  # as --target spells it
     format: str  # the lowbit grid
     symmetric: bool | None  # None: the grid has no such choice
-    ggml_type: str  # gguf.GGMLQuantizationType member
+    ggml_type: str | None  # gguf.GGMLQuantizationType member; None for compressed-tensors / GPTQ targets
     description: str
     fallback: str | None = None  # the target for widths this block does not divide; None: kept in float
+    group: int | None = None  # the group size the target fixes (compressed-tensors / GPTQ); GGUF: its block
 
     @property
     def ggml(self) -> GGMLType:
@@ -87,8 +89,10 @@ class Target:
 
     @property
     def block(self) -> int:
-        """Weights per block along a row."""
-        return self.ggml.block
+        """Weights per block along a row: what a layer's width must be a multiple of."""
+        if self.ggml_type is not None:
+            return self.ggml.block
+        return get_grid(self.format).fixed_group_size or 1  # nvfp4: 16, mxfp4: 32; integer grids: any width
 
 
 TARGETS: dict[str, Target] = {
@@ -108,12 +112,39 @@ TARGETS: dict[str, Target] = {
 }
 _BY_TYPE = {t.ggml_type: t for t in TARGETS.values()}
 
+# compressed-tensors and HF GPTQ: integer grids at any width (a shorter last group is exported
+# exactly), or the FP4 formats with their own blocks. Names follow llm-compressor's schemes
+# (W4A16: int4 symmetric, groups of 128) and GPTQ's usual `bits` / `group_size`.
+_INT_TARGET = re.compile(r"ct:w([2-8])a16|gptq:int([2348])")
+_FP4_TARGETS = {
+    "ct:nvfp4": Target("ct:nvfp4", "nvfp4", None, None, "compressed-tensors nvfp4-pack-quantized: E2M1, E4M3 scale per 16 (4.5 bpw)"),
+    "ct:mxfp4": Target("ct:mxfp4", "mxfp4", None, None, "compressed-tensors mxfp4-pack-quantized: E2M1, E8M0 scale per 32 (4.25 bpw)"),
+}
+EXAMPLES = [*TARGETS, "ct:w4a16", "ct:w8a16", "ct:w4a16-asym", "ct:w4a16-g32", "ct:nvfp4", "ct:mxfp4", "gptq:int4",
+            "gptq:int4-g32", "gptq:int3", "gptq:int8", "gptq:int4-asym"]
+
+
+def _int_target(key: str) -> Target | None:
+    base, *options = key.split("-")  # ct:w4a16-g32-asym: options in any order
+    m = _INT_TARGET.fullmatch(base)
+    groups = [o for o in options if re.fullmatch(r"g[1-9]\d*", o)]
+    if m is None or len(groups) > 1 or options.count("asym") > 1 or len(groups) + options.count("asym") != len(options):
+        return None
+    bits = int(m.group(1) or m.group(2))
+    group = int(groups[0][1:]) if groups else 128
+    sym = "asym" not in options
+    kind = "compressed-tensors pack-quantized" if key.startswith("ct:") else "HF GPTQ"
+    return Target(key, f"int{bits}", sym, None, f"{kind}: int{bits} {'symmetric' if sym else 'asymmetric'}, groups of {group}",
+                  group=group)
+
 
 def get_target(name: str) -> Target:
     key = name.strip().lower()
-    if key not in TARGETS:
-        raise ExportError(f"unknown target {name!r}; known targets: {', '.join(TARGETS)}")
-    return TARGETS[key]
+    found = TARGETS.get(key) or _FP4_TARGETS.get(key) or _int_target(key)
+    if found is None:
+        raise ExportError(f"unknown target {name!r}; known targets: {', '.join(EXAMPLES)} "
+                          "(ct:wNa16 and gptq:intN take -gSIZE and -asym)")
+    return found
 
 
 def recipe_settings(name: str, group_size: int | None) -> dict[str, Any]:
@@ -129,7 +160,11 @@ def recipe_settings(name: str, group_size: int | None) -> dict[str, Any]:
             f"target {t.name} stores blocks of {t.block}; group size {group_size} is not a multiple of it "
             f"(use {t.block}, a multiple of it, or -1)"
         )
-    settings: dict[str, Any] = {"format": t.format, "group_size": t.block if group_size is None else group_size}
+    if t.group is not None and group_size is not None and group_size != t.group:
+        raise ExportError(f"target {t.name} fixes groups of {t.group}; drop --group-size {group_size} or name the "
+                          f"group in the target ({t.name.split('-g')[0]}-g{group_size})")
+    default = t.group if t.group is not None else t.block
+    settings: dict[str, Any] = {"format": t.format, "group_size": default if group_size is None else group_size}
     if t.symmetric is not None:
         settings["symmetric"] = t.symmetric
     return settings
@@ -140,7 +175,7 @@ def target_for_width(name: str, in_features: int) -> Target | None:
     width, else the first of its fallbacks that does; None if none does (the layer stays float)."""
     t: Target | None = get_target(name)
     while t is not None and in_features % t.block:
-        t = TARGETS[t.fallback] if t.fallback else None
+        t = get_target(t.fallback) if t.fallback else None
     return t
 
 
@@ -232,7 +267,7 @@ def gguf_type_for(entry: dict[str, Any], to: str | None = None) -> str | None:
     g, in_f = entry["group_size"], entry["shape"][1]
     if to is not None:
         t = target_for_width(to, in_f)
-        wanted = [t.ggml_type] if t is not None else []
+        wanted = [t.ggml_type] if t is not None and t.ggml_type is not None else []
     else:
         wanted = [get_target(entry["target"]).ggml_type] if entry.get("target") in TARGETS else []
         wanted += [n for n in [native_type(grid)] if n is not None]

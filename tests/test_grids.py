@@ -173,7 +173,7 @@ def test_nf4_against_int4_on_gaussian_weights():
     asym, sym = mse(get_grid("int4"), w, 64), mse(get_grid("int4", symmetric=True), w, 64)
     nf4_128, asym_128 = mse(get_grid("nf4"), w, 128), mse(get_grid("int4"), w, 128)
     print(f"\nGaussian MSE, g64: nf4 {nf4:.5f}, int4 asym {asym:.5f}, int4 sym {sym:.5f}; g128: nf4 {nf4_128:.5f}, int4 asym {asym_128:.5f}")
-    assert nf4 < 0.85 * sym
+    assert nf4 < 0.95 * sym  # about 6% (sym int4 puts each block's largest weight on its extra level)
     assert nf4_128 < 0.95 * asym_128
     # At g64 the asymmetric int4 grid (4-bit zero point, 0.0625 bpw more) is about 2% better than NF4:
     # a block of 64 Gaussians reaches ~2.5 sigma while NF4's top level assumes ~1.85 sigma.

@@ -24,14 +24,35 @@ def test_error_is_at_most_half_a_step_inside_the_range(bits, symmetric):
     w = torch.randn(32, 128)
     params = grid.fit(w)
     err = (grid.quantize(w, params) - w).abs()
-    step = params["scale"].expand_as(w)
+    step = params["scale"].abs().expand_as(w)  # a symmetric scale is negative where the block's largest weight is positive
     zero = 2 ** (bits - 1) if symmetric else params["zero"]
-    lo, hi = (0 - zero) * params["scale"], (2**bits - 1 - zero) * params["scale"]
+    a, b = (0 - zero) * params["scale"], (2**bits - 1 - zero) * params["scale"]
+    lo, hi = torch.minimum(a, b), torch.maximum(a, b)
     inside = (w >= lo) & (w <= hi)
     assert inside.float().mean() > 0.9
     assert (err[inside] <= step[inside] / 2 * (1 + 1e-5)).all()
     # outside, only the rounding of the zero point and of the fp16 scale can clip: about one step
     assert (err <= step * 1.25).all()
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_symmetric_fit_puts_the_largest_weight_on_the_extra_level(bits):
+    """ggml's Q4_0 rule: the weight of largest magnitude decodes exactly (up to the fp16 scale) at
+    code 0, whichever its sign, and no weight clips by a step or more."""
+    grid = IntGrid(bits, symmetric=True)
+    w = torch.randn(64, 32)
+    w[::2] *= -1
+    params = grid.fit(w)
+    codes = grid.encode(w, params)
+    idx = w.abs().argmax(dim=1, keepdim=True)
+    assert (codes.gather(1, idx) == 0).all()
+    top = w.gather(1, idx)
+    assert torch.allclose(grid.decode(codes, params).gather(1, idx), top, rtol=1e-3)
+    assert ((grid.quantize(w, params) - w).abs() < params["scale"].abs()).all()
+    # against the GPTQ convention (2 * absmax / (2^b - 1), extra level always negative): lower error
+    old = torch.where(w.abs().amax(1, keepdim=True) > 0, 2 * w.abs().amax(1, keepdim=True) / (2**bits - 1), 1.0)
+    old_q = ((torch.round(w / old) + 2 ** (bits - 1)).clamp(0, 2**bits - 1) - 2 ** (bits - 1)) * old
+    assert ((grid.quantize(w, params) - w) ** 2).mean() < ((old_q - w) ** 2).mean()
 
 
 def test_parameters_are_fp16_exact():

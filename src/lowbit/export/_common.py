@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from ..artifact import DENSE, HEADER, QUANTIZED, validate
 from ..validation.paths import clean_stale_work_dirs, make_work_dir, swap_into_place
 from .errors import ExportError
-from ..formats import BinaryGrid, ClippedGrid, Grid, IntGrid, TernaryGrid
+from ..formats import BinaryGrid, Grid, IntGrid, TernaryGrid
 from ..nn import module_from_entry
 from ..qtensor import QuantizedWeight
 
@@ -98,7 +98,7 @@ class IntegerView:
 
 def unwrap(grid: Grid) -> Grid:
     """The grid that decodes (clipping changes only how scales were fitted)."""
-    return grid.inner if isinstance(grid, ClippedGrid) else grid
+    return grid.decoder
 
 
 INT_MAPPABLE = "int2..int8 (symmetric or asymmetric), ternary/ternary2 (as int2 symmetric), binary (as int2 symmetric)"

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LowbitError
-from ..formats import BinaryGrid, ClippedGrid, Grid, IntGrid, IntMinGrid, MXFP4Grid, TernaryGrid, get_grid, grid_from_spec
+from ..formats import BinaryGrid, Grid, IntGrid, IntMinGrid, MXFP4Grid, TernaryGrid, get_grid, grid_from_spec
 from .errors import ExportError
 
 
@@ -182,7 +182,7 @@ def target_for_width(name: str, in_features: int) -> Target | None:
 # ---- which stored weight maps onto which type --------------------------------------------------
 
 def _inner(grid: Grid) -> Grid:
-    return grid.inner if isinstance(grid, ClippedGrid) else grid  # clipping changes only the fit
+    return grid.decoder  # clipping or an MSE fit change only the fit
 
 
 def integer_range(grid: Grid) -> tuple[int, int] | None:

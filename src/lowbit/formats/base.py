@@ -81,6 +81,12 @@ class Grid(ABC):
     def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
         """The float32 values that `codes` stand for under `params`."""
 
+    @property
+    def decoder(self) -> "Grid":
+        """The grid whose decode this one uses: itself, or for a wrapper that only changes the fit
+        (clip, mse_fit) the wrapped grid's decoder. Export and the runtime dispatch on it."""
+        return self
+
     def spec(self) -> dict[str, Any]:
         """A JSON-able description from which `formats.grid_from_spec` rebuilds this grid."""
         return {"format": self.name}

@@ -42,6 +42,10 @@ class ClippedGrid(Grid):
         return self.inner.name
 
     @property
+    def decoder(self) -> Grid:
+        return self.inner.decoder
+
+    @property
     def param_fields(self) -> tuple[ParamField, ...]:
         return self.inner.param_fields
 

@@ -2,8 +2,12 @@
 
 Asymmetric: w ~ scale * (q - zero), q in [0, 2^b - 1], integer zero point in the same range,
 stored packed at b bits. The range always includes 0 (as in the GPTQ reference), so zero fits.
-Symmetric: w ~ scale * (q - 2^(b-1)), scale = 2 * absmax / (2^b - 1) (the GPTQ convention: the
-extra negative level is used and only the largest positive value may clip by half a step).
+Symmetric: w ~ scale * (q - 2^(b-1)), scale = -m / 2^(b-1) with m the block's weight of largest
+magnitude, sign included (ggml's Q4_0 rule): m lands exactly on the extra level (code 0), and the
+scale's sign puts that level on m's side. Only weights on the other side beyond (2^(b-1) - 1)
+steps clip, by less than a step. Against the GPTQ convention (scale = 2 * absmax / (2^b - 1), the
+extra level always negative) the step is 2^b / (2^b - 1) times finer and the outlier is exact: RTN
+int4 g32 on SmolLM2-135M goes from KL 0.462 to 0.291 (llama.cpp's own Q4_0: 0.293).
 Scales are fp16.
 
 `int{b}_min` (IntMinGrid): unsigned codes with an fp16 step and an fp16 offset per block,
@@ -45,8 +49,8 @@ class IntGrid(Grid):
     def fit(self, w: torch.Tensor) -> Params:
         w = w.float()
         if self.symmetric:
-            absmax = w.abs().amax(dim=1, keepdim=True)
-            scale = round_to_fp16(torch.where(absmax > 0, 2 * absmax / self.maxq, 1.0))
+            m = w.gather(1, w.abs().argmax(dim=1, keepdim=True))  # [rows, 1]: largest magnitude, signed
+            scale = round_to_fp16(torch.where(m != 0, -m / 2 ** (self.bits - 1), 1.0))
             return {"scale": scale}
         lo = w.amin(dim=1, keepdim=True).clamp(max=0)
         hi = w.amax(dim=1, keepdim=True).clamp(min=0)

@@ -29,6 +29,8 @@ One scale serves every precision. `fit` chooses s per block:
     `JOINT_MULTIPLIERS` that minimises the sum over `targets` (default 8, 6, 4 bits) of the block's
     squared error at that precision in units of its own step^2, so no precision's error dominates
     (the post-training stand-in for the paper's joint training of all precisions).
+Either way s takes the sign that puts the derived grids' extra negative level on the side of the
+block's largest weight (as the symmetric int grid does), which the grids' symmetry allows.
 """
 
 from __future__ import annotations
@@ -100,11 +102,14 @@ class NestedIntGrid(Grid):
 
     def fit(self, w: torch.Tensor) -> Params:
         w = w.float()
-        absmax = w.abs().amax(dim=1, keepdim=True)
+        m = w.gather(1, w.abs().argmax(dim=1, keepdim=True))  # [rows, 1]: largest magnitude, signed
+        absmax = m.abs()
         base = torch.where(absmax > 0, 2 * absmax / (2**self.top - 1), 1.0)  # [rows, 1]
+        # the scale's sign puts every precision's extra negative level on the largest weight's side
+        sign = torch.where(m > 0, -1.0, 1.0)
         if self.fit_rule == "top":
-            return {"scale": round_to_fp16(base)}
-        scales = round_to_fp16(base * torch.tensor(JOINT_MULTIPLIERS))  # [rows, n_mult]
+            return {"scale": round_to_fp16(base * sign)}
+        scales = round_to_fp16(base * sign * torch.tensor(JOINT_MULTIPLIERS))  # [rows, n_mult]
         cost = torch.zeros_like(scales)
         for i in range(scales.shape[1]):
             s = scales[:, i : i + 1]

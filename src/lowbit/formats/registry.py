@@ -10,6 +10,7 @@ from ..errors import LowbitError
 from .base import Grid
 from .binary import BinaryGrid
 from .clip import ClippedGrid
+from .mse_fit import MSEFitGrid
 from .int import IntGrid, IntMinGrid
 from .log import LogGrid
 from .lookup import LookupGrid, NormalFloatGrid
@@ -198,13 +199,21 @@ def _build(fmt: _Format, match: re.Match[str], name: str, options: dict[str, Any
 def get_grid(name: str, **options: Any) -> Grid:
     """Build the grid that `name` names (`int4`, `fp4_e2m1`, `nf4`, ...) with its options
     (`symmetric=True`, `alpha=1.5`, `levels=[...]`, ...). Every grid whose only parameter is an
-    fp16 scale also takes `clip` (see `formats.clip`)."""
+    fp16 scale also takes `clip` (see `formats.clip`); every grid takes `mse_fit=True` (per-block
+    parameters searched for the least rounding error, `formats.mse_fit`)."""
     key = name.strip().lower()
     clip = options.pop("clip", None)
+    mse_fit = options.pop("mse_fit", False)
+    if not isinstance(mse_fit, bool):
+        raise FormatOptionError(f"format {name!r}: mse_fit is true (parameters searched per block) or false, got {mse_fit!r}")
     for fmt in _FORMATS:
         match = fmt.pattern.fullmatch(key)
         if match:
             grid = _build(fmt, match, name, options)
+            if mse_fit:
+                if clip is not None and not (not isinstance(clip, bool) and clip == 1):
+                    raise FormatOptionError(f"format {name!r}: mse_fit searches the clipping itself; drop clip={clip!r}")
+                return MSEFitGrid(grid)
             if clip is None or (not isinstance(clip, bool) and clip == 1):
                 return grid
             try:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..formats.clip import ClippedGrid
 from ..formats.int import IntGrid
 from ..pack import unpack_codes
 from .kernels import MAX_BATCH, library
@@ -25,7 +24,7 @@ BLOCK = 32  # the kernels read whole blocks of 32 weights
 
 
 def _int_grid(grid) -> IntGrid | None:
-    inner = grid.inner if isinstance(grid, ClippedGrid) else grid  # clipping changes the fit, not the decode
+    inner = grid.decoder  # clipping or an MSE fit change the fit, not the decode
     return inner if type(inner) is IntGrid else None
 
 

@@ -105,6 +105,7 @@ def build_recipe(
     ignore: list[str] | None,
     format_options: list[str] | None = None,
     preprocess_steps: int | None = None,
+    tune_steps: int | None = None,
     target: str | None = None,
 ) -> Recipe:
     """A recipe file (if any) with the flags that were given laid over it."""
@@ -125,6 +126,8 @@ def build_recipe(
     data["gptq"] = {**data.get("gptq", {}), **{k: v for k, v in gptq_opts.items() if v is not None}}
     if preprocess_steps is not None:
         data["preprocess"] = {**data.get("preprocess", {}), "steps": preprocess_steps}
+    if tune_steps is not None:
+        data["tune"] = {**data.get("tune", {}), "steps": tune_steps}
     if ignore is not None:
         data["ignore"] = ignore
     return Recipe.from_dict(data)
@@ -162,6 +165,7 @@ def quantize(
     damp: Optional[float] = typer.Option(None, help="GPTQ dampening, fraction of mean diag(H). (default: 0.01)"),
     ignore: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep unquantized (repeatable). (default: lm_head)"),
     preprocess_steps: Optional[int] = typer.Option(None, help="PTQ1.61's quantization preprocessing: restorative-LoRA training steps on the calibration windows (distilling the original) between a first and the final quantization; 100 is a good start, the recipe's `preprocess` section has the rest. (default: 0, off)"),
+    tune_steps: Optional[int] = typer.Option(None, help="End-to-end tuning after quantization (EfficientQAT's E2E-QP): codes frozen, the fp16 scales, norms and biases trained to match the original model's next-token distributions on the calibration windows, then stored at their precision (bpw unchanged); the recipe's `tune` section has the rest. (default: 0, off)"),
     target: Optional[str] = typer.Option(None, help="Export layout the codes must fit exactly: gguf:q4_0, gguf:q4_1, gguf:q5_0, gguf:q5_1, gguf:q8_0, gguf:mxfp4, gguf:tq2_0, gguf:tq1_0; ct:w4a16 (compressed-tensors int4 sym g128; ct:wNa16[-gSIZE][-asym]), ct:nvfp4, ct:mxfp4; gptq:int4 (HF GPTQ int4 sym g128; gptq:intN[-gSIZE][-asym]) (sets the format, --sym where it applies and the group size; `lowbit export` then writes it bit for bit). A layer whose width the block does not divide is quantized for the target's fallback (tq* -> gguf:q4_0) or kept in float, and listed."),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
@@ -175,7 +179,7 @@ def quantize(
 
     with _guard():
         r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
-                         format_option, preprocess_steps, target)
+                         format_option, preprocess_steps, tune_steps, target)
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
         job = run_quantize(model, r, allow_pickle=allow_pickle)

@@ -1,7 +1,9 @@
 """Quantize a model in place by a recipe: plan which layers get which scheme, gather calibration
 Hessians block by block where an algorithm needs them (GPTQ, PTQ1.61, a format search), and swap
 each nn.Linear for a quantized module (QuantLinear, PTQ161Linear). With `recipe.preprocess.steps`
-> 0 the model is first preprocessed (PTQ1.61's restorative LoRA, see `preprocess_model`)."""
+> 0 the model is first preprocessed (PTQ1.61's restorative LoRA, see `preprocess_model`); with
+`recipe.tune.steps` > 0 the quantized model's scales and norms are then tuned end to end
+against the original (`tune_model`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from .algos import (
-    GPTQConfig, PTQ161Config, RestorativeConfig, gptq_quantize, ptq161_quantize, restorative_lora, rtn_quantize, search_format,
+    GPTQConfig, PTQ161Config, RestorativeConfig, TuneConfig, gptq_quantize, ptq161_quantize, restorative_lora, rtn_quantize,
+    search_format, tune_continuous,
 )
 from .calib.walker import walk_blocks, whole_model_hessians
 from .errors import LowbitError
@@ -61,6 +64,7 @@ class QuantizeReport:
     skipped: dict[str, str] = field(default_factory=dict)  # name -> why it stays unquantized
     seconds: float = 0.0
     preprocess: dict | None = None  # what the preprocessing did (steps, losses, seconds); None: off
+    tune: dict | None = None  # what the end-to-end tuning did; None: off
 
 
 def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan], dict[str, str]]:
@@ -164,13 +168,41 @@ def quantize_model(
     """Quantize `model` in place. `calib_batches` ([batch, seq] token ids each) are needed for GPTQ,
     PTQ1.61, the format searches and the preprocessing."""
     started = time.perf_counter()
+    teacher = None
+    if recipe.tune.steps > 0:
+        _check_training_inputs("tuning (tune.steps > 0)", "tune.steps", kind, calib_batches)
+        with torch.inference_mode(False):
+            teacher = copy.deepcopy(model)  # the original, for the tuning's distillation targets
     preprocess = None
     if recipe.preprocess.steps > 0:
         preprocess = preprocess_model(model, recipe, kind, calib_batches, show_progress)
     report = _quantize_layers(model, recipe, kind, calib_batches, show_progress)
     report.preprocess = preprocess
+    if teacher is not None:
+        report.tune = tune_model(teacher, model, recipe, calib_batches, show_progress)
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _check_training_inputs(what: str, key: str, kind: str, calib_batches: list[torch.Tensor] | None) -> None:
+    if kind != "causal-lm":
+        raise QuantizeError(f"{what} trains on next-token outputs and needs a causal LM, not a {kind} model: set {key} to 0")
+    if not calib_batches:
+        raise QuantizeError(f"{what} trains on calibration windows: pass a text file with --calib")
+
+
+def tune_model(teacher: nn.Module, model: nn.Module, recipe: Recipe, calib_batches: list[torch.Tensor],
+               show_progress: bool = True) -> dict:
+    """End-to-end tuning of the quantized `model`'s scales, norms and biases against `teacher`
+    (`algos.e2e_tune`), in place. Returns the summary that QuantizeReport.tune records."""
+    opts = recipe.tune
+    cfg = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.norms, opts.seed)
+    with torch.inference_mode(False):
+        try:
+            result = tune_continuous(teacher, model, torch.cat(calib_batches), cfg, show_progress)
+        except ValueError as exc:
+            raise QuantizeError(f"tune: {exc}") from None
+    return result.summary()
 
 
 def preprocess_model(
@@ -186,13 +218,7 @@ def preprocess_model(
     them, and write every quantized layer's resulting weight (Q(W) + s B A on the targets, Q(W) on
     the others) into `model`. Returns the summary that QuantizeReport.preprocess records."""
     opts = recipe.preprocess
-    if kind != "causal-lm":
-        raise QuantizeError(
-            f"preprocessing (preprocess.steps > 0) trains on next-token outputs and needs a causal LM, not a {kind} model: "
-            "set preprocess.steps to 0"
-        )
-    if not calib_batches:
-        raise QuantizeError("preprocessing (preprocess.steps > 0) trains on calibration windows: pass a text file with --calib")
+    _check_training_inputs("preprocessing (preprocess.steps > 0)", "preprocess.steps", kind, calib_batches)
     plain = recipe.model_copy(update={"preprocess": PreprocessOptions()})
     plans, _ = plan_layers(model, plain)  # a bad recipe fails before the first pass
     targets = [n for n in plans if opts.targets is None or re.search(opts.targets, n)]

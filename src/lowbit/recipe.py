@@ -11,6 +11,8 @@
     calib: {seq_len: 512, n_samples: 128, seed: 0}
     preprocess: {steps: 0}  # PTQ1.61's quantization preprocessing (restorative LoRA), any method; 0: off
       # {steps: 100, rank: 64, alpha: 16, lr: 1e-3, loss: distill, targets: null, batch_size: 8, seed: 0}
+    tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
+      # {steps: 100, lr: 1e-4, batch_size: 4, norms: true, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized
     overrides:              # first matching pattern wins; unset keys keep the defaults above
       - {pattern: "layers\\.0\\.mlp\\.down_proj", format: int8}
@@ -193,6 +195,18 @@ class PreprocessOptions(_Strict):
         return v
 
 
+class TuneOptions(_Strict):
+    """End-to-end tuning after quantization (`lowbit.algos.e2e_tune`, EfficientQAT's E2E-QP): codes
+    frozen, the fp16 grid parameters, norms and biases trained against the original model's
+    next-token distributions on the calibration windows. Causal LMs; bits per weight unchanged."""
+
+    steps: int = Field(0, ge=0)  # 0: off
+    lr: float = Field(1e-4, gt=0, le=1)  # AdamW peak (5% warm-up, cosine decay)
+    batch_size: int = Field(4, ge=1)  # calibration windows per step
+    norms: bool = True  # also the norm weights and the quantized layers' biases
+    seed: int = 0  # the batch order
+
+
 def _apply_target(data: Any) -> Any:
     """`target: gguf:q4_0` fixes format, symmetric and group size (`export.targets`); a conflicting
     value given alongside is refused rather than silently replaced."""
@@ -220,6 +234,7 @@ class Recipe(Scheme):
     ptq161: PTQ161Options = PTQ161Options()
     calib: CalibOptions = CalibOptions()
     preprocess: PreprocessOptions = PreprocessOptions()
+    tune: TuneOptions = TuneOptions()
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
 
@@ -273,15 +288,16 @@ class Recipe(Scheme):
         """Whether the defaults or any override need calibration inputs (a conservative answer
         for `lowbit.pipeline`: the defaults count even if every layer is overridden), or the
         preprocessing trains on them."""
-        if self.preprocess.steps > 0:
+        if self.preprocess.steps > 0 or self.tune.steps > 0:
             return True
         base = self._base()
         return any(s.needs_calibration for s in [base, *(_apply(base, o) for o in self.overrides if not o.skip)])
 
     def to_dict(self) -> dict:
-        """JSON-able keys; without `preprocess` when it is off and `target` when there is none, so
+        """JSON-able keys; without `preprocess` / `tune` when they are off and `target` when there is none, so
         artifacts read as they did before those existed."""
-        exclude = ({"preprocess"} if self.preprocess.steps == 0 else set()) | ({"target"} if self.target is None else set())
+        exclude = (({"preprocess"} if self.preprocess.steps == 0 else set()) | ({"tune"} if self.tune.steps == 0 else set())
+                   | ({"target"} if self.target is None else set()))
         return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod

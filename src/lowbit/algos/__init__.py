@@ -1,7 +1,9 @@
 """Algorithms that choose codes for a weight: round-to-nearest, GPTQ, PTQ1.61, and the per-layer
-format search that runs RTN or GPTQ over candidate grids; and PTQ1.61's restorative LoRA, which
-preprocesses a whole model before any of them."""
+format search that runs RTN or GPTQ over candidate grids; PTQ1.61's restorative LoRA, which
+preprocesses a whole model before any of them; and the end-to-end tuning of scales and norms
+after them (codes frozen)."""
 
+from .e2e_tune import TuneConfig, TuneResult, tune_continuous
 from .format_search import SearchResult, search_format
 from .gptq import GPTQConfig, gptq_quantize, output_error
 from .ptq161 import PTQ161Config, ptq161_quantize
@@ -12,5 +14,6 @@ METHODS = ("rtn", "gptq", "ptq161")
 
 __all__ = [
     "GPTQConfig", "LoRALinear", "METHODS", "PTQ161Config", "RestorativeConfig", "RestorativeResult", "SearchResult",
-    "gptq_quantize", "output_error", "ptq161_quantize", "restorative_lora", "rtn_quantize", "search_format",
+    "TuneConfig", "TuneResult", "gptq_quantize", "output_error", "ptq161_quantize", "restorative_lora", "rtn_quantize",
+    "search_format", "tune_continuous",
 ]

@@ -31,14 +31,12 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from ..models import linear_weight
+from .distill import MAX_GRAD_NORM, batches, distill_loss, lm_loss, lr_factor, progress
 
 Loss = Literal["distill", "lm"]
-WARMUP = 0.05  # fraction of the steps with a linearly rising learning rate
-MAX_GRAD_NORM = 1.0
 
 
 class LoRALinear(nn.Module):
@@ -90,39 +88,6 @@ class RestorativeResult:
         }
 
 
-def lr_factor(step: int, steps: int) -> float:
-    """Multiplier of the learning rate at `step` (0-based): linear warm-up, then cosine decay to 0."""
-    warmup = max(1, round(WARMUP * steps))
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-
-def lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy. logits [b, seq, vocab], ids [b, seq]."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean KL(P_teacher || P_student) over every position. Both [b, seq, vocab]."""
-    logp_s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, 1)
-    logp_t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, 1)
-    return F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
-
-
-def _batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
-    """`steps` index batches over n windows: seeded permutations, one after another."""
-    order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-steps * batch_size // n))])
-    return [order[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
-
-
-def _progress() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("loss {task.fields[loss]}"), transient=True,
-    )
-
-
 def restorative_lora(
     teacher: nn.Module,
     student: nn.Module,
@@ -153,9 +118,9 @@ def restorative_lora(
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     result = RestorativeResult(targets=len(targets))
     try:
-        with torch.enable_grad(), _progress() as progress:
-            task = progress.add_task(f"restorative LoRA ({cfg.loss})", total=cfg.steps, loss="", visible=show_progress)
-            for step, idx in enumerate(_batches(windows.shape[0], cfg.batch_size, cfg.steps, gen)):
+        with torch.enable_grad(), progress() as bar:
+            task = bar.add_task(f"restorative LoRA ({cfg.loss})", total=cfg.steps, loss="", visible=show_progress)
+            for step, idx in enumerate(batches(windows.shape[0], cfg.batch_size, cfg.steps, gen)):
                 ids = windows[idx]  # [b, seq]
                 logits = student(input_ids=ids, use_cache=False).logits
                 if cfg.loss == "distill":
@@ -171,7 +136,7 @@ def restorative_lora(
                 torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
                 opt.step()
                 result.losses.append(loss.item())
-                progress.update(task, advance=1, loss=f"{result.losses[-1]:.4g}")
+                bar.update(task, advance=1, loss=f"{result.losses[-1]:.4g}")
     finally:  # the plain layers back, holding the merged weights (or untouched on an error)
         with torch.no_grad():
             for name, module in originals.items():

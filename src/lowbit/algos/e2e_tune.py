@@ -1,0 +1,148 @@
+"""End-to-end tuning of the continuous parameters of a quantized model, codes frozen: the E2E-QP
+stage of EfficientQAT (Chen et al., 2024, "EfficientQAT: Efficient Quantization-Aware Training for
+Large Language Models") and the continuous half of PV-Tuning (Malinovskii et al., 2024).
+
+After any post-training method has chosen the codes, every quantized layer's fp16 grid parameters
+(scales, and an fp16 min where the grid has one; integer zero points and coded block scales stay
+as they are), the norm weights and the biases are trained together against the original model's
+next-token distributions (KL, `algos.distill`) on the calibration windows, then rounded back to
+what the artifact stores (fp16 parameters; norms in the artifact's dense dtype). The codes do not
+move, so the bits per weight do not change: the step only repairs what rounding each layer on its
+own could not see, the interaction of all layers' errors in the model's output.
+
+Training as restorative LoRA's: AdamW without weight decay, 5% warm-up then cosine decay, the
+gradient norm clipped at 1, seeded batch order, so the same inputs give the same artifact.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..formats import GroupLayout, Grid, round_to_fp16
+from ..nn import QuantLinear
+from ..nn.base import store_weight
+from ..qtensor import QuantizedWeight
+from .distill import MAX_GRAD_NORM, batches, distill_loss, lr_factor, progress
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    steps: int = 0
+    lr: float = 1e-4
+    batch_size: int = 4  # windows per step
+    norms: bool = True  # also train the norm weights (and the quantized layers' biases)
+    seed: int = 0
+
+
+@dataclass
+class TuneResult:
+    losses: list[float] = field(default_factory=list)  # per step, before its update
+    seconds: float = 0.0
+    layers: int = 0  # quantized layers whose parameters trained
+    params: int = 0  # trained numbers in all
+
+    def summary(self) -> dict:
+        return {"steps": len(self.losses), "layers": self.layers, "params": self.params, "first_loss": self.losses[0],
+                "last_loss": self.losses[-1], "seconds": round(self.seconds, 3)}
+
+
+class TunableLinear(nn.Module):
+    """A QuantLinear's weight as frozen codes and trainable fp16-field parameters:
+    W = layout.decode(grid, codes, params), differentiable in the parameters."""
+
+    def __init__(self, layer: QuantLinear) -> None:
+        super().__init__()
+        qw = layer.quantized_weight()
+        self.grid: Grid = qw.grid
+        self.layout: GroupLayout = qw.layout
+        # clones: the layer's tensors may be inference tensors (quantization runs in inference mode)
+        self.register_buffer("codes", qw.codes.clone())  # [out, in] uint8, frozen
+        trainable = {f.name for f in qw.grid.param_fields if f.kind == "float16"}
+        self.tuned = nn.ParameterDict({k: nn.Parameter(v.float().clone()) for k, v in qw.params.items() if k in trainable})
+        self.fixed = {k: v.clone() for k, v in qw.params.items() if k not in trainable}  # integer zero points, coded scales
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return {**self.fixed, **dict(self.tuned.items())}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.layout.decode(self.grid, self.codes, self.params())
+        return F.linear(x, w, self.bias)
+
+    def quantized_weight(self) -> QuantizedWeight:
+        """The tuned weight as stored: fp16 fields rounded to fp16, codes and other fields unchanged."""
+        with torch.no_grad():
+            params = {**self.fixed, **{k: round_to_fp16(v.detach()) for k, v in self.tuned.items()}}
+        return QuantizedWeight(self.codes, params, self.grid, self.layout)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, nn.LayerNorm)
+
+
+def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, cfg: TuneConfig,
+                    show_progress: bool = False) -> TuneResult:
+    """Train `student`'s continuous quantization parameters (see the module docstring) in place.
+    `teacher`: the original model, only run forward. `windows`: [n, seq] token ids."""
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1 (got {cfg.steps})")
+    started = time.perf_counter()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    student.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    layers = {n: m for n, m in student.named_modules() if type(m) is QuantLinear}
+    tunable = {n: TunableLinear(m) for n, m in layers.items()}
+    params = [p for t in tunable.values() for p in t.tuned.values()]
+    norms: list[nn.Parameter] = []
+    if cfg.norms:
+        norms = [m.weight for m in student.modules() if _is_norm(m) and isinstance(getattr(m, "weight", None), nn.Parameter)]
+        params += [t.bias for t in tunable.values() if t.bias is not None]
+    if not params and not norms:
+        raise ValueError("nothing to tune: no quantized layer with fp16 parameters, and norms are off")
+    saved = [(p, p.data) for p in norms]  # restored on an error; their dtype restored in any case
+    for p in norms:
+        p.data = p.data.float().clone()  # train in fp32, outside inference mode
+        p.requires_grad_(True)
+    params += norms
+    result = TuneResult(layers=sum(1 for t in tunable.values() if len(t.tuned)), params=sum(p.numel() for p in params))
+    for name, t in tunable.items():
+        student.set_submodule(name, t)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    try:
+        with torch.enable_grad(), progress() as bar:
+            task = bar.add_task("tuning scales and norms", total=cfg.steps, loss="", visible=show_progress)
+            for step, idx in enumerate(batches(windows.shape[0], cfg.batch_size, cfg.steps, gen)):
+                ids = windows[idx]  # [b, seq]
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=ids, use_cache=False).logits
+                loss = distill_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits)
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr * lr_factor(step, cfg.steps)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+                opt.step()
+                result.losses.append(loss.item())
+                bar.update(task, advance=1, loss=f"{result.losses[-1]:.4g}")
+    finally:  # the QuantLinear layers back, holding the tuned parameters (or untouched on an error)
+        done = len(result.losses) == cfg.steps
+        with torch.inference_mode():  # the layers' buffers may be inference tensors: written in that mode
+            for name, layer in layers.items():
+                if done:
+                    store_weight(layer, "", tunable[name].quantized_weight())
+                    if layer.bias is not None:
+                        layer.bias = nn.Parameter(tunable[name].bias.detach().clone(), requires_grad=False)
+                    layer._packed = None  # new scales: rebuild the runtime view
+                    layer._cached = None
+                student.set_submodule(name, layer)
+            for p, old in saved:
+                p.requires_grad_(False)
+                p.data = p.data.to(old.dtype) if done else old
+    result.seconds = time.perf_counter() - started
+    return result

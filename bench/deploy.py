@@ -139,42 +139,37 @@ def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
 
 
-def row_lowbit(max_tokens: int) -> dict:
-    import lowbit
+def _transformers_row(load, path: Path, max_tokens: int, **fields) -> dict:
+    """Speed, memory and KL of a transformers-style model `load()` returns (tokenizer from `path`)."""
     from transformers import AutoTokenizer
 
-    art = WORK / "smol-gptq-q4_0"
     base = _import_baseline_mb()
-    model = lowbit.load(art)
+    model = load()
     loaded = _first_forward_rss(model)
-    tok = AutoTokenizer.from_pretrained(art)
-    speed = _hf_speed(model, tok)
+    speed = _hf_speed(model, AutoTokenizer.from_pretrained(path))
     rss = _peak_rss_mb()
     ref, windows = _windows(max_tokens)
     with torch.inference_mode():
         kl = _kl_from_logits(ref.model, windows, lambda ids: model(input_ids=ids[None]).logits[0].float())
-    return {"tool": "lowbit", "method": "gptq q4_0 g32", "bits": 4, "runtime": "lowbit (lowbit.load)", **speed,
-            "import_rss_mb": base, "load_peak_rss_mb": loaded, "peak_rss_mb": rss, "weight_bytes_held": _held_bytes(model),
-            "kl": kl, "file_bytes": _dir_bytes(art)}
+    return {**fields, "bits": 4, **speed, "import_rss_mb": base, "load_peak_rss_mb": loaded, "peak_rss_mb": rss,
+            "weight_bytes_held": _held_bytes(model), "kl": kl, "file_bytes": _dir_bytes(path)}
+
+
+def row_lowbit(max_tokens: int) -> dict:
+    import lowbit
+
+    art = WORK / "smol-gptq-q4_0"
+    return _transformers_row(lambda: lowbit.load(art), art, max_tokens, tool="lowbit", method="gptq q4_0 g32",
+                             runtime="lowbit (lowbit.load)")
 
 
 def row_compressed_tensors(max_tokens: int) -> dict:
     """The compressed-tensors export in plain transformers (no lowbit import in this process's model path)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     ct = WORK / "smol-gptq-q4_0-ct"
-    base = _import_baseline_mb()
-    model = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32).eval()
-    loaded = _first_forward_rss(model)
-    tok = AutoTokenizer.from_pretrained(ct)
-    speed = _hf_speed(model, tok)
-    rss = _peak_rss_mb()
-    ref, windows = _windows(max_tokens)
-    with torch.inference_mode():
-        kl = _kl_from_logits(ref.model, windows, lambda ids: model(input_ids=ids[None]).logits[0].float())
-    return {"tool": "lowbit", "method": "gptq q4_0 g32 (lowbit export)", "bits": 4, "runtime": "transformers (compressed-tensors)",
-            **speed, "import_rss_mb": base, "load_peak_rss_mb": loaded, "peak_rss_mb": rss,
-            "weight_bytes_held": _held_bytes(model), "kl": kl, "file_bytes": _dir_bytes(ct)}
+    return _transformers_row(lambda: AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32).eval(), ct, max_tokens,
+                             tool="lowbit", method="gptq q4_0 g32 (lowbit export)", runtime="transformers (compressed-tensors)")
 
 
 # llama.cpp -------------------------------------------------------------------------------------

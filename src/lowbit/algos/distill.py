@@ -35,6 +35,18 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> 
     return F.kl_div(logp_s, logp_t, log_target=True, reduction="batchmean")
 
 
+def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss: torch.Tensor, lr: float, step: int,
+                   steps: int) -> float:
+    """One update: the scheduled learning rate, backward, the gradient norm clipped, step. Returns the loss."""
+    for group in opt.param_groups:
+        group["lr"] = lr * lr_factor(step, steps)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
+    opt.step()
+    return loss.item()
+
+
 def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """`steps` index batches over n windows: seeded permutations, one after another."""
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-steps * batch_size // n))])

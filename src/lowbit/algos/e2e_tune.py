@@ -27,7 +27,7 @@ from ..formats import GroupLayout, Grid, round_to_fp16
 from ..nn import QuantLinear
 from ..nn.base import store_weight
 from ..qtensor import QuantizedWeight
-from .distill import MAX_GRAD_NORM, batches, distill_loss, lr_factor, progress
+from .distill import batches, distill_loss, optimizer_step, progress
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,7 @@ def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tenso
                 with torch.no_grad():
                     teacher_logits = teacher(input_ids=ids, use_cache=False).logits
                 loss = distill_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits)
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, cfg.steps)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                opt.step()
-                result.losses.append(loss.item())
+                result.losses.append(optimizer_step(opt, params, loss, cfg.lr, step, cfg.steps))
                 bar.update(task, advance=1, loss=f"{result.losses[-1]:.4g}")
     finally:  # the QuantLinear layers back, holding the tuned parameters (or untouched on an error)
         done = len(result.losses) == cfg.steps

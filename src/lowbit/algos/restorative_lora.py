@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..models import linear_weight
-from .distill import MAX_GRAD_NORM, batches, distill_loss, lm_loss, lr_factor, progress
+from .distill import batches, distill_loss, lm_loss, lr_factor, optimizer_step, progress  # noqa: F401 (lr_factor re-exported)
 
 Loss = Literal["distill", "lm"]
 
@@ -129,13 +129,7 @@ def restorative_lora(
                     loss = distill_loss(logits, teacher_logits)
                 else:
                     loss = lm_loss(logits, ids)
-                for group in opt.param_groups:
-                    group["lr"] = cfg.lr * lr_factor(step, cfg.steps)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
-                opt.step()
-                result.losses.append(loss.item())
+                result.losses.append(optimizer_step(opt, params, loss, cfg.lr, step, cfg.steps))
                 bar.update(task, advance=1, loss=f"{result.losses[-1]:.4g}")
     finally:  # the plain layers back, holding the merged weights (or untouched on an error)
         with torch.no_grad():

@@ -120,3 +120,41 @@ class Grid(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()})"
+
+
+class FitWrapper(Grid):
+    """A grid that changes only how `inner`'s parameters are fitted (clipping, an error search):
+    storage, encode and decode are `inner`'s, so what it writes decodes as `inner` decodes.
+    Subclasses implement `fit` and `spec`."""
+
+    def __init__(self, inner: Grid) -> None:
+        self.inner = inner
+        self.bits = inner.bits
+        self.fixed_group_size = inner.fixed_group_size
+
+    @property
+    def name(self) -> str:
+        return self.inner.name
+
+    @property
+    def decoder(self) -> Grid:
+        return self.inner.decoder
+
+    @property
+    def param_fields(self) -> tuple[ParamField, ...]:
+        return self.inner.param_fields
+
+    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
+        return self.inner.encode(w, params)
+
+    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
+        return self.inner.decode(codes, params)
+
+    def packed_nbytes(self, n_codes: int) -> int:
+        return self.inner.packed_nbytes(n_codes)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.inner.pack(codes)
+
+    def unpack(self, packed: torch.Tensor, n_codes: int) -> torch.Tensor:
+        return self.inner.unpack(packed, n_codes)

@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from .base import Grid, ParamField, Params, round_to_fp16
+from .base import FitWrapper, Grid, Params, round_to_fp16
 
 
-class ClippedGrid(Grid):
+class ClippedGrid(FitWrapper):
     """`inner` with every fitted fp16 scale multiplied by `clip` (see the module docstring)."""
 
     def __init__(self, inner: Grid, clip: float) -> None:
@@ -32,40 +32,11 @@ class ClippedGrid(Grid):
                 f"clip applies to grids whose only parameter is an fp16 scale; {inner.name} stores "
                 f"{', '.join(f.name for f in fields)} (an asymmetric int grid: add --sym, or symmetric: true in the recipe)"
             )
-        self.inner = inner
+        super().__init__(inner)
         self.clip = float(clip)
-        self.bits = inner.bits
-        self.fixed_group_size = inner.fixed_group_size
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def decoder(self) -> Grid:
-        return self.inner.decoder
-
-    @property
-    def param_fields(self) -> tuple[ParamField, ...]:
-        return self.inner.param_fields
 
     def spec(self) -> dict[str, Any]:
         return {**self.inner.spec(), "clip": self.clip}
 
     def fit(self, w: torch.Tensor) -> Params:
         return {"scale": round_to_fp16(self.inner.fit(w)["scale"] * self.clip)}
-
-    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
-        return self.inner.encode(w, params)
-
-    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
-        return self.inner.decode(codes, params)
-
-    def packed_nbytes(self, n_codes: int) -> int:
-        return self.inner.packed_nbytes(n_codes)
-
-    def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.inner.pack(codes)
-
-    def unpack(self, packed: torch.Tensor, n_codes: int) -> torch.Tensor:
-        return self.inner.unpack(packed, n_codes)

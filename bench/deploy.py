@@ -224,6 +224,13 @@ def row_llamacpp_lowbit(max_tokens: int) -> dict:
     return _llama_row(WORK / "smol-gptq-q4_0.gguf", max_tokens, tool="lowbit", method="gptq q4_0 g32 (lowbit export)", bits=4)
 
 
+def row_llamacpp_lowbit_q4_k(max_tokens: int) -> dict:
+    """lowbit's GPTQ onto the Q4_K lattice; SmolLM2's 576-wide layers take llama.cpp's Q5_0 fallback,
+    as in llama.cpp's own Q4_K_M."""
+    return _llama_row(WORK / "smol-gptq-q4_k.gguf", max_tokens, tool="lowbit",
+                      method="gptq q4_k (Q5_0 where 256 does not divide; lowbit export)", bits=4)
+
+
 def _llama_quantized(ftype: str, f16_embeddings: bool) -> Path:
     """llama.cpp's own quantizer, in process, from the F16 GGUF."""
     import llama_cpp
@@ -253,13 +260,14 @@ def _llama_own(ftype: str, f16_embeddings: bool, max_tokens: int) -> dict:
 # SmolLM2's weights here are dequantized GGUF Q4_1 (asymmetric 4-bit, fp16 scale and min per 32).
 # Q4_K stores asymmetric 4-bit sub-blocks of 32 with 6-bit scales and mins: close to that grid, so
 # re-quantizing onto it nearly reproduces the source and its KL says little about the method.
-SOURCE_GRID = {"llama.cpp:q4_k_m": True}
+SOURCE_GRID = {"llama.cpp:q4_k_m": True, "llama.cpp:lowbit-gguf-q4_k": True}
 
 ROWS = {
     "fp32": row_fp32,
     "lowbit": row_lowbit,
     "transformers:lowbit-ct": row_compressed_tensors,
     "llama.cpp:lowbit-gguf": row_llamacpp_lowbit,
+    "llama.cpp:lowbit-gguf-q4_k": row_llamacpp_lowbit_q4_k,
     "llama.cpp:q4_0-f16emb": lambda m: _llama_own("Q4_0", True, m),
     "llama.cpp:q4_0": lambda m: _llama_own("Q4_0", False, m),
     "llama.cpp:q4_k_m": lambda m: _llama_own("Q4_K_M", False, m),
@@ -267,7 +275,7 @@ ROWS = {
 
 
 def prepare(n_samples: int) -> None:
-    """The artifacts the rows read: lowbit's GPTQ q4_0 artifact and its GGUF; the F16 GGUF."""
+    """The artifacts the rows read: lowbit's GPTQ q4_0 and q4_k artifacts and their GGUFs; the F16 GGUF."""
     from lowbit.export.compressed_tensors import write_compressed_tensors
     from lowbit.export.gguf import write_gguf, write_model_gguf
     from lowbit.models import load_model
@@ -281,6 +289,12 @@ def prepare(n_samples: int) -> None:
         save_job(quantize(MODEL, recipe), recipe, art)
     if not (WORK / "smol-gptq-q4_0.gguf").exists():
         write_gguf(art, WORK / "smol-gptq-q4_0.gguf")
+    art_k = WORK / "smol-gptq-q4_k"
+    if not art_k.exists():
+        recipe = Recipe.from_dict({"method": "gptq", "target": "gguf:q4_k", "calib": {"n_samples": n_samples, "seq_len": 512}})
+        save_job(quantize(MODEL, recipe), recipe, art_k)
+    if not (WORK / "smol-gptq-q4_k.gguf").exists():
+        write_gguf(art_k, WORK / "smol-gptq-q4_k.gguf")
     if not (WORK / "smol-gptq-q4_0-ct").exists():
         write_compressed_tensors(art, WORK / "smol-gptq-q4_0-ct")
     if not (WORK / "smol-f16.gguf").exists():

@@ -405,6 +405,7 @@ def sharp_qwen2(tiny_qwen2, tmp_path_factory):
 @pytest.mark.parametrize("fixture,target,method", [
     ("tiny_llama", "gguf:q4_0", "gptq"), ("sharp_llama", "gguf:q4_0", "gptq"), ("sharp_llama", "gguf:mxfp4", "rtn"),
     ("tiny_qwen2", "gguf:q8_0", "rtn"), ("sharp_qwen2", "gguf:q5_1", "gptq"), ("tiny256", "gguf:tq1_0", "rtn"),
+    ("tiny256", "gguf:q4_k", "gptq"), ("tiny256", "gguf:q5_k", "rtn"), ("tiny256", "gguf:q6_k", "gptq"),
     ("tiny_gemma3", "gguf:q4_0", "gptq"), ("tiny_gemma3", "gguf:q4_1", "rtn"), ("tiny_gemma3", "gguf:tq2_0", "rtn"),
     ("tiny_gemma3_capped", "gguf:q8_0", "rtn"),
 ])

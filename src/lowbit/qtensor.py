@@ -18,7 +18,8 @@ def weight_storage_bytes(grid: Grid, layout: GroupLayout) -> dict[str, int]:
     sets = layout.n_param_sets
     sizes = {"codes": grid.packed_nbytes(layout.out_features * layout.in_features)}
     for f in grid.param_fields:
-        sizes[f.name] = 2 * sets if f.kind == "float16" else packed_nbytes(sets, f.bits)
+        n = sets // f.shared
+        sizes[f.name] = 2 * n if f.kind == "float16" else packed_nbytes(n, f.bits)
     return sizes
 
 

@@ -90,6 +90,7 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
         fixed = scheme.grid().fixed_group_size  # a format with its own block size (MXFP4) sets the groups
         try:
             layout = GroupLayout(out_f, in_f, fixed or scheme.group_size, recipe.ragged)
+            layout.check_span(scheme.grid())
         except ValueError as exc:
             raise QuantizeError(f"{name}: {exc}") from None
         plans[name] = LayerPlan(scheme, layout, target, note)

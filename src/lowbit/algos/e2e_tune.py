@@ -62,13 +62,18 @@ class TunableLinear(nn.Module):
         self.layout: GroupLayout = qw.layout
         # clones: the layer's tensors may be inference tensors (quantization runs in inference mode)
         self.register_buffer("codes", qw.codes.clone())  # [out, in] uint8, frozen
-        trainable = {f.name for f in qw.grid.param_fields if f.kind == "float16"}
-        self.tuned = nn.ParameterDict({k: nn.Parameter(v.float().clone()) for k, v in qw.params.items() if k in trainable})
-        self.fixed = {k: v.clone() for k, v in qw.params.items() if k not in trainable}  # integer zero points, coded scales
+        # a field shared by several groups (a K-quant super-block scale) trains one value per run of groups
+        self.shared = {f.name: f.shared for f in qw.grid.param_fields if f.kind == "float16"}
+        self.tuned = nn.ParameterDict({k: nn.Parameter(v[:, :: self.shared[k]].float().clone())
+                                       for k, v in qw.params.items() if k in self.shared})
+        self.fixed = {k: v.clone() for k, v in qw.params.items() if k not in self.shared}  # integer zero points, coded scales
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
 
+    def _expanded(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.repeat_interleave(self.shared[k], dim=1) if self.shared[k] > 1 else v for k, v in values.items()}
+
     def params(self) -> dict[str, torch.Tensor]:
-        return {**self.fixed, **dict(self.tuned.items())}
+        return {**self.fixed, **self._expanded(dict(self.tuned.items()))}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.layout.decode(self.grid, self.codes, self.params())
@@ -77,7 +82,7 @@ class TunableLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The tuned weight as stored: fp16 fields rounded to fp16, codes and other fields unchanged."""
         with torch.no_grad():
-            params = {**self.fixed, **{k: round_to_fp16(v.detach()) for k, v in self.tuned.items()}}
+            params = {**self.fixed, **self._expanded({k: round_to_fp16(v.detach()) for k, v in self.tuned.items()})}
         return QuantizedWeight(self.codes, params, self.grid, self.layout)
 
 

@@ -92,6 +92,7 @@ def gptq_quantize(
 
 def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig) -> QuantizedWeight:
     n_cols = w.shape[1]
+    layout.check_span(grid)
     if hessian.shape != (n_cols, n_cols):
         raise GPTQError(f"Hessian shape {tuple(hessian.shape)} does not match weight width {n_cols}")
     W = w.float().clone()
@@ -114,15 +115,19 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayou
     codes_t = torch.zeros(Wt.shape, dtype=torch.uint8)  # [in (visit order), out]
 
     def fit_group(g: int, i1: int, i2: int, W1: torch.Tensor) -> None:
-        pos = inv_perm[layout.group_columns(g)]  # visit positions of the group's columns, all >= now
+        # the group, or the span of groups the grid fits together (K-quant super-blocks)
+        groups = layout.span_groups(grid, g)
+        cols = torch.cat([torch.arange(layout.in_features)[layout.group_columns(j)] for j in groups])
+        pos = inv_perm[cols]  # visit positions of the groups' columns, all >= now
         cur = Wt[pos].clone()
         inside = (pos >= i1) & (pos < i2)
         cur[inside] = W1[pos[inside] - i1]
         for name, value in layout.fit_block(grid, cur.T).items():
             if name not in params:
                 params[name] = torch.zeros(layout.param_rows, n_groups)
-            params[name][:, g : g + 1] = value
-        fitted[g] = True
+            params[name][:, groups.start : groups.stop] = value
+        for j in groups:
+            fitted[j] = True
 
     for i1 in range(0, n_cols, config.block_size):
         i2 = min(i1 + config.block_size, n_cols)

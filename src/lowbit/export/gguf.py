@@ -48,7 +48,8 @@ ARCHS = {"llama": "LLAMA", "qwen2": "QWEN2", "gemma3_text": "GEMMA3"}
 _PRE = {("llama", 49152): "smollm", ("llama", 128256): "llama-bpe", ("qwen2", None): "qwen2"}
 FILE_TYPES = {
     "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0",
-    "MXFP4": "MOSTLY_MXFP4_MOE", "TQ1_0": "MOSTLY_TQ1_0", "TQ2_0": "MOSTLY_TQ2_0",
+    "MXFP4": "MOSTLY_MXFP4_MOE", "TQ1_0": "MOSTLY_TQ1_0", "TQ2_0": "MOSTLY_TQ2_0", "Q4_K": "MOSTLY_Q4_K_S",
+    "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K",
 }
 
 

@@ -11,6 +11,18 @@ code, v: signed integer, t: trit in {-1, 0, 1}):
     TQ2_0  256 / 66  [qs: 64][d: half]               d * (u - 1);  byte 32h + m, bits 2l = u[128h + 32l + m]
     TQ1_0  256 / 54  [qs: 48][qh: 4][d: half]        d * t;        base-3 digits (below)
 
+K-quants (super-blocks of 256; sc, m: the blocks' 6-bit scale and min codes, 8 per super-block):
+
+    Q4_K   256 / 144 [d][dmin][scales: 12][qs: 128]  (d*sc_j)*u - dmin*m_j, u in 0..15, block j = 32
+    Q5_K   256 / 176 [d][dmin][scales: 12][qh: 32][qs: 128]  as Q4_K, u in 0..31
+    Q6_K   256 / 210 [ql: 128][qh: 64][scales: 16 x int8][d]  (d*s_j)*(u - 32), u in 0..63, block j = 16
+
+Q4_K/Q5_K scales: byte j < 4 = sc[j] | (sc[j+4] >> 4) << 6, byte 4 + j = m[j] | (m[j+4] >> 4) << 6,
+byte 8 + j = (sc[j+4] & 15) | (m[j+4] & 15) << 4. qs: 4 chunks of 32 bytes, byte l of chunk c =
+u[64c + l] | u[64c + 32 + l] << 4 (low nibbles for Q5_K); Q5_K qh: bit k of byte l = bit 4 of
+u[32k + l]. Q6_K: ql byte 64h + b = low4(u[128h + b]) | low4(u[128h + 64 + b]) << 4; qh byte
+32h + b, bits 2k..2k+1 = high2(u[128h + 32k + b]).
+
 TQ1_0 holds 5 trits (t + 1) a byte, most significant first: byte j < 32 of qs holds elements
 32k + j, byte 32 + j (j < 16) elements 160 + 16k + j (k = 0..4), qh byte j elements 240 + 4k + j
 (k = 0..3, with a zero fifth digit); each base-3 number b is stored as ceil(b * 256 / 243), so
@@ -26,7 +38,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..formats import IntMinGrid, MXFP4Grid
+from ..formats import IntMinGrid, KQuantGrid, MXFP4Grid
 from ..qtensor import QuantizedWeight
 from ._common import integer_view, unwrap
 from .targets import GGML_TYPES
@@ -107,6 +119,43 @@ def pack_tq1_0(v: np.ndarray, d: np.ndarray) -> np.ndarray:
     return np.concatenate([qs0, qs1, qh, _half(d)], axis=-1)
 
 
+def _kquant_scales(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """sc, m: [..., 8] 6-bit codes -> [..., 12] bytes (Q4_K / Q5_K `scales`)."""
+    lo_sc, hi_sc, lo_m, hi_m = sc[..., :4], sc[..., 4:], m[..., :4], m[..., 4:]
+    return np.concatenate([lo_sc | ((hi_sc >> 4) << 6), lo_m | ((hi_m >> 4) << 6), (hi_sc & 15) | ((hi_m & 15) << 4)],
+                          axis=-1).astype(np.uint8)
+
+
+def _kquant_nibbles(u: np.ndarray) -> np.ndarray:
+    """[..., 256] values (low 4 bits used) -> [..., 128] bytes: chunk c, byte l = u[64c + l] | u[64c + 32 + l] << 4."""
+    c = (u & 15).reshape(*u.shape[:-1], 4, 2, 32)
+    return (c[..., 0, :] | (c[..., 1, :] << 4)).reshape(*u.shape[:-1], 128)
+
+
+def pack_q4_k(u: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """u: [..., 256] in 0..15, d and dmin: [..., 1], sc and m: [..., 8] in 0..63 -> [..., 144]."""
+    u, sc, m = u.astype(np.uint8), sc.astype(np.uint8), m.astype(np.uint8)
+    return np.concatenate([_half(d), _half(dmin), _kquant_scales(sc, m), _kquant_nibbles(u)], axis=-1)
+
+
+def pack_q5_k(u: np.ndarray, d: np.ndarray, dmin: np.ndarray, sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """u: [..., 256] in 0..31, d and dmin: [..., 1], sc and m: [..., 8] in 0..63 -> [..., 176]."""
+    u, sc, m = u.astype(np.uint8), sc.astype(np.uint8), m.astype(np.uint8)
+    high = ((u >> 4) & 1).reshape(*u.shape[:-1], 8, 32)  # [k, l] = bit 4 of u[32k + l]
+    qh = (high << np.arange(8, dtype=np.uint8).reshape(8, 1)).sum(axis=-2, dtype=np.uint8)
+    return np.concatenate([_half(d), _half(dmin), _kquant_scales(sc, m), qh, _kquant_nibbles(u)], axis=-1)
+
+
+def pack_q6_k(u: np.ndarray, d: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """u: [..., 256] in 0..63, d: [..., 1], s: [..., 16] signed block scales in -128..127 -> [..., 210]."""
+    u, lead = u.astype(np.uint8), u.shape[:-1]
+    halves = u.reshape(*lead, 2, 2, 64)  # [h, j, b] = u[128h + 64j + b]
+    ql = ((halves[..., 0, :] & 15) | ((halves[..., 1, :] & 15) << 4)).reshape(*lead, 128)
+    high = (u >> 4).reshape(*lead, 2, 4, 32)  # [h, k, b] = high2(u[128h + 32k + b])
+    qh = (high << (2 * np.arange(4, dtype=np.uint8)).reshape(4, 1)).sum(axis=-2, dtype=np.uint8).reshape(*lead, 64)
+    return np.concatenate([ql, qh, s.astype(np.int8).view(np.uint8), _half(d)], axis=-1)
+
+
 _SIGNED = {"Q4_0": pack_q4_0, "Q5_0": pack_q5_0, "Q8_0": pack_q8_0, "TQ2_0": pack_tq2_0, "TQ1_0": pack_tq1_0}
 _AFFINE = {"Q4_1": pack_q4_1, "Q5_1": pack_q5_1}
 
@@ -154,6 +203,21 @@ def pack_blocks(qw: QuantizedWeight, ggml_type: str, name: str = "weight") -> np
             raise ValueError(f"MXFP4 stores E2M1 codes with E8M0 scales; {qw.grid.name} is not that")
         e = _per_block(cols(qw.layout.expand(qw.params)["scale_exp"]), t.block)
         packed = pack_mxfp4(blocks(qw.codes), e)
+    elif ggml_type in ("Q4_K", "Q5_K", "Q6_K"):
+        if not isinstance(grid, KQuantGrid) or grid.ggml_type != ggml_type:
+            raise ValueError(f"{ggml_type} stores {ggml_type[1]}-bit codes under 6/8-bit block scales with an fp16 scale "
+                             f"per 256 (format int{ggml_type[1]}_k); {qw.grid.name} is not that")
+        span, n_sb = grid.fit_span, in_f // t.block
+        p = {k: v.expand(out_f, -1).numpy() for k, v in qw.params.items()}  # [out, n_groups] each
+        d = p["d"][:, ::span].reshape(out_f, n_sb, 1).astype(np.float32)
+        sc = p["sc"].reshape(out_f, n_sb, span).astype(np.int16)
+        u = blocks(qw.codes)
+        if grid.affine:
+            dmin = p["dmin"][:, ::span].reshape(out_f, n_sb, 1).astype(np.float32)
+            m = p["m"].reshape(out_f, n_sb, span).astype(np.int16)
+            packed = (pack_q4_k if ggml_type == "Q4_K" else pack_q5_k)(u, d, dmin, sc, m)
+        else:
+            packed = pack_q6_k(u, d, sc - 128)
     else:
         raise ValueError(f"no packer for GGUF type {ggml_type}")
     return np.ascontiguousarray(packed.reshape(out_f, nb * t.block_bytes))

@@ -13,6 +13,9 @@ bits. GGUF's blocks run along a row (the input features) with one scale per bloc
     gguf:mxfp4  32     2^(e-127) * E2M1[u]         mxfp4 (E8M0 scale code e)
     gguf:tq2_0  256    d * t, t in {-1, 0, 1}      ternary2 (2 bits per trit)
     gguf:tq1_0  256    d * t                       ternary (5 trits per byte)
+    gguf:q4_k   256    (d*sc_j) * u - dmin*m_j     int4_k: 6-bit block scales/mins (blocks of 32) under fp16 d, dmin
+    gguf:q5_k   256    as q4_k, u in 0..31         int5_k
+    gguf:q6_k   256    (d*s_j) * (u - 32)          int6_k: int8 block scales (blocks of 16) under fp16 d
 
 (lowbit's symmetric grids use the extra negative level, as GGUF does, so the scales agree too.)
 A group of 64 or 128 maps as well (its scale is repeated in each block), but stores the same
@@ -26,8 +29,8 @@ weight is written that way only on request (`lowbit export --to gguf:q5_0`); it 
 Q4_1/Q5_1, whose min -zero * scale is generally not an fp16 number.
 
 Widths a block does not divide follow one rule (`target_for_width`): under a target such a
-layer is quantized for the target's fallback (TQ1_0/TQ2_0 -> gguf:q4_0, as llama.cpp's own
-quantizer does), reported per layer; where no block fits (a width that is not a multiple of
+layer is quantized for the target's fallback (as llama.cpp's own quantizer does: TQ1_0/TQ2_0 ->
+Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0), reported per layer; where no block fits (a width that is not a multiple of
 32) it is kept in float and exported as F16 (llama.cpp's own fallback for such rows).
 """
 
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import LowbitError
-from ..formats import BinaryGrid, Grid, IntGrid, IntMinGrid, MXFP4Grid, TernaryGrid, get_grid, grid_from_spec
+from ..formats import BinaryGrid, Grid, IntGrid, IntMinGrid, KQuantGrid, MXFP4Grid, TernaryGrid, get_grid, grid_from_spec
 from .errors import ExportError
 
 
@@ -49,7 +52,7 @@ class GGMLType:
     name: str  # gguf.GGMLQuantizationType member
     block: int  # weights per block along a row
     block_bytes: int
-    decode: str  # "signed": d * v, v an integer in [lo, hi]; "affine": d * u + m, u in [0, hi]; "mxfp4"
+    decode: str  # "signed": d * v, v an integer in [lo, hi]; "affine": d * u + m, u in [0, hi]; "mxfp4"; "kquant"
     lo: int = 0
     hi: int = 0
 
@@ -69,6 +72,9 @@ GGML_TYPES: dict[str, GGMLType] = {
         GGMLType("MXFP4", 32, 17, "mxfp4"),
         GGMLType("TQ2_0", 256, 66, "signed", -1, 1),
         GGMLType("TQ1_0", 256, 54, "signed", -1, 1),
+        GGMLType("Q4_K", 256, 144, "kquant"),
+        GGMLType("Q5_K", 256, 176, "kquant"),
+        GGMLType("Q6_K", 256, 210, "kquant"),
     ]
 }
 
@@ -108,6 +114,12 @@ TARGETS: dict[str, Target] = {
                fallback="gguf:q4_0"),
         Target("gguf:tq1_0", "ternary", None, "TQ1_0", "llama.cpp TQ1_0: ternary, 5 trits a byte, fp16 scale per 256 "
                "(1.69 bpw)", fallback="gguf:q4_0"),
+        Target("gguf:q4_k", "int4_k", None, "Q4_K", "llama.cpp Q4_K: 4-bit, 6-bit scale and min per 32 under fp16 "
+               "scales per 256 (4.5 bpw)", fallback="gguf:q5_0"),
+        Target("gguf:q5_k", "int5_k", None, "Q5_K", "llama.cpp Q5_K: 5-bit, 6-bit scale and min per 32 under fp16 "
+               "scales per 256 (5.5 bpw)", fallback="gguf:q5_1"),
+        Target("gguf:q6_k", "int6_k", None, "Q6_K", "llama.cpp Q6_K: 6-bit, int8 scale per 16 under an fp16 scale "
+               "per 256 (6.56 bpw)", fallback="gguf:q8_0"),
     ]
 }
 _BY_TYPE = {t.ggml_type: t for t in TARGETS.values()}
@@ -155,7 +167,7 @@ def recipe_settings(name: str, group_size: int | None) -> dict[str, Any]:
     if fixed and group_size is not None and group_size != fixed:
         raise ExportError(f"target {t.name} stores one scale per {fixed} weights; group size {group_size} is not {fixed} "
                           f"(leave --group-size out)")
-    if group_size is not None and not (group_size == -1 or (group_size > 0 and group_size % t.block == 0)):
+    if not fixed and group_size is not None and not (group_size == -1 or (group_size > 0 and group_size % t.block == 0)):
         raise ExportError(
             f"target {t.name} stores blocks of {t.block}; group size {group_size} is not a multiple of it "
             f"(use {t.block}, a multiple of it, or -1)"
@@ -163,7 +175,7 @@ def recipe_settings(name: str, group_size: int | None) -> dict[str, Any]:
     if t.group is not None and group_size is not None and group_size != t.group:
         raise ExportError(f"target {t.name} fixes groups of {t.group}; drop --group-size {group_size} or name the "
                           f"group in the target ({t.name.split('-g')[0]}-g{group_size})")
-    default = t.group if t.group is not None else t.block
+    default = t.group if t.group is not None else fixed or t.block  # K-quants: their block of 32 / 16
     settings: dict[str, Any] = {"format": t.format, "group_size": default if group_size is None else group_size}
     if t.symmetric is not None:
         settings["symmetric"] = t.symmetric
@@ -210,6 +222,11 @@ def misfit(grid: Grid, group_size: int, in_features: int, ggml_type: str) -> str
     t, g = GGML_TYPES[ggml_type], _inner(grid)
     if in_features % t.block:
         return f"input width {in_features} is not a multiple of {t.name}'s {t.block}-weight block"
+    if t.decode == "kquant":
+        if isinstance(g, KQuantGrid) and g.ggml_type == t.name:
+            return None
+        return (f"{t.name} stores {t.name[1]}-bit codes whose block scales are coded under an fp16 scale per 256 "
+                f"(format int{t.name[1]}_k)")
     if group_size > 0 and group_size % t.block:
         return f"group size {group_size} is not a multiple of {t.name}'s {t.block}-weight block (one scale per block)"
     if t.decode == "mxfp4":
@@ -239,6 +256,8 @@ def native_type(grid: Grid) -> str | None:
         return "MXFP4"
     if isinstance(g, TernaryGrid):
         return "TQ1_0" if g.packed else "TQ2_0"
+    if isinstance(g, KQuantGrid):
+        return g.ggml_type
     return None
 
 
@@ -281,6 +300,8 @@ def _suggest(grid: Grid) -> list[str]:
         return ["gguf:tq1_0", "gguf:tq2_0", "gguf:q4_0"]
     if isinstance(g, MXFP4Grid) or g.name.startswith("fp4"):
         return ["gguf:mxfp4", "gguf:q4_0"]
+    if isinstance(g, KQuantGrid):
+        return [f"gguf:q{g.bits}_k"]
     bits = getattr(g, "bits", 4)
     if bits <= 4:
         return ["gguf:q4_0", "gguf:q4_1"]

@@ -5,6 +5,7 @@ shared by one block of weights. Algorithms (RTN, GPTQ, ...) only ever call the f
 below, so any algorithm works with any grid that implements them:
 
     params = grid.fit(w)             # w: [rows, k]; every row is one block; params: [rows, 1] each
+                                     # (a grid with fit_span > 1 fits that many blocks of a row at once)
     codes  = grid.encode(w, params)  # integer codes in [0, 2**grid.bits), uint8, same shape as w
     w_hat  = grid.decode(codes, params)
     grid.param_fields                # how each parameter is stored, hence what it costs in bits
@@ -26,15 +27,18 @@ Params = dict[str, torch.Tensor]
 @dataclass(frozen=True)
 class ParamField:
     """How one per-block parameter is stored: an fp16 number, or an unsigned integer code
-    packed at `bits` width (a zero point, for instance)."""
+    packed at `bits` width (a zero point, for instance). `shared` > 1: one stored value serves
+    that many consecutive blocks of a row (a K-quant super-block scale: the value is repeated in
+    each block's parameters, and stored once)."""
 
     name: str
     kind: Literal["float16", "code"]
     bits: int
+    shared: int = 1
 
     @classmethod
-    def fp16(cls, name: str) -> "ParamField":
-        return cls(name, "float16", 16)
+    def fp16(cls, name: str, shared: int = 1) -> "ParamField":
+        return cls(name, "float16", 16, shared)
 
     @classmethod
     def code(cls, name: str, bits: int) -> "ParamField":
@@ -58,6 +62,10 @@ class Grid(ABC):
     bits: int
     #: a block size the format itself prescribes (MXFP4: 32), overriding the recipe's group size
     fixed_group_size: int | None = None
+    #: blocks of a row fitted together (K-quants: the 8 or 16 blocks of a 256-weight super-block,
+    #: whose scales share one fp16 scale): `fit` then takes [rows, fit_span * block] and returns
+    #: [rows, fit_span] per parameter
+    fit_span: int = 1
 
     @property
     @abstractmethod
@@ -114,9 +122,9 @@ class Grid(ABC):
         return unpack_codes(packed, self.bits, n_codes)
 
     @property
-    def param_bits(self) -> int:
-        """Bits that one block's parameters cost in storage."""
-        return sum(f.bits for f in self.param_fields)
+    def param_bits(self) -> float:
+        """Bits that one block's parameters cost in storage (shared fields: their share)."""
+        return sum(f.bits / f.shared for f in self.param_fields)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec()})"
@@ -131,6 +139,7 @@ class FitWrapper(Grid):
         self.inner = inner
         self.bits = inner.bits
         self.fixed_group_size = inner.fixed_group_size
+        self.fit_span = inner.fit_span
 
     @property
     def name(self) -> str:

@@ -77,14 +77,35 @@ class GroupLayout:
         g = self.effective_group_size
         return slice(group * g, min((group + 1) * g, self.in_features))
 
+    def check_span(self, grid: Grid) -> None:
+        """A grid that fits several groups at once (K-quant super-blocks) needs rows made of whole spans."""
+        span = grid.fit_span
+        if span > 1 and (self.group_size != grid.fixed_group_size or self.n_groups % span or self.in_features % self.group_size):
+            raise GroupSizeError(
+                f"{grid.name} stores super-blocks of {span} x {grid.fixed_group_size} weights; input width "
+                f"{self.in_features} is not a multiple of {span * (grid.fixed_group_size or 1)} (quantize with "
+                f"--target gguf:{grid.name.replace('int', 'q')}, which gives such layers llama.cpp's fallback type)"
+            )
+
+    def span_groups(self, grid: Grid, group: int) -> range:
+        """The groups fitted together with `group` (itself alone unless the grid has a fit span)."""
+        start = group - group % grid.fit_span
+        return range(start, min(start + grid.fit_span, self.n_groups))
+
     def fit_block(self, grid: Grid, w: torch.Tensor) -> Params:
-        """Fit one group's parameters on its columns `w: [out, k]`: [param_rows, 1] each."""
+        """Fit one group's (or one fit span's) parameters on its columns `w: [out, k]`:
+        [param_rows, 1] (or [param_rows, fit_span]) each."""
         return grid.fit(w.reshape(1, -1) if self.per_tensor else w)
 
     def fit(self, grid: Grid, w: torch.Tensor) -> Params:
         """Fit every group of `w: [out, in]` at once: [param_rows, n_groups] each."""
         if self.per_tensor:
             return grid.fit(w.reshape(1, -1))
+        if grid.fit_span > 1:
+            self.check_span(grid)
+            span_cols = grid.fit_span * self.group_size
+            fitted = grid.fit(w.reshape(-1, span_cols))  # [out * n_spans, fit_span] each
+            return {k: v.reshape(self.out_features, self.n_groups) for k, v in fitted.items()}
         g, n_full = self.effective_group_size, self.in_features // self.effective_group_size
         out = self.out_features
         full = w[:, : n_full * g].reshape(out * n_full, g)

@@ -12,6 +12,7 @@ from .binary import BinaryGrid
 from .clip import ClippedGrid
 from .mse_fit import MSEFitGrid
 from .int import IntGrid, IntMinGrid
+from .kquant import KQuantGrid
 from .log import LogGrid
 from .lookup import LookupGrid, NormalFloatGrid
 from .minifloat import MinifloatGrid, MXFP4Grid, NVFP4Grid
@@ -72,6 +73,14 @@ _FORMATS: list[_Format] = [
         "unsigned integer codes with an fp16 step and an fp16 min per block, w = scale*q + min (llama.cpp's "
         "Q4_1/Q5_1 decode: int4_min, int5_min); what --target gguf:q4_1 / gguf:q5_1 quantize onto",
         "2-8", "fp16 scale + fp16 min",
+    ),
+    _Format(
+        re.compile(r"int([456])_k"),
+        lambda m, o: KQuantGrid(int(m.group(1)), **_options(m.group(0), o, ())),
+        "llama.cpp K-quants (Q4_K, Q5_K, Q6_K): int4_k/int5_k w = d*sc*q - dmin*m in blocks of 32, int6_k "
+        "w = d*s*(q - 32) in blocks of 16, the block scales 6/8-bit codes under one fp16 d per 256 (fixed; rows "
+        "a multiple of 256); what --target gguf:q4_k / q5_k / q6_k quantize onto",
+        "4-6", "6-bit scale (+ 6-bit min) per block, fp16 d (+ dmin) per 256",
     ),
     _Format(
         re.compile(r"fp([3-8])_e([1-7])m([0-6])"),
@@ -180,7 +189,7 @@ def _lut(o: dict[str, Any]) -> Grid:
 
 
 EXAMPLE_NAMES = [
-    "int8", "int4", "int3", "int2", "int4_min", "int5_min",
+    "int8", "int4", "int3", "int2", "int4_min", "int5_min", "int4_k", "int5_k", "int6_k",
     "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp5_e2m2", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "mxfp4", "nvfp4",
     "nf4", "nf3", "lut", "power4", "post4", "log4", "ternary", "ternary2", "binary", "nested8",
 ]
@@ -224,7 +233,7 @@ def get_grid(name: str, **options: Any) -> Grid:
         raise UnknownFormatError(f"{name!r} is a search over grids, not one grid: use it as a recipe format (get_format)")
     raise UnknownFormatError(
         f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES + SEARCH_NAMES)} "
-        "(see `lowbit formats` for the patterns: int2-8, int2-8_min, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
+        "(see `lowbit formats` for the patterns: int2-8, int2-8_min, int4-6_k, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
         "fpN_search, powerN_search)"
     )
 

@@ -123,10 +123,11 @@ def weight_buffer_specs(prefix: str, grid: Grid, layout: GroupLayout) -> dict[st
     sets = layout.n_param_sets
     specs: dict[str, TensorSpec] = {f"{prefix}codes": ((grid.packed_nbytes(n),), torch.uint8)}
     for f in grid.param_fields:
+        n = sets // f.shared  # a shared field: one value per `shared` groups (layouts check the span)
         if f.kind == "float16":
-            specs[f"{prefix}{f.name}"] = ((sets,), torch.float16)
+            specs[f"{prefix}{f.name}"] = ((n,), torch.float16)
         else:
-            specs[f"{prefix}{f.name}"] = ((-(-sets * f.bits // 8),), torch.uint8)
+            specs[f"{prefix}{f.name}"] = ((-(-n * f.bits // 8),), torch.uint8)
     return specs
 
 
@@ -148,7 +149,7 @@ def register_weight_buffers(module: nn.Module, prefix: str, grid: Grid, layout: 
 def store_weight(module: nn.Module, prefix: str, qw: QuantizedWeight) -> None:
     getattr(module, f"{prefix}codes").copy_(qw.grid.pack(qw.codes))
     for f in qw.grid.param_fields:
-        value = qw.params[f.name].reshape(-1)
+        value = stored_values(qw.params[f.name], f.shared)
         if f.kind == "float16":
             getattr(module, f"{prefix}{f.name}").copy_(value.to(torch.float16))
         else:
@@ -161,6 +162,18 @@ def read_weight(module: nn.Module, prefix: str, grid: Grid, layout: GroupLayout)
     params = {}
     for f in grid.param_fields:
         stored = getattr(module, f"{prefix}{f.name}")
-        value = stored.float() if f.kind == "float16" else unpack_codes(stored, f.bits, layout.n_param_sets).float()
-        params[f.name] = value.reshape(layout.param_rows, -1)
+        n = layout.n_param_sets // f.shared
+        value = stored.float() if f.kind == "float16" else unpack_codes(stored, f.bits, n).float()
+        params[f.name] = value.reshape(layout.param_rows, -1).repeat_interleave(f.shared, dim=1)
     return QuantizedWeight(codes, params, grid, layout)
+
+
+def stored_values(param: torch.Tensor, shared: int) -> torch.Tensor:
+    """A parameter [param_rows, n_groups] as stored, flat: every group's value, or for a field
+    shared by `shared` consecutive groups the first of each run (which must all be equal)."""
+    if shared == 1:
+        return param.reshape(-1)
+    first = param[:, ::shared]
+    if not torch.equal(first.repeat_interleave(shared, dim=1), param):
+        raise ValueError(f"a parameter shared by {shared} groups differs within a run of them")
+    return first.reshape(-1)

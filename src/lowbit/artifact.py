@@ -38,6 +38,7 @@ from .errors import ArtifactError  # noqa: F401  (re-exported: callers catch low
 from .models import auto_class, is_linear, linear_weight
 from .nn import QuantModule, module_from_entry
 from .runtime.dense import keep_half_precision
+from .stream.safetensors_io import SafetensorsWriter
 from .validation.header import MAX_DIM, MAX_HEADER_BYTES, HeaderError, parse_json, validate_header
 from .validation.paths import check_output, clean_stale_work_dirs, make_work_dir, swap_into_place
 from .validation.stored import StoredTensorError, check_stored_tensors
@@ -58,33 +59,115 @@ def quantized_modules(model: nn.Module) -> dict[str, QuantModule]:
     return {n: m for n, m in model.named_modules() if isinstance(m, QuantModule)}
 
 
-def split_state(model: nn.Module, dense_dtype: torch.dtype) -> tuple[dict, dict, dict[str, str]]:
-    """(quantized tensors, dense tensors in `dense_dtype`, aliases of shared dense tensors)."""
-    qmods = quantized_modules(model)
-    quantized: dict[str, torch.Tensor] = {}
-    for name, module in qmods.items():
-        for key, value in module.state_dict().items():
-            quantized[f"{name}.{key}"] = value.detach().contiguous()
+def dense_state(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The model's state that is not in `skip` (the quantized modules' tensors), each shared
+    (tied) tensor once: (key -> tensor, alias key -> the key it shares). Identity decides ties:
+    the tensor object, or for real tensors also the same storage and shape."""
     dense: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
-    owner: dict[tuple[int, tuple], str] = {}
-    for key, value in model.state_dict(keep_vars=False).items():
-        if key in quantized:
+    owner: dict = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        if key in skip:
             continue
-        ident = (value.data_ptr(), tuple(value.shape))
-        if ident in owner:  # a tied tensor: store once
-            aliases[key] = owner[ident]
+        idents = [("obj", id(value))] + ([] if value.is_meta else [("ptr", value.data_ptr(), tuple(value.shape))])
+        first = next((owner[i] for i in idents if i in owner), None)
+        if first is not None:  # a tied tensor: store once
+            aliases[key] = first
             continue
-        owner[ident] = key
-        v = value.detach()
-        dense[key] = (v.to(dense_dtype) if v.is_floating_point() else v).contiguous()
-    return quantized, dense, aliases
+        for i in idents:
+            owner[i] = key
+        dense[key] = value
+    return dense, aliases
 
 
 def _module_entry(name: str, module: QuantModule, info: dict) -> dict:
     stored = module.storage_bytes()
     numel = module.in_features * module.out_features
     return {**info, **module.entry(), "numel": numel, "stored_bytes": stored, "bpw": 8 * sum(stored.values()) / numel}
+
+
+class ArtifactWriter:
+    """Write an artifact piece by piece: quantized modules as they are made, dense tensors, then
+    the header (`finish`). Everything goes into a work directory beside `out` that replaces it
+    only once complete. `save` uses it for a model in memory, `stream.quantize` block by block:
+    the same pieces give the same bytes, whatever order they came in."""
+
+    def __init__(self, out: str | Path, *, force: bool = False, sources: tuple[Path, ...] = ()) -> None:
+        self.out = Path(out)
+        check_output(self.out, force=force, sources=sources)
+        clean_stale_work_dirs(self.out)
+        self.tmp = make_work_dir(self.out)
+        self.quantized = SafetensorsWriter(self.tmp / QUANTIZED)
+        self.dense = SafetensorsWriter(self.tmp / DENSE)
+        self.modules: dict[str, dict] = {}
+        self.aliases: dict[str, str] = {}
+        self.dense_numel = self.dense_bytes = 0
+
+    def add_module(self, name: str, module: QuantModule, info: dict | None = None) -> None:
+        for key, value in module.state_dict().items():
+            self.quantized.add(f"{name}.{key}", value)
+        self.modules[name] = _module_entry(name, module, info or {})
+
+    def add_dense(self, key: str, value: torch.Tensor, dtype: torch.dtype) -> None:
+        """A dense tensor, floating ones stored in `dtype` (the source checkpoint's)."""
+        v = value.detach()
+        v = v.to(dtype) if v.is_floating_point() else v
+        self.dense.add(key, v)
+        self.dense_numel += v.numel()
+        self.dense_bytes += v.numel() * v.element_size()
+
+    def add_alias(self, key: str, target: str) -> None:
+        self.aliases[key] = target
+
+    def finish(self, *, config=None, tokenizer=None, source: dict | None = None, recipe: dict | None = None,
+               skipped: dict[str, str] | None = None, dense_dtype: torch.dtype = torch.float32) -> Path:
+        if not self.modules:
+            raise ArtifactError("the model holds no quantized module; quantize it before saving")
+        self.quantized.finish()
+        self.dense.finish()
+        tmp = self.tmp
+        if config is not None:
+            config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        modules = dict(sorted(self.modules.items()))
+        q_numel = sum(m["numel"] for m in modules.values())
+        q_bytes = sum(sum(m["stored_bytes"].values()) for m in modules.values())
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        header = {
+            "lowbit_version": __version__,
+            "format_version": FORMAT_VERSION,
+            "source": source or {},
+            "recipe": recipe or {},
+            "dense_dtype": str(dense_dtype).removeprefix("torch."),
+            "modules": modules,
+            "skipped": dict(sorted((skipped or {}).items())),
+            "aliases": dict(sorted(self.aliases.items())),
+            "summary": {
+                "quantized_params": q_numel,
+                "quantized_bytes": q_bytes,
+                "bpw": 8 * q_bytes / q_numel,
+                "dense_params": self.dense_numel,
+                "dense_bytes": self.dense_bytes,
+            },
+            "files": files,
+        }
+        header["header_sha256"] = hashlib.sha256(_canonical(header)).hexdigest()
+        (tmp / HEADER).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
+        swap_into_place(tmp, self.out)  # with force, the old artifact (checked above) goes only once the new one is in
+        return self.out
+
+    def abort(self) -> None:
+        self.quantized.abort()
+        self.dense.abort()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> "ArtifactWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()
 
 
 def save(
@@ -103,51 +186,21 @@ def save(
     `force` replaces an existing artifact, never anything else."""
     out = Path(out_dir)
     sources = tuple(Path(p) for p in [(source or {}).get("path")] if p and Path(p).exists())
-    check_output(out, force=force, sources=sources)
     qmods = quantized_modules(model)
-    if not qmods:
-        raise ArtifactError("the model holds no quantized module; quantize it before saving")
-    clean_stale_work_dirs(out)
-    tmp = make_work_dir(out)
-    try:
-        quantized, dense, aliases = split_state(model, dense_dtype)
-        save_file(quantized, str(tmp / QUANTIZED))
-        save_file(dense, str(tmp / DENSE))
-        config = getattr(model, "config", None)
-        if config is not None:
-            config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        modules = {n: _module_entry(n, m, (module_info or {}).get(n, {})) for n, m in sorted(qmods.items())}
-        q_numel = sum(m["numel"] for m in modules.values())
-        q_bytes = sum(sum(m["stored_bytes"].values()) for m in modules.values())
-        dense_numel = sum(v.numel() for v in dense.values())
-        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
-        header = {
-            "lowbit_version": __version__,
-            "format_version": FORMAT_VERSION,
-            "source": source or {},
-            "recipe": recipe or {},
-            "dense_dtype": str(dense_dtype).removeprefix("torch."),
-            "modules": modules,
-            "skipped": dict(sorted((skipped or {}).items())),
-            "aliases": dict(sorted(aliases.items())),
-            "summary": {
-                "quantized_params": q_numel,
-                "quantized_bytes": q_bytes,
-                "bpw": 8 * q_bytes / q_numel,
-                "dense_params": dense_numel,
-                "dense_bytes": sum(v.numel() * v.element_size() for v in dense.values()),
-            },
-            "files": files,
-        }
-        header["header_sha256"] = hashlib.sha256(_canonical(header)).hexdigest()
-        (tmp / HEADER).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
-        swap_into_place(tmp, out)  # with force, the old artifact (checked above) goes only once the new one is in
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    writer = ArtifactWriter(out, force=force, sources=sources)
+    with writer:
+        if not qmods:
+            raise ArtifactError("the model holds no quantized module; quantize it before saving")
+        for name, module in qmods.items():
+            writer.add_module(name, module, (module_info or {}).get(name, {}))
+        skip = {f"{n}.{k}" for n, m in qmods.items() for k in m.state_dict()}
+        dense, aliases = dense_state(model, skip)
+        for key, value in dense.items():
+            writer.add_dense(key, value, dense_dtype)
+        for key, target in aliases.items():
+            writer.add_alias(key, target)
+        return writer.finish(config=getattr(model, "config", None), tokenizer=tokenizer, source=source, recipe=recipe,
+                             skipped=skipped, dense_dtype=dense_dtype)
 
 
 def read_header(path: str | Path, verify: bool = True) -> dict:

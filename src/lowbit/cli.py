@@ -170,6 +170,7 @@ def quantize(
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
     allow_pickle: bool = typer.Option(False, show_default=False, help="Read a checkpoint stored only as pytorch_model.bin (torch's restricted unpickler; still untrusted input). Without it only safetensors are read."),
+    stream: bool = typer.Option(False, "--stream", show_default=False, help="For models bigger than memory: build the model on the meta device, read the safetensors checkpoint tensor by tensor and hold one block (RTN: one layer) in float32 at a time, writing each quantized layer as it is made. Same artifact, byte for byte. Local safetensors directories only; not with preprocessing or tuning."),
 ) -> None:
     """Quantize MODEL and write a packed artifact directory."""
     from .artifact import read_header
@@ -182,18 +183,24 @@ def quantize(
                          format_option, preprocess_steps, tune_steps, target)
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
-        job = run_quantize(model, r, allow_pickle=allow_pickle)
-        path = save_job(job, r, output, force=force)
+        if stream:
+            from .stream.quantize import stream_quantize
+
+            path, report = stream_quantize(model, r, output, force=force)
+        else:
+            job = run_quantize(model, r, allow_pickle=allow_pickle)
+            path, report = save_job(job, r, output, force=force), job.report
         summary = read_header(path, verify=False)["summary"]
         console.print(
-            f"[green]wrote[/] {path}: {len(job.report.modules)} layers quantized ({r.method} {r.format} g{r.group_size}), "
-            f"{summary['bpw']:.3f} bits per weight, {len(job.report.skipped)} kept, {job.report.seconds:.1f} s"
+            f"[green]wrote[/] {path}: {len(report.modules)} layers quantized ({r.method} {r.format} g{r.group_size}), "
+            f"{summary['bpw']:.3f} bits per weight, {len(report.skipped)} kept, {report.seconds:.1f} s"
+            + (" (streamed)" if stream else "")
         )
         if r.target:  # what is not stored as the target itself, layer by layer
-            for name, m in job.report.modules.items():
+            for name, m in report.modules.items():
                 if m.get("target_note"):
                     console.print(f"{name}: {m['target_note']}", highlight=False)
-            for name, why in job.report.skipped.items():
+            for name, why in report.skipped.items():
                 console.print(f"kept {name}: {why}", highlight=False)
 
 

@@ -98,13 +98,18 @@ def walk_blocks(
     kind: str,
     hessian_names: set[str],
     on_block: OnBlock,
+    prepare: Callable[[int, nn.Module], None] | None = None,
+    release: Callable[[int, nn.Module], None] | None = None,
 ) -> None:
     """Call `on_block(i, prefix, block, hessians)` for each block, in order, with the Hessians of
     the block's linears listed in `hessian_names`, computed from the outputs of the blocks before it
-    as already quantized by earlier calls."""
+    as already quantized by earlier calls. `prepare(i, block)` runs before block i is first used
+    and `release(i, block)` once its outputs are computed (streaming: load it, then free it)."""
     inputs = capture_block_inputs(model, blocks[0], batches, kind)
     for i, block in enumerate(blocks):
         prefix = f"{blocks_name}.{i}"
+        if prepare is not None:
+            prepare(i, block)
 
         def run_block() -> None:
             for args, kwargs in inputs:
@@ -120,6 +125,8 @@ def walk_blocks(
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
                 next_inputs.append(_with_hidden(args, kwargs, hidden))
             inputs = next_inputs
+        if release is not None:
+            release(i, block)
 
 
 @torch.inference_mode()

@@ -40,14 +40,15 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
 
 def tied_parameter_names(model: nn.Module) -> set[str]:
     """Names of modules whose weight is shared with another module (e.g. a tied lm_head)."""
-    seen: dict[int, str] = {}
+    seen: dict[tuple, str] = {}
     tied: set[str] = set()
     for name, module in model.named_modules():
         w = getattr(module, "weight", None)
         if isinstance(w, torch.Tensor):
-            key = w.data_ptr()
-            if key in seen:
+            # the same tensor object, or (real tensors) the same storage; meta tensors have no storage
+            keys = [("id", id(w))] + ([] if w.is_meta else [("ptr", w.data_ptr())])
+            if any(k in seen for k in keys):
                 tied.add(name)
             else:
-                seen[key] = name
+                seen.update({k: name for k in keys})
     return tied

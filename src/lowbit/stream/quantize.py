@@ -1,0 +1,221 @@
+"""Quantize a model that does not fit in memory: one block in float32 at a time.
+
+The model is built on the meta device (no weight allocated); tensors are read from the
+checkpoint's safetensors on demand (`CheckpointReader`, shards honoured) and each quantized module
+goes to the artifact as soon as it is made (`ArtifactWriter`), its float weights freed. RTN needs
+no forward pass: layer by layer, the peak is one layer's float32 weight. Methods that calibrate
+(GPTQ, PTQ1.61, format searches) walk the blocks as the in-memory path does (`walk_blocks`): the
+modules before the first block are loaded to compute its inputs, then each block is loaded in
+float32, its Hessians gathered, its layers quantized, its quantized outputs computed for the next
+block, and freed; the peak is one block plus the calibration activations. The same quantization
+code runs on the same values in the same order, so the artifact is byte for byte the in-memory
+path's (tested).
+
+Not streamed (refused with the reason): the preprocessing and the end-to-end tuning, which train
+the whole model; calibrated layers outside the block list; GGUF sources and hub ids (give a local
+safetensors directory).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..artifact import ArtifactWriter, dense_state
+from ..calib.text import read_text
+from ..calib.walker import walk_blocks
+from ..errors import LowbitError
+from ..models import find_blocks
+from ..models.loading import LoadedModel, auto_class, check_local_model, checkpoint_dtype, model_kind, resolve, _source_format
+from ..nn import QuantModule
+from ..quantize import QuantizeReport, _progress, _quantize_layer, plan_layers
+from ..recipe import Recipe
+from ..validation.finite import NonFiniteError
+from .safetensors_io import CheckpointReader
+
+
+class StreamError(LowbitError):
+    pass
+
+
+def _set_tensor(root: nn.Module, key: str, value: torch.Tensor) -> None:
+    """Put `value` in place of the parameter or buffer `key` (a dotted name) of `root`."""
+    owner_name, _, leaf = key.rpartition(".")
+    owner = root.get_submodule(owner_name) if owner_name else root
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+class _Source:
+    """The checkpoint's tensors under the skeleton's state-dict keys, read in float32 (for work)
+    or in their stored dtype (to store), every floating one checked finite as it is read."""
+
+    def __init__(self, ckpt: CheckpointReader, aliases: dict[str, str], where: str) -> None:
+        self.ckpt, self.aliases, self.where = ckpt, aliases, where
+
+    def read(self, key: str) -> torch.Tensor:
+        name = key if key in self.ckpt else self.aliases.get(key, key)  # a tied tensor may be stored once, under its owner
+        t = self.ckpt.read(name)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteError(f"{self.where}: tensor {name} holds NaN or infinite values; fix the checkpoint first "
+                                 "(nothing was written)")
+        return t
+
+    def load_into(self, root: nn.Module, prefix: str, module: nn.Module) -> None:
+        """Every parameter (and stored buffer) of `module`, named `prefix`, in float32."""
+        for key, value in module.state_dict(keep_vars=True).items():
+            full = f"{prefix}.{key}" if prefix else key
+            if full in self.ckpt or full in self.aliases:
+                t = self.read(full)
+                _set_tensor(root, full, t.float() if t.is_floating_point() else t)
+            elif value.is_meta:
+                raise StreamError(f"{self.where}: the checkpoint has no tensor {full}")
+
+
+def _check_keys(model: nn.Module, ckpt: CheckpointReader, aliases: dict[str, str], where: str) -> None:
+    wanted = [k for k, v in model.state_dict(keep_vars=True).items() if v.is_meta and k not in aliases]
+    missing = [k for k in wanted if k not in ckpt]
+    if missing:
+        raise StreamError(f"{where}: the checkpoint lacks {len(missing)} tensor(s) the model needs ({', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''}); is it this architecture's checkpoint, and complete?")
+
+
+def _free(module: nn.Module) -> None:
+    module.to("meta")
+
+
+def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool = False,
+                    show_progress: bool = True) -> tuple[Path, QuantizeReport]:
+    """Quantize the safetensors model `source` by `recipe` into the artifact `out`, holding one
+    block (RTN: one layer) in float32 at a time. Returns (artifact path, report)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..pipeline import calibration_batches
+
+    started = time.perf_counter()
+    if recipe.preprocess.steps > 0 or recipe.tune.steps > 0:
+        raise StreamError("preprocessing and end-to-end tuning train the whole model at once; they do not stream "
+                          "(quantize without --stream, or set preprocess.steps / tune.steps to 0)")
+    if recipe.calib.path:
+        read_text(recipe.calib.path)
+    path = resolve(source)
+    root = Path(path)
+    if not root.is_dir():
+        what = "a GGUF file" if path.endswith(".gguf") else "a hub id"
+        raise StreamError(f"{source} is {what}; streaming reads a local safetensors model directory (quantize it without "
+                          "--stream, or download the model's safetensors first)")
+    check_local_model(root, allow_pickle=False)
+    ckpt = CheckpointReader(root)
+    config = AutoConfig.from_pretrained(root, trust_remote_code=False)
+    kind = model_kind(config)
+    dtype = checkpoint_dtype(config)
+    tokenizer = AutoTokenizer.from_pretrained(root, trust_remote_code=False)
+    with init_empty_weights():
+        model = auto_class(kind).from_config(config, dtype=torch.float32)
+    model.tie_weights()  # empty-weight construction skips the tying that loading does
+    model.eval()
+
+    plans, skipped = plan_layers(model, recipe)
+    quantized_keys = {f"{n}.{k}" for n in plans for k in model.get_submodule(n).state_dict()}
+    dense_keys, aliases = dense_state(model, quantized_keys)  # before anything is loaded: ties are object identity
+    src = _Source(ckpt, aliases, f"model {source}")
+    _check_keys(model, ckpt, aliases, f"model {source}")
+    needs_hessian = {n for n, p in plans.items() if p.scheme.needs_calibration}
+    loaded = LoadedModel(model, tokenizer, kind, str(source), path, dtype, _source_format(str(source), path))
+    batches, calib = calibration_batches(loaded, recipe) if needs_hessian else (None, {})
+    blocks = find_blocks(model) if needs_hessian else None
+    if needs_hessian and blocks is None:
+        raise StreamError(f"model {source}: no block list found to calibrate block by block; quantize without --stream")
+    if blocks is not None:
+        outside = sorted(n for n in needs_hessian if not n.startswith(blocks[0] + "."))
+        if outside:
+            raise StreamError(f"{', '.join(outside[:3])}: calibrated layers outside the blocks do not stream; keep them "
+                              "unquantized (--ignore) or give them RTN in a recipe override")
+
+    report = QuantizeReport(skipped=skipped)
+    writer = ArtifactWriter(out, force=force, sources=(root,))
+    with writer, torch.inference_mode(), _progress() as progress:
+        task = progress.add_task("quantizing (streamed)", total=len(plans), layer="", visible=show_progress)
+
+        def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
+            progress.update(task, layer=name)
+            report.modules[name] = _quantize_layer(model, name, plans[name], hessian, recipe)
+            progress.advance(task)
+
+        def store(name: str) -> None:
+            layer = model.get_submodule(name)
+            assert isinstance(layer, QuantModule)
+            info = {k: report.modules[name][k] for k in ("method", "target", "target_note") if k in report.modules[name]}
+            writer.add_module(name, layer, info)
+            _free(layer)
+
+        done: set[str] = set()
+        if blocks is not None:
+            blocks_name, block_list = blocks
+            head = model.get_output_embeddings()
+            for name, module in model.named_children():  # what runs before the first block: everything but the blocks
+                _load_outside_blocks(model, src, name, module, blocks_name, head)
+
+            def prepare(i: int, block: nn.Module) -> None:
+                src.load_into(model, f"{blocks_name}.{i}", block)
+
+            def on_block(_i: int, prefix: str, _block: nn.Module, hessians: dict[str, torch.Tensor]) -> None:
+                for name in [n for n in plans if n.startswith(prefix + ".")]:
+                    quantize_layer(name, hessians.get(name))
+
+            def release(i: int, block: nn.Module) -> None:
+                prefix = f"{blocks_name}.{i}."
+                for name in [n for n in plans if n.startswith(prefix)]:
+                    store(name)
+                    done.add(name)
+                _free(block)
+
+            walk_blocks(model, blocks_name, block_list, batches, kind, needs_hessian, on_block, prepare, release)
+        for name in plans:  # RTN layers (all of them without calibration): one at a time
+            if name in done:
+                continue
+            src.load_into(model, name, model.get_submodule(name))
+            quantize_layer(name, None)
+            store(name)
+        for key in dense_keys:
+            value = src.read(key) if key in ckpt or key in aliases else dense_keys[key]
+            if value.is_meta:
+                raise StreamError(f"model {source}: the checkpoint has no tensor {key}")
+            writer.add_dense(key, value, dtype)
+        for key, target in aliases.items():
+            writer.add_alias(key, target)
+        report.seconds = time.perf_counter() - started
+        source_info = {"model": str(source), "path": path, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
+                       "source_format": loaded.source_format, "calibration": calib}
+        result = writer.finish(config=model.config, tokenizer=tokenizer, source=source_info, recipe=recipe.to_dict(),
+                               skipped=report.skipped, dense_dtype=dtype)
+    return result, report
+
+
+def _load_outside_blocks(model: nn.Module, src: _Source, name: str, module: nn.Module, blocks_name: str,
+                         head: nn.Module | None) -> None:
+    """Load the parts of `module` (a child of the model, `name`) that lie outside the block list
+    and are not the output head (which runs after the blocks, never during calibration)."""
+    if module is head:
+        return
+    if blocks_name == name:
+        return
+    if blocks_name.startswith(name + "."):
+        for child_name, child in module.named_children():
+            _load_outside_blocks(model, src, f"{name}.{child_name}", child, blocks_name, head)
+        for key in list(module._parameters) + list(module._buffers):
+            _load_direct(model, src, f"{name}.{key}")
+        return
+    src.load_into(model, name, module)
+
+
+def _load_direct(model: nn.Module, src: _Source, key: str) -> None:
+    if key in src.ckpt:
+        t = src.read(key)
+        _set_tensor(model, key, t.float() if t.is_floating_point() else t)

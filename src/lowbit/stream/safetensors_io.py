@@ -1,0 +1,183 @@
+"""Read and write safetensors files one tensor at a time.
+
+`CheckpointReader` reads a checkpoint's tensors on demand with plain positioned reads (no memory
+map: mapped pages would count against the process's resident memory as they are touched, so
+a 13 GB checkpoint read through a map looks like a 13 GB process), honouring a sharded
+checkpoint's `model.safetensors.index.json`. `SafetensorsWriter` appends tensors to a data file
+as they are produced and writes the real file (header, then the tensors sorted by name) at the
+end, so a writer never holds more than one tensor; the same inputs give the same bytes, whatever
+order they were added in. Both follow the format's definition: an 8-byte little-endian header
+length, a JSON header (name -> dtype, shape, data_offsets; "__metadata__"), padded with spaces
+to a multiple of 8, then the raw little-endian tensor bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import LowbitError
+
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+INDEX = "model.safetensors.index.json"
+
+
+class CheckpointError(LowbitError):
+    pass
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """(the JSON header, the byte offset where tensor data starts) of one safetensors file."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise CheckpointError(f"{path} is too short to be a safetensors file")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER:
+                raise CheckpointError(f"{path}: header of {n:,} bytes; it is not a safetensors file")
+            header = json.loads(f.read(n))
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: the safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    return header, 8 + n
+
+
+class CheckpointReader:
+    """Every tensor of a safetensors checkpoint directory (one file, several, or shards listed in
+    an index), read on demand in its stored dtype."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        self.tensors: dict[str, TensorInfo] = {}
+        for file in self._files():
+            header, base = read_header(file)
+            size = file.stat().st_size
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                try:
+                    dtype = DTYPES[info["dtype"]]
+                    shape = tuple(int(d) for d in info["shape"])
+                    start, end = (int(x) for x in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise CheckpointError(f"{file}: tensor {name} has a malformed or unsupported entry {info!r}") from None
+                numel = 1
+                for d in shape:
+                    numel *= d
+                if end - start != numel * torch.empty(0, dtype=dtype).element_size() or base + end > size or start < 0:
+                    raise CheckpointError(f"{file}: tensor {name}'s bytes do not match its shape or lie past the file's end "
+                                          "(truncated?)")
+                self.tensors[name] = TensorInfo(file, dtype, shape, base + start, end - start)
+
+    def _files(self) -> list[Path]:
+        index = self.root / INDEX
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CheckpointError(f"{index} is not a safetensors index ({exc})") from None
+            files = sorted({self.root / f for f in weight_map.values()})
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise CheckpointError(f"{index} lists shard(s) {', '.join(missing)} that are not in {self.root}; "
+                                      "the download is incomplete: fetch the missing shards")
+            return files
+        files = sorted(self.root.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{self.root} holds no .safetensors file; streaming reads safetensors checkpoints")
+        return files
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` in its stored dtype, read from disk into fresh memory."""
+        info = self.tensors.get(name)
+        if info is None:
+            raise CheckpointError(f"tensor {name} is not in the checkpoint {self.root}")
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.start)
+            got = f.readinto(buf.numpy())
+        if got != info.nbytes:
+            raise CheckpointError(f"{info.file}: tensor {name} is cut short ({got} of {info.nbytes} bytes)")
+        return buf.view(info.dtype).reshape(info.shape)
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous().cpu()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+class SafetensorsWriter:
+    """Write a safetensors file tensor by tensor (see the module docstring). `data` is a scratch
+    file beside the result; `finish` writes the result and removes it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.data_path = self.path.with_name(self.path.name + ".data")
+        self._data = open(self.data_path, "wb")
+        self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, offset in data, nbytes)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self.entries:
+            raise ValueError(f"tensor {name} written twice")
+        if tensor.dtype not in NAMES:
+            raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name here")
+        raw = _tensor_bytes(tensor)
+        self.entries[name] = (NAMES[tensor.dtype], list(tensor.shape), self._data.tell(), len(raw))
+        self._data.write(raw)
+
+    def finish(self, metadata: dict[str, str] | None = None) -> Path:
+        self._data.close()
+        header: dict = {"__metadata__": metadata} if metadata else {}
+        offset = 0
+        order = sorted(self.entries)
+        for name in order:
+            dtype, shape, _, n = self.entries[name]
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        with open(self.data_path, "rb") as src, open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(text)))
+            out.write(text)
+            for name in order:
+                _, _, at, n = self.entries[name]
+                src.seek(at)
+                left = n
+                while left:
+                    chunk = src.read(min(left, 64 << 20))
+                    out.write(chunk)
+                    left -= len(chunk)
+            out.flush()
+            os.fsync(out.fileno())
+        self.data_path.unlink()
+        return self.path
+
+    def abort(self) -> None:
+        self._data.close()
+        self.data_path.unlink(missing_ok=True)

@@ -1,0 +1,140 @@
+"""Streaming quantization (`lowbit quantize --stream`): the model on the meta device, the
+checkpoint read tensor by tensor, one block in float32 at a time. Its artifact is byte for byte
+the in-memory path's, for RTN and GPTQ, tied and untied, bf16 and fp32, sharded checkpoints; bad
+checkpoints fail clearly with the output untouched."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit
+from lowbit.pipeline import quantize, save_job
+from lowbit.recipe import Recipe
+from lowbit.stream.quantize import StreamError, stream_quantize
+from lowbit.stream.safetensors_io import CheckpointError, CheckpointReader, SafetensorsWriter
+
+from conftest import save_tiny
+
+
+def files_of(art: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(art.iterdir())}
+
+
+def both_ways(model_dir, tmp_path, spec) -> tuple[Path, Path]:
+    recipe = Recipe.from_dict(spec)
+    mem = save_job(quantize(str(model_dir), recipe, show_progress=False), recipe, tmp_path / "mem")
+    streamed, _ = stream_quantize(str(model_dir), recipe, tmp_path / "stream", show_progress=False)
+    return mem, streamed
+
+
+def assert_same_artifact(a: Path, b: Path) -> None:
+    fa, fb = files_of(a), files_of(b)
+    assert sorted(fa) == sorted(fb)
+    for name in fa:
+        if name == "lowbit.json":  # the header names no path of its own; compare it without the timing-free parts too
+            ha, hb = json.loads(fa[name]), json.loads(fb[name])
+            assert ha == hb, {k: (ha[k], hb.get(k)) for k in ha if ha[k] != hb.get(k)}
+        assert fa[name] == fb[name], name
+
+
+@pytest.fixture(scope="module")
+def tied_bf16(tmp_path_factory):
+    """A bf16 Qwen2-style model with tied embeddings and biases, saved in two shards."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(3)
+    cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=4096, max_position_embeddings=128, tie_word_embeddings=True)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16).eval()
+    out = tmp_path_factory.mktemp("tied-bf16")
+    model.save_pretrained(out, max_shard_size="300KB")
+    assert (out / "model.safetensors.index.json").exists()
+    return save_tiny_tokenizer(out)
+
+
+def save_tiny_tokenizer(out: Path) -> Path:
+    import shutil
+
+    from conftest import SHAKESPEARE, TOKENIZER_FILES
+
+    for name in TOKENIZER_FILES:
+        shutil.copy(SHAKESPEARE / name, out / name)
+    return out
+
+
+@pytest.mark.parametrize("spec", [
+    {"method": "rtn", "format": "int4", "group_size": 32},
+    {"method": "gptq", "format": "int4", "group_size": 32, "calib": {"n_samples": 4, "seq_len": 32}},
+    {"method": "gptq", "target": "gguf:q4_0", "calib": {"n_samples": 4, "seq_len": 32},
+     "overrides": [{"pattern": r"mlp\.down_proj", "method": "rtn"}]},
+], ids=["rtn", "gptq", "gptq-target-mixed"])
+def test_streamed_artifact_is_the_in_memory_one(tiny_llama, calib_text, tmp_path, spec):
+    spec = {**spec, "calib": {**spec.get("calib", {}), "path": str(calib_text)}} if spec["method"] == "gptq" else spec
+    mem, streamed = both_ways(tiny_llama, tmp_path, spec)
+    assert_same_artifact(mem, streamed)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_tied_bf16_sharded_checkpoint(tied_bf16, calib_text, tmp_path, method):
+    spec = {"method": method, "format": "int4", "group_size": 32}
+    if method == "gptq":
+        spec["calib"] = {"n_samples": 4, "seq_len": 32, "path": str(calib_text)}
+    mem, streamed = both_ways(tied_bf16, tmp_path, spec)
+    assert_same_artifact(mem, streamed)
+    header = lowbit.read_header(streamed)
+    assert header["dense_dtype"] == "bfloat16" and header["aliases"] == {"lm_head.weight": "model.embed_tokens.weight"}
+    model = lowbit.load(streamed)
+    assert torch.isfinite(model(input_ids=torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_bad_checkpoints_fail_clearly_and_write_nothing(tied_bf16, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tied_bf16, broken)
+    shard = sorted(broken.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match="not in .*fetch the missing shards"):
+        stream_quantize(str(broken), Recipe.from_dict({"method": "rtn"}), out, show_progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    # a NaN in a block's weight: named, and nothing written
+    nan = tmp_path / "nan"
+    shutil.copytree(tied_bf16, nan)
+    first = next(f for f in sorted(nan.glob("model-*.safetensors")) if any(k.endswith("q_proj.weight") for k in load_file(f)))
+    tensors = load_file(first)
+    key = next(k for k in tensors if k.endswith("q_proj.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, first, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{key}.*NaN"):
+        stream_quantize(str(nan), Recipe.from_dict({"method": "rtn"}), out, show_progress=False)
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+    with pytest.raises(StreamError, match="train the whole model"):
+        stream_quantize(str(tied_bf16), Recipe.from_dict({"method": "rtn", "tune": {"steps": 2}}), out, show_progress=False)
+
+
+def test_safetensors_writer_and_reader_round_trip(tmp_path):
+    tensors = {"b": torch.randn(3, 4).bfloat16(), "a": torch.arange(10, dtype=torch.uint8), "c": torch.randn(5).half(),
+               "d": torch.randn(2, 2, 2), "e": torch.zeros(0)}
+    w = SafetensorsWriter(tmp_path / "x.safetensors")
+    for k, v in tensors.items():
+        w.add(k, v)
+    w.finish({"format": "pt"})
+    got = load_file(tmp_path / "x.safetensors")  # the reference reader
+    assert got.keys() == tensors.keys() and all(torch.equal(got[k], v) for k, v in tensors.items())
+    again = SafetensorsWriter(tmp_path / "y.safetensors")
+    for k in reversed(list(tensors)):
+        again.add(k, tensors[k])
+    again.finish({"format": "pt"})
+    assert (tmp_path / "x.safetensors").read_bytes() == (tmp_path / "y.safetensors").read_bytes()  # order-free
+    assert not list(tmp_path.glob("*.data"))
+    r = CheckpointReader(tmp_path)
+    assert all(torch.equal(r.read(k), v) for k, v in tensors.items())
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / "m.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-8])
+    with pytest.raises(CheckpointError, match="truncated"):
+        CheckpointReader(cut)

@@ -138,3 +138,54 @@ def test_safetensors_writer_and_reader_round_trip(tmp_path):
     (cut / "m.safetensors").write_bytes((tmp_path / "x.safetensors").read_bytes()[:-8])
     with pytest.raises(CheckpointError, match="truncated"):
         CheckpointReader(cut)
+
+
+def _cli_env(**extra):
+    import os
+
+    return {**os.environ, "COLUMNS": "200", **extra}
+
+
+def _lowbit(*args, env=None):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "lowbit", *map(str, args)], capture_output=True, text=True, env=env or _cli_env())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method,kill_after", [("gptq", 2), ("rtn", 9)])
+def test_killed_run_resumes_to_the_same_bytes(tied_bf16, calib_text, tmp_path, method, kill_after):
+    """A real run of the CLI killed with SIGKILL after `kill_after` recorded blocks (RTN: layers),
+    then `--resume`: the artifact equals an uninterrupted run's, byte for byte."""
+    from lowbit.stream.quantize import KILL_AFTER, work_dir
+
+    args = ["quantize", tied_bf16, "--stream", "--method", method, "--bits", "4", "--group-size", "32"]
+    if method == "gptq":
+        args += ["--calib", calib_text, "--n-samples", "4", "--seq-len", "32"]
+    whole = _lowbit(*args, "-o", tmp_path / "whole")
+    assert whole.returncode == 0, whole.stderr
+    out = tmp_path / "resumed"
+    killed = _lowbit(*args, "-o", out, env=_cli_env(**{KILL_AFTER: str(kill_after)}))
+    assert killed.returncode == -9, (killed.returncode, killed.stderr)
+    assert not out.exists() and (work_dir(out) / "progress.json").exists()
+    again = _lowbit(*args, "-o", out)  # without --resume: refused, progress kept
+    assert again.returncode == 2 and "--resume" in again.stdout + again.stderr
+    done = json.loads((work_dir(out) / "progress.json").read_text())
+    assert (done["next_block"] == kill_after) if method == "gptq" else (len(done["done"]) == kill_after)
+    resumed = _lowbit(*args, "-o", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_artifact(tmp_path / "whole", out)
+    assert not work_dir(out).exists()
+
+
+def test_resume_refuses_other_arguments(tied_bf16, tmp_path):
+    from lowbit.stream.quantize import work_dir
+
+    out = tmp_path / "o"
+    work = work_dir(out)
+    work.mkdir()
+    (work / "progress.json").write_text(json.dumps({"fingerprint": "another run"}))
+    with pytest.raises(StreamError, match="another model, recipe"):
+        stream_quantize(str(tied_bf16), Recipe.from_dict({"method": "rtn"}), out, resume=True, show_progress=False)
+    assert work.exists() and not out.exists()

@@ -92,16 +92,28 @@ class ArtifactWriter:
     only once complete. `save` uses it for a model in memory, `stream.quantize` block by block:
     the same pieces give the same bytes, whatever order they came in."""
 
-    def __init__(self, out: str | Path, *, force: bool = False, sources: tuple[Path, ...] = ()) -> None:
+    def __init__(self, out: str | Path, *, force: bool = False, sources: tuple[Path, ...] = (), work: Path | None = None,
+                 state: dict | None = None) -> None:
+        """`work`: a work directory of the caller's choosing (one a resumed run finds again) instead
+        of a fresh one; `state` (from `state()`): continue what a previous writer there recorded."""
         self.out = Path(out)
         check_output(self.out, force=force, sources=sources)
         clean_stale_work_dirs(self.out)
-        self.tmp = make_work_dir(self.out)
-        self.quantized = SafetensorsWriter(self.tmp / QUANTIZED)
+        if work is None:
+            self.tmp = make_work_dir(self.out)
+        else:
+            work.mkdir(parents=True, exist_ok=state is not None)
+            self.tmp = work
+        self.quantized = SafetensorsWriter(self.tmp / QUANTIZED, state and state["quantized"])
+        self.modules: dict[str, dict] = dict(state["modules"]) if state else {}
         self.dense = SafetensorsWriter(self.tmp / DENSE)
-        self.modules: dict[str, dict] = {}
         self.aliases: dict[str, str] = {}
         self.dense_numel = self.dense_bytes = 0
+
+    def state(self) -> dict:
+        """The quantized modules written so far, durable on disk (dense tensors and aliases are
+        written at the end, so a resumed writer redoes them)."""
+        return {"quantized": self.quantized.state(), "modules": self.modules}
 
     def add_module(self, name: str, module: QuantModule, info: dict | None = None) -> None:
         for key, value in module.state_dict().items():

@@ -47,7 +47,7 @@ def _guard() -> Iterator[None]:
             raise
         _fail(exc)
     except KeyboardInterrupt:
-        console.print("[bold red]interrupted[/] (nothing was written)")
+        console.print("[bold red]interrupted[/] (the output was not written)")
         raise typer.Exit(130) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -171,6 +171,7 @@ def quantize(
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
     allow_pickle: bool = typer.Option(False, show_default=False, help="Read a checkpoint stored only as pytorch_model.bin (torch's restricted unpickler; still untrusted input). Without it only safetensors are read."),
     stream: bool = typer.Option(False, "--stream", show_default=False, help="For models bigger than memory: build the model on the meta device, read the safetensors checkpoint tensor by tensor and hold one block (RTN: one layer) in float32 at a time, writing each quantized layer as it is made. Same artifact, byte for byte. Local safetensors directories only; not with preprocessing or tuning."),
+    resume: bool = typer.Option(False, "--resume", show_default=False, help="With --stream: continue an interrupted run (Ctrl-C, a crash, kill -9) of the same model, recipe and output from its last finished block; the result is the uninterrupted run's, byte for byte."),
 ) -> None:
     """Quantize MODEL and write a packed artifact directory."""
     from .artifact import read_header
@@ -183,10 +184,12 @@ def quantize(
                          format_option, preprocess_steps, tune_steps, target)
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
+        if resume and not stream:
+            raise LowbitError("--resume continues a streamed run: pass --stream too")
         if stream:
             from .stream.quantize import stream_quantize
 
-            path, report = stream_quantize(model, r, output, force=force)
+            path, report = stream_quantize(model, r, output, force=force, resume=resume)
         else:
             job = run_quantize(model, r, allow_pickle=allow_pickle)
             path, report = save_job(job, r, output, force=force), job.report

@@ -89,6 +89,10 @@ def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Call
     return hessians
 
 
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
 @torch.inference_mode()
 def walk_blocks(
     model: nn.Module,
@@ -99,14 +103,24 @@ def walk_blocks(
     hessian_names: set[str],
     on_block: OnBlock,
     prepare: Callable[[int, nn.Module], None] | None = None,
-    release: Callable[[int, nn.Module], None] | None = None,
+    release: Callable[[int, nn.Module, list[torch.Tensor] | None], None] | None = None,
+    start: int = 0,
+    start_hidden: list[torch.Tensor] | None = None,
 ) -> None:
     """Call `on_block(i, prefix, block, hessians)` for each block, in order, with the Hessians of
     the block's linears listed in `hessian_names`, computed from the outputs of the blocks before it
     as already quantized by earlier calls. `prepare(i, block)` runs before block i is first used
-    and `release(i, block)` once its outputs are computed (streaming: load it, then free it)."""
+    and `release(i, block, next_hidden)` once its outputs (the next block's hidden-state inputs, one
+    per batch; None after the last block) are computed (streaming: load it, then save and free it).
+    `start` > 0 resumes at that block with `start_hidden` as its hidden-state inputs (the other
+    inputs, masks and positions, are recaptured)."""
     inputs = capture_block_inputs(model, blocks[0], batches, kind)
-    for i, block in enumerate(blocks):
+    if start:
+        if start_hidden is None or len(start_hidden) != len(inputs):
+            raise ValueError(f"resuming at block {start} needs the hidden states of all {len(inputs)} calibration batches")
+        inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, start_hidden)]
+    for i in range(start, len(blocks)):
+        block = blocks[i]
         prefix = f"{blocks_name}.{i}"
         if prepare is not None:
             prepare(i, block)
@@ -126,7 +140,7 @@ def walk_blocks(
                 next_inputs.append(_with_hidden(args, kwargs, hidden))
             inputs = next_inputs
         if release is not None:
-            release(i, block)
+            release(i, block, [_hidden_of(a, k) for a, k in inputs] if i + 1 < len(blocks) else None)
 
 
 @torch.inference_mode()

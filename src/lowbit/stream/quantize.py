@@ -11,6 +11,13 @@ block, and freed; the peak is one block plus the calibration activations. The sa
 code runs on the same values in the same order, so the artifact is byte for byte the in-memory
 path's (tested).
 
+Resume: the work goes into `.NAME.lowbit-stream/` beside the output: the artifact being written,
+and after every finished block (RTN: every layer) a progress record (the quantized tensors'
+offsets, durable on disk first, and the next block's hidden-state inputs). A run that dies, kill -9
+included, leaves it there; `--resume` continues from the last finished block and gives the same
+artifact, byte for byte. The record names the model, the recipe and the lowbit version, and a
+resume with other ones is refused.
+
 Not streamed (refused with the reason): the preprocessing and the end-to-end tuning, which train
 the whole model; calibrated layers outside the block list; GGUF sources and hub ids (give a local
 safetensors directory).
@@ -18,6 +25,12 @@ safetensors directory).
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -35,6 +48,11 @@ from ..quantize import QuantizeReport, _progress, _quantize_layer, plan_layers
 from ..recipe import Recipe
 from ..validation.finite import NonFiniteError
 from .safetensors_io import CheckpointReader
+
+PROGRESS = "progress.json"
+ARTIFACT = "artifact"
+#: fault injection for the resume tests: SIGKILL this process once this many blocks/layers are recorded
+KILL_AFTER = "LOWBIT_FAULT_KILL_AFTER"
 
 
 class StreamError(LowbitError):
@@ -89,10 +107,75 @@ def _free(module: nn.Module) -> None:
     module.to("meta")
 
 
-def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool = False,
+def work_dir(out: Path) -> Path:
+    """Where a streamed run of `out` keeps its progress (beside it, hidden)."""
+    return out.parent / f".{out.name}.lowbit-stream"
+
+
+def _fingerprint(source: str, root: Path, ckpt: CheckpointReader, recipe: Recipe) -> str:
+    from .. import __version__
+
+    files = sorted({(info.file.name, info.file.stat().st_size) for info in ckpt.tensors.values()})
+    blob = json.dumps({"source": source, "path": str(root.resolve()), "files": files, "recipe": recipe.to_dict(),
+                       "lowbit": __version__}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class _Progress:
+    """The resumable record of a streamed run (see the module docstring)."""
+
+    def __init__(self, work: Path, fingerprint: str) -> None:
+        self.work, self.fingerprint, self.saves = work, fingerprint, 0
+        self.kill_after = int(os.environ.get(KILL_AFTER, "0") or 0)
+
+    def load(self) -> dict:
+        try:
+            record = json.loads((self.work / PROGRESS).read_text())
+        except (OSError, ValueError) as exc:
+            raise StreamError(f"{self.work} holds no readable progress ({exc}); delete it to start over") from None
+        if record.get("fingerprint") != self.fingerprint:
+            raise StreamError(f"{self.work} is the progress of a run with another model, recipe or lowbit version; "
+                              "delete it to start over, or resume with the same arguments")
+        return record
+
+    def hidden(self, block: int) -> list[torch.Tensor]:
+        from safetensors.torch import load_file
+
+        stored = load_file(str(self.work / f"hidden-{block}.safetensors"))
+        return [stored[str(i)] for i in range(len(stored))]
+
+    def save(self, writer: ArtifactWriter, modules: dict, done: set[str], next_block: int,
+             hidden: list[torch.Tensor] | None) -> None:
+        from safetensors.torch import save_file
+
+        if hidden is not None:  # written before the record that points at it
+            tmp = self.work / f"hidden-{next_block}.safetensors.tmp"
+            save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(tmp))
+            os.replace(tmp, self.work / f"hidden-{next_block}.safetensors")
+        _write_json(self.work / PROGRESS, {"fingerprint": self.fingerprint, "writer": writer.state(), "modules": modules,
+                                           "done": sorted(done), "next_block": next_block})
+        for old in self.work.glob("hidden-*.safetensors"):
+            if old.name != f"hidden-{next_block}.safetensors":
+                old.unlink()
+        self.saves += 1
+        if self.kill_after and self.saves >= self.kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool = False, resume: bool = False,
                     show_progress: bool = True) -> tuple[Path, QuantizeReport]:
     """Quantize the safetensors model `source` by `recipe` into the artifact `out`, holding one
-    block (RTN: one layer) in float32 at a time. Returns (artifact path, report)."""
+    block (RTN: one layer) in float32 at a time. `resume`: continue an interrupted run of the same
+    arguments from its last finished block. Returns (artifact path, report)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoTokenizer
 
@@ -139,9 +222,43 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
                               "unquantized (--ignore) or give them RTN in a recipe override")
 
     report = QuantizeReport(skipped=skipped)
-    writer = ArtifactWriter(out, force=force, sources=(root,))
-    with writer, torch.inference_mode(), _progress() as progress:
-        task = progress.add_task("quantizing (streamed)", total=len(plans), layer="", visible=show_progress)
+    out = Path(out)
+    work = work_dir(out)
+    record = _Progress(work, _fingerprint(str(source), root, ckpt, recipe))
+    state, done, start, start_hidden = None, set(), 0, None
+    if work.exists():
+        if not resume:
+            raise StreamError(f"an interrupted streamed run of {out} left its progress in {work}: pass --resume to "
+                              "continue it, or delete that directory to start over")
+        saved = record.load()
+        state, done, start = saved["writer"], set(saved["done"]), saved["next_block"]
+        report.modules.update(saved["modules"])
+        start_hidden = record.hidden(start) if start and needs_hessian else None
+    writer = ArtifactWriter(out, force=force, sources=(root,), work=work / ARTIFACT, state=state)
+    try:
+        _run(model, src, ckpt, plans, recipe, report, writer, record, blocks, batches, kind, needs_hessian,
+                      dense_keys, aliases, dtype, done, start, start_hidden, show_progress, str(source))
+        source_info = {"model": str(source), "path": path, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
+                       "source_format": loaded.source_format, "calibration": calib}
+        report.seconds = time.perf_counter() - started
+        result = writer.finish(config=model.config, tokenizer=tokenizer, source=source_info, recipe=recipe.to_dict(),
+                               skipped=report.skipped, dense_dtype=dtype)
+    except BaseException:
+        if (work / PROGRESS).exists():
+            print(f"lowbit: progress kept in {work}; rerun with --resume to continue", file=sys.stderr)
+        else:
+            writer.abort()
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
+    return result, report
+
+
+def _run(model, src, ckpt, plans, recipe, report, writer, record, blocks, batches, kind, needs_hessian, dense_keys, aliases,
+         dtype, done, start, start_hidden, show_progress, source) -> None:
+    with torch.inference_mode(), _progress() as progress:
+        task = progress.add_task("quantizing (streamed)", total=len(plans), completed=len(done), layer="",
+                                 visible=show_progress)
 
         def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
             progress.update(task, layer=name)
@@ -155,7 +272,7 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
             writer.add_module(name, layer, info)
             _free(layer)
 
-        done: set[str] = set()
+        next_block = [start]  # the block a resumed run starts at, advanced as blocks finish
         if blocks is not None:
             blocks_name, block_list = blocks
             head = model.get_output_embeddings()
@@ -169,20 +286,26 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
                 for name in [n for n in plans if n.startswith(prefix + ".")]:
                     quantize_layer(name, hessians.get(name))
 
-            def release(i: int, block: nn.Module) -> None:
+            def release(i: int, block: nn.Module, next_hidden: list[torch.Tensor] | None) -> None:
                 prefix = f"{blocks_name}.{i}."
                 for name in [n for n in plans if n.startswith(prefix)]:
                     store(name)
                     done.add(name)
                 _free(block)
+                next_block[0] = i + 1
+                record.save(writer, report.modules, done, i + 1, next_hidden)
 
-            walk_blocks(model, blocks_name, block_list, batches, kind, needs_hessian, on_block, prepare, release)
+            if start < len(block_list):
+                walk_blocks(model, blocks_name, block_list, batches, kind, needs_hessian, on_block, prepare, release,
+                            start, start_hidden)
         for name in plans:  # RTN layers (all of them without calibration): one at a time
             if name in done:
                 continue
             src.load_into(model, name, model.get_submodule(name))
             quantize_layer(name, None)
             store(name)
+            done.add(name)
+            record.save(writer, report.modules, done, next_block[0], None)
         for key in dense_keys:
             value = src.read(key) if key in ckpt or key in aliases else dense_keys[key]
             if value.is_meta:
@@ -190,12 +313,6 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
             writer.add_dense(key, value, dtype)
         for key, target in aliases.items():
             writer.add_alias(key, target)
-        report.seconds = time.perf_counter() - started
-        source_info = {"model": str(source), "path": path, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
-                       "source_format": loaded.source_format, "calibration": calib}
-        result = writer.finish(config=model.config, tokenizer=tokenizer, source=source_info, recipe=recipe.to_dict(),
-                               skipped=report.skipped, dense_dtype=dtype)
-    return result, report
 
 
 def _load_outside_blocks(model: nn.Module, src: _Source, name: str, module: nn.Module, blocks_name: str,

@@ -136,11 +136,26 @@ class SafetensorsWriter:
     """Write a safetensors file tensor by tensor (see the module docstring). `data` is a scratch
     file beside the result; `finish` writes the result and removes it."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, state: dict | None = None) -> None:
+        """`state` (from `state()`): reopen a writer whose process died, keeping what it recorded."""
         self.path = Path(path)
         self.data_path = self.path.with_name(self.path.name + ".data")
-        self._data = open(self.data_path, "wb")
         self.entries: dict[str, tuple[str, list[int], int, int]] = {}  # name -> (dtype, shape, offset in data, nbytes)
+        if state is None:
+            self._data = open(self.data_path, "wb")
+            return
+        self.entries = {k: (d, list(s), int(o), int(n)) for k, (d, s, o, n) in state["entries"].items()}
+        if not self.data_path.is_file() or self.data_path.stat().st_size < state["size"]:
+            raise CheckpointError(f"{self.data_path} is shorter than its recorded progress; it cannot be resumed")
+        self._data = open(self.data_path, "r+b")
+        self._data.truncate(state["size"])  # bytes written after the last recorded state are dropped
+        self._data.seek(state["size"])
+
+    def state(self) -> dict:
+        """What `__init__(path, state)` needs to continue: the data written so far is made durable first."""
+        self._data.flush()
+        os.fsync(self._data.fileno())
+        return {"entries": self.entries, "size": self._data.tell()}
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if name in self.entries:

@@ -1,0 +1,5 @@
+"""`python -m lowbit ...` (and `torchrun -m lowbit ...`): the same CLI as the `lowbit` command."""
+
+from .cli import app
+
+app(prog_name="lowbit")

@@ -55,7 +55,7 @@ def write_checkpoint(size: str, out: Path) -> Path:
     hidden, inter, layers, heads, kv = SIZES[size]
     cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, vocab_size=32000, max_position_embeddings=4096, tie_word_embeddings=False,
-                      dtype="bfloat16")
+                      dtype="bfloat16", architectures=["LlamaForCausalLM"])
     with init_empty_weights():
         model = LlamaForCausalLM(cfg)
     tmp = out.with_name(out.name + ".partial")
@@ -125,7 +125,7 @@ def row_load(art: str) -> dict:
 
 
 def _run(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "bench.scale", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", "--row", *args], capture_output=True, text=True)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")), None)
     if line is None:
         raise RuntimeError(f"{args}: failed\n{proc.stderr[-3000:]}")
@@ -139,6 +139,7 @@ def main() -> None:
     ap.add_argument("--n-samples", type=int, default=32, help="GPTQ calibration windows of 512 tokens")
     ap.add_argument("--work", default="out/scale", help="where the checkpoints and artifacts go")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints and artifacts")
+    ap.add_argument("--out", default="scale", help="results name under bench/results (NAME.json, NAME.md)")
     ap.add_argument("--row", nargs="+", help=argparse.SUPPRESS)  # internal: one measurement in this process
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -175,11 +176,11 @@ def main() -> None:
                 shutil.rmtree(art, ignore_errors=True)
         if not args.keep and size in SIZES:
             shutil.rmtree(ckpt, ignore_errors=True)
-    write_results("scale", {"machine": machine(), "rows": rows})
-    render(rows)
+    write_results(args.out, {"machine": machine(), "n_samples": args.n_samples, "rows": rows})
+    render(rows, args.out)
 
 
-def render(rows: list[dict]) -> None:
+def render(rows: list[dict], name: str = "scale") -> None:
     cols = [("model", "model", ""), ("method", "method", ""), ("checkpoint_bytes", "checkpoint bytes (bf16)", ","),
             ("fp32_bytes", "float32 bytes", ","), ("quantize_seconds", "quantize s", ".0f"),
             ("quantize_peak_rss_mb", "quantize peak RSS MB", ".0f"), ("artifact_bytes", "artifact bytes", ","),
@@ -187,7 +188,7 @@ def render(rows: list[dict]) -> None:
             ("load_forward_peak_rss_mb", "load + forward peak RSS MB", ".0f"), ("import_floor_mb", "import floor MB", ".0f")]
     table = markdown_table(rows, cols)
     print(table)
-    (RESULTS / "scale.md").write_text("# Scale: streamed quantization (`--stream`), int4 g128, each row in its own process\n\n"
+    (RESULTS / f"{name}.md").write_text("# Scale: streamed quantization (`--stream`), int4 g128, each row in its own process\n\n"
                                       f"{table}\n\nPeak RSS is the process's VmHWM, import floor included.\n")
 
 

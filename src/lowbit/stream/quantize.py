@@ -25,6 +25,7 @@ safetensors directory).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ import shutil
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,8 +46,9 @@ from ..errors import LowbitError
 from ..models import find_blocks
 from ..models.loading import LoadedModel, auto_class, check_local_model, checkpoint_dtype, model_kind, resolve, _source_format
 from ..nn import QuantModule
-from ..quantize import QuantizeReport, _progress, _quantize_layer, plan_layers
+from ..quantize import LayerPlan, QuantizeReport, _progress, _quantize_layer, plan_layers
 from ..recipe import Recipe
+from ..runtime.dense import HALF, HalfEmbedding
 from ..validation.finite import NonFiniteError
 from .safetensors_io import CheckpointReader
 
@@ -104,7 +107,25 @@ def _check_keys(model: nn.Module, ckpt: CheckpointReader, aliases: dict[str, str
 
 
 def _free(module: nn.Module) -> None:
+    """Drop a module's tensors and hand the freed memory back to the system: glibc keeps freed
+    blocks below its (self-raising, up to 32 MB) mmap threshold in the heap, so without the trim
+    the resident size creeps up layer after layer."""
     module.to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC = None
 
 
 def work_dir(out: Path) -> Path:
@@ -226,6 +247,8 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     work = work_dir(out)
     record = _Progress(work, _fingerprint(str(source), root, ckpt, recipe))
     state, done, start, start_hidden = None, set(), 0, None
+    if work.exists() and not (work / PROGRESS).exists():  # died before its first record: nothing to resume
+        shutil.rmtree(work)
     if work.exists():
         if not resume:
             raise StreamError(f"an interrupted streamed run of {out} left its progress in {work}: pass --resume to "
@@ -236,8 +259,9 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
         start_hidden = record.hidden(start) if start and needs_hessian else None
     writer = ArtifactWriter(out, force=force, sources=(root,), work=work / ARTIFACT, state=state)
     try:
-        _run(model, src, ckpt, plans, recipe, report, writer, record, blocks, batches, kind, needs_hessian,
-                      dense_keys, aliases, dtype, done, start, start_hidden, show_progress, str(source))
+        job = _Job(model, src, plans, recipe, report, writer, record, done, start)
+        _run(job, blocks, batches, kind, needs_hessian, start_hidden, show_progress)
+        _write_dense(job, dense_keys, aliases, dtype, str(source))
         source_info = {"model": str(source), "path": path, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
                        "source_format": loaded.source_format, "calibration": calib}
         report.seconds = time.perf_counter() - started
@@ -254,75 +278,104 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     return result, report
 
 
-def _run(model, src, ckpt, plans, recipe, report, writer, record, blocks, batches, kind, needs_hessian, dense_keys, aliases,
-         dtype, done, start, start_hidden, show_progress, source) -> None:
+@dataclass
+class _Job:
+    """One streamed run's state: the meta model, where tensors come from and go to, what is done."""
+
+    model: nn.Module
+    src: _Source
+    plans: dict[str, LayerPlan]
+    recipe: Recipe
+    report: QuantizeReport
+    writer: ArtifactWriter
+    record: _Progress
+    done: set[str]
+    next_block: int  # the first block not finished (a resumed run starts there)
+
+    def quantize(self, name: str, hessian: torch.Tensor | None) -> None:
+        """Quantize one (loaded) layer in place."""
+        self.report.modules[name] = _quantize_layer(self.model, name, self.plans[name], hessian, self.recipe)
+
+    def store(self, name: str) -> None:
+        """Write a quantized layer to the artifact and free it."""
+        layer = self.model.get_submodule(name)
+        assert isinstance(layer, QuantModule)
+        m = self.report.modules[name]
+        self.writer.add_module(name, layer, {k: m[k] for k in ("method", "target", "target_note") if k in m})
+        _free(layer)
+        self.done.add(name)
+
+    def save(self, hidden: list[torch.Tensor] | None = None) -> None:
+        self.record.save(self.writer, self.report.modules, self.done, self.next_block, hidden)
+
+
+def _run(job: _Job, blocks, batches, kind: str, needs_hessian: set[str], start_hidden, show_progress: bool) -> None:
+    """Quantize every planned layer of `job`: calibrated ones block by block, the rest layer by layer."""
+    model, plans = job.model, job.plans
     with torch.inference_mode(), _progress() as progress:
-        task = progress.add_task("quantizing (streamed)", total=len(plans), completed=len(done), layer="",
+        task = progress.add_task("quantizing (streamed)", total=len(plans), completed=len(job.done), layer="",
                                  visible=show_progress)
 
-        def quantize_layer(name: str, hessian: torch.Tensor | None) -> None:
+        def quantize(name: str, hessian: torch.Tensor | None) -> None:
             progress.update(task, layer=name)
-            report.modules[name] = _quantize_layer(model, name, plans[name], hessian, recipe)
+            job.quantize(name, hessian)
             progress.advance(task)
 
-        def store(name: str) -> None:
-            layer = model.get_submodule(name)
-            assert isinstance(layer, QuantModule)
-            info = {k: report.modules[name][k] for k in ("method", "target", "target_note") if k in report.modules[name]}
-            writer.add_module(name, layer, info)
-            _free(layer)
-
-        next_block = [start]  # the block a resumed run starts at, advanced as blocks finish
         if blocks is not None:
             blocks_name, block_list = blocks
             head = model.get_output_embeddings()
             for name, module in model.named_children():  # what runs before the first block: everything but the blocks
-                _load_outside_blocks(model, src, name, module, blocks_name, head)
+                _load_outside_blocks(model, job.src, name, module, blocks_name, head)
 
             def prepare(i: int, block: nn.Module) -> None:
-                src.load_into(model, f"{blocks_name}.{i}", block)
+                job.src.load_into(model, f"{blocks_name}.{i}", block)
 
             def on_block(_i: int, prefix: str, _block: nn.Module, hessians: dict[str, torch.Tensor]) -> None:
                 for name in [n for n in plans if n.startswith(prefix + ".")]:
-                    quantize_layer(name, hessians.get(name))
+                    quantize(name, hessians.get(name))
 
             def release(i: int, block: nn.Module, next_hidden: list[torch.Tensor] | None) -> None:
-                prefix = f"{blocks_name}.{i}."
-                for name in [n for n in plans if n.startswith(prefix)]:
-                    store(name)
-                    done.add(name)
+                for name in [n for n in plans if n.startswith(f"{blocks_name}.{i}.")]:
+                    job.store(name)  # only now: the quantized block made the next block's inputs
                 _free(block)
-                next_block[0] = i + 1
-                record.save(writer, report.modules, done, i + 1, next_hidden)
+                job.next_block = i + 1
+                job.save(next_hidden)
 
-            if start < len(block_list):
+            if job.next_block < len(block_list):
                 walk_blocks(model, blocks_name, block_list, batches, kind, needs_hessian, on_block, prepare, release,
-                            start, start_hidden)
+                            job.next_block, start_hidden)
         for name in plans:  # RTN layers (all of them without calibration): one at a time
-            if name in done:
-                continue
-            src.load_into(model, name, model.get_submodule(name))
-            quantize_layer(name, None)
-            store(name)
-            done.add(name)
-            record.save(writer, report.modules, done, next_block[0], None)
-        for key in dense_keys:
-            value = src.read(key) if key in ckpt or key in aliases else dense_keys[key]
-            if value.is_meta:
-                raise StreamError(f"model {source}: the checkpoint has no tensor {key}")
-            writer.add_dense(key, value, dtype)
-        for key, target in aliases.items():
-            writer.add_alias(key, target)
+            if name not in job.done:
+                job.src.load_into(model, name, model.get_submodule(name))
+                quantize(name, None)
+                job.store(name)
+                job.save()
+
+
+def _write_dense(job: _Job, dense_keys: dict[str, torch.Tensor], aliases: dict[str, str], dtype: torch.dtype,
+                 source: str) -> None:
+    """Every unquantized tensor, read from the checkpoint in its stored precision (buffers the
+    checkpoint does not hold: the model's own), and the tied aliases."""
+    for key, own in dense_keys.items():
+        value = job.src.read(key) if key in job.src.ckpt or key in aliases else own
+        if value.is_meta:
+            raise StreamError(f"model {source}: the checkpoint has no tensor {key}")
+        job.writer.add_dense(key, value, dtype)
+    for key, target in aliases.items():
+        job.writer.add_alias(key, target)
 
 
 def _load_outside_blocks(model: nn.Module, src: _Source, name: str, module: nn.Module, blocks_name: str,
                          head: nn.Module | None) -> None:
     """Load the parts of `module` (a child of the model, `name`) that lie outside the block list
     and are not the output head (which runs after the blocks, never during calibration)."""
-    if module is head:
+    if module is head or blocks_name == name:
         return
-    if blocks_name == name:
-        return
+    if isinstance(module, nn.Embedding):  # a half-precision table stays so: lookups widen only their rows (exact)
+        weight = src.read(f"{name}.weight")
+        if weight.dtype in HALF:
+            model.set_submodule(name, HalfEmbedding(weight, module.padding_idx))
+            return
     if blocks_name.startswith(name + "."):
         for child_name, child in module.named_children():
             _load_outside_blocks(model, src, f"{name}.{child_name}", child, blocks_name, head)

@@ -127,9 +127,14 @@ class CheckpointReader:
         return buf.view(info.dtype).reshape(info.shape)
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
+def _write_tensor(f, t: torch.Tensor) -> int:
+    """Write a tensor's raw little-endian bytes from its own memory (no copy); returns their count."""
     t = t.detach().contiguous().cpu()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    if not t.numel():
+        return 0
+    raw = t.reshape(-1).view(torch.uint8).numpy()
+    f.write(memoryview(raw))
+    return raw.nbytes
 
 
 class SafetensorsWriter:
@@ -162,9 +167,9 @@ class SafetensorsWriter:
             raise ValueError(f"tensor {name} written twice")
         if tensor.dtype not in NAMES:
             raise ValueError(f"tensor {name}: dtype {tensor.dtype} has no safetensors name here")
-        raw = _tensor_bytes(tensor)
-        self.entries[name] = (NAMES[tensor.dtype], list(tensor.shape), self._data.tell(), len(raw))
-        self._data.write(raw)
+        at = self._data.tell()
+        n = _write_tensor(self._data, tensor)
+        self.entries[name] = (NAMES[tensor.dtype], list(tensor.shape), at, n)
 
     def finish(self, metadata: dict[str, str] | None = None) -> Path:
         self._data.close()

@@ -368,13 +368,13 @@ def test_gemma3_what_llama_cpp_would_run_differently_is_refused(tmp_path):
         write_model_gguf(tiny_gemma3_model(query_pre_attn_scalar=64), tok, out, {}, "g")
     with pytest.raises(ExportError, match="attn_logit_softcapping"):
         write_model_gguf(tiny_gemma3_model(attn_logit_softcapping=50.0), tok, out, {}, "g")
-    # a SentencePiece-style tokenizer (Gemma's own: BPE with byte fallback, no byte-level pre-tokenizer)
+    # a tokenizer that is neither byte-level nor SentencePiece-style BPE (a Unigram model, as T5's)
     import json
 
     spec = json.loads((tok / "tokenizer.json").read_text())
-    spec["pre_tokenizer"], spec["decoder"], spec["model"]["byte_fallback"] = None, {"type": "ByteFallback"}, True
+    spec["model"]["type"] = "Unigram"
     (tok / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(ExportError, match="SentencePiece-style BPE .* Nothing was written"):
+    with pytest.raises(ExportError, match="tokenizer is Unigram. Nothing was written"):
         write_model_gguf(tiny_gemma3_model(), tok, out, {}, "g")
     assert not out.exists() and not list(tmp_path.glob(".g.gguf.*"))
 
@@ -431,3 +431,57 @@ def test_llama_cpp_logits_agree_with_lowbit(request, calib_text, tmp_path, fixtu
     worst = ((got - ref).abs().max() / ref.abs().max()).item()
     print(f" rel {rel:.2e}, max {worst:.2e} of the logit scale", end="")
     assert rel < 0.05 and worst < 0.1, (rel, worst)
+
+
+@pytest.fixture(scope="module")
+def spm_llama(tmp_path_factory, calib_text):
+    """A tiny Llama with a SentencePiece BPE tokenizer trained here on the calibration text (1000
+    pieces, byte fallback, "▁" spaces; identity normalization and spaces kept, as Llama 2's:
+    llama.cpp applies no SentencePiece normalization), saved the way Hugging Face saves it:
+    tokenizer.json only."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    raw = tmp_path_factory.mktemp("spm-raw")
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(calib_text.read_text().splitlines()[:4000]), model_writer=buf,
+                                   vocab_size=1000, model_type="bpe", byte_fallback=True, character_coverage=1.0,
+                                   bos_id=1, eos_id=2, unk_id=0, pad_id=-1, num_threads=1, minloglevel=2,
+                                   remove_extra_whitespaces=False, normalization_rule_name="identity")  # as Llama 2
+    (raw / "tokenizer.model").write_bytes(buf.getvalue())
+    out = tmp_path_factory.mktemp("spm-llama")
+    AutoTokenizer.from_pretrained(raw).save_pretrained(out)
+    assert not (out / "tokenizer.model").exists()  # the export must work from tokenizer.json alone
+    torch.manual_seed(5)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      vocab_size=1000, max_position_embeddings=128, tie_word_embeddings=False)
+    LlamaForCausalLM(cfg).eval().save_pretrained(out)
+    return out
+
+
+def test_sentencepiece_tokenizer_runs_in_llama_cpp(spm_llama, eval_text, tmp_path):
+    """llama.cpp tokenizes text as the Hugging Face tokenizer does (scores from the merge ranks,
+    byte pieces, the "▁" prefix), and its logits on those tokens match lowbit's."""
+    from transformers import AutoTokenizer
+
+    llama_cpp = require_llama_cpp()
+    art, out = tmp_path / "art", tmp_path / "m.gguf"
+    quantize(spm_llama, art, "--method", "rtn", "--target", "gguf:q8_0")
+    assert cli("export", art, "--to", "gguf", "-o", out).exit_code == 0
+    reader, _ = read_gguf(out)
+    field = reader.fields["tokenizer.ggml.model"]
+    assert bytes(field.parts[field.data[0]]).decode() == "llama" and "tokenizer.ggml.scores" in reader.fields
+    hf = AutoTokenizer.from_pretrained(spm_llama)
+    llm = llama_cpp.Llama(model_path=str(out), n_ctx=128, logits_all=True, n_threads=1, verbose=False)
+    lines = [ln for ln in eval_text.read_text().splitlines() if ln.strip()][:200] + ["naïve café — 1234 ☃ tab\there"]
+    mismatched = [ln for ln in lines if llm.tokenize(ln.encode(), add_bos=False, special=False) !=
+                  hf(ln, add_special_tokens=False).input_ids]
+    assert not mismatched, mismatched[:3]
+    ids = hf(" ".join(lines[:6]), add_special_tokens=False).input_ids[:48]
+    with torch.no_grad():
+        ref = lowbit.load(art)(input_ids=torch.tensor([ids])).logits[0].float()
+    llm.eval(ids)
+    got = torch.from_numpy(np.array(llm.scores[: len(ids)], dtype=np.float32))
+    assert ((got - ref).norm() / ref.norm()).item() < 0.05

@@ -21,8 +21,8 @@ would differ.
 The tokenizer: byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3) with their merges,
 special tokens and chat template; the pre-tokenizer name llama.cpp needs is looked up by model
 family (`_PRE`), else "default" (llama.cpp then warns and uses its default splitting).
-SentencePiece-style tokenizers (Gemma's own, Llama 2) are refused: their GGUF form (model
-"llama", scores, token types) is not written here.
+SentencePiece-style BPE tokenizers (byte fallback, "▁" spaces: Llama 2, Gemma, Mistral) are
+written in llama.cpp's "llama" form, with scores from the merge ranks (`_add_sentencepiece_tokenizer`).
 """
 
 from __future__ import annotations
@@ -148,13 +148,14 @@ def _add_tokenizer(w, root: Path, config) -> None:
     spec = json.loads(tj.read_text(encoding="utf-8")) if tj.is_file() else {}
     kind = (spec.get("model") or {}).get("type")
     byte_level = "ByteLevel" in json.dumps([spec.get("pre_tokenizer"), spec.get("decoder")])
+    if kind == "BPE" and not byte_level and spec["model"].get("byte_fallback"):
+        _add_sentencepiece_tokenizer(w, root, spec, config)
+        return
     if kind != "BPE" or not byte_level:
-        what = ("SentencePiece-style BPE (byte fallback, no byte-level pre-tokenizer: Gemma, Llama 2, Mistral), "
-                "whose GGUF form (tokenizer.ggml.model 'llama', scores, token types) this writer does not produce"
-                if kind == "BPE" else kind or "missing")
         raise ExportError(
-            f"{root}: GGUF export writes byte-level BPE tokenizers (GPT-2 style: SmolLM, Qwen2, Llama 3); "
-            f"this artifact's tokenizer is {what}. Nothing was written"
+            f"{root}: GGUF export writes BPE tokenizers, byte-level (GPT-2 style: SmolLM, Qwen2, Llama 3) or "
+            f"SentencePiece-style with byte fallback (Llama 2, Gemma, Mistral); this artifact's tokenizer is "
+            f"{kind or 'missing'}. Nothing was written"
         )
     tok = AutoTokenizer.from_pretrained(root)
     vocab = tok.get_vocab()  # token -> id, added tokens included
@@ -180,6 +181,61 @@ def _add_tokenizer(w, root: Path, config) -> None:
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.SpecialVocab(root, load_merges=True, n_vocab=n).add_to_gguf(w, quiet=True)
+
+
+def _add_sentencepiece_tokenizer(w, root: Path, spec: dict, config) -> None:
+    """A SentencePiece BPE vocabulary (Llama 2, Gemma, Mistral: "▁" for spaces, <0xNN> byte
+    pieces) in llama.cpp's form, tokenizer model "llama": tokens, scores and token types. llama.cpp
+    merges the adjacent pair whose joined piece scores highest; SentencePiece's own BPE scores a
+    merged piece minus its merge rank, which is also the order of tokenizer.json's merges (the
+    Hugging Face conversion derives them from the scores), so score = -rank gives the same
+    tokenization without the original tokenizer.model. Pieces no merge makes (characters, bytes,
+    specials) score 0, as in SentencePiece's models; llama.cpp never ranks them."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    model = spec["model"]
+    rank: dict[str, int] = {}
+    for r, m in enumerate(model.get("merges") or []):
+        a, b = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(a + b, r)
+    tok = AutoTokenizer.from_pretrained(root)
+    vocab = tok.get_vocab()
+    n = max(config.vocab_size, max(vocab.values()) + 1)
+    by_id = {i: t for t, i in vocab.items()}
+    added = tok.get_added_vocab()
+    special = {t.content for t in tok.added_tokens_decoder.values() if t.special}
+    unk = model.get("unk_token")
+    tokens, scores, types = [], [], []
+    for i in range(n):
+        t = by_id.get(i)
+        if t is None:
+            tokens.append(f"[PAD{i}]")
+            scores.append(-1e9)
+            types.append(gguf.TokenType.UNUSED)
+            continue
+        tokens.append(t)
+        scores.append(-float(rank[t]) if t in rank else 0.0)
+        if t == unk:
+            types.append(gguf.TokenType.UNKNOWN)
+        elif t in special:
+            types.append(gguf.TokenType.CONTROL)
+        elif t in added:
+            types.append(gguf.TokenType.USER_DEFINED)
+        elif len(t) == 6 and t.startswith("<0x") and t.endswith(">"):
+            types.append(gguf.TokenType.BYTE)
+        else:
+            types.append(gguf.TokenType.NORMAL)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    # whether a "▁" is put before the text: Metaspace's prepend scheme, or a Prepend normalizer (older conversions)
+    shape = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")])
+    w.add_add_space_prefix('"prepend_scheme": "first"' in shape or '"prepend_scheme": "always"' in shape
+                           or '"type": "Prepend"' in shape)
+    gguf.SpecialVocab(root, load_merges=False, n_vocab=n).add_to_gguf(w, quiet=True)
 
 
 def plan(header: dict, to: str | None = None) -> tuple[dict[str, str], list[str]]:

@@ -1,5 +1,5 @@
 """Does GPTQModel itself read lowbit's HF GPTQ export as lowbit's weights? A check run with two
-interpreters, since GPTQModel lives in its own environment (`pip install torch==2.13.0 gptqmodel`,
+interpreters, since GPTQModel lives in its own environment (`pip install torch==2.13.0 gptqmodel optimum`,
 and GPTQMODEL_CPU_WORKERS=2 on a 2-core machine, as bench/peers notes):
 
     python -m bench.gptqmodel_check prepare                 # lowbit's venv: artifacts, exports, reference weights
@@ -84,6 +84,7 @@ def _compare(model, ref, loader: str, target: str) -> dict:
 
 
 def check() -> None:
+    import torch
     from gptqmodel import BACKEND, GPTQModel
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -94,12 +95,12 @@ def check() -> None:
         ref = load_file(str(WORK / f"{name}-ref.safetensors"))
         path = str(WORK / f"{name}-gptq")
         try:
-            model = GPTQModel.load(path, backend=BACKEND.TORCH, device="cpu").model
+            model = GPTQModel.load(path, backend=BACKEND.TORCH, device="cpu", dtype=torch.float16).model
             rows.append(_compare(model, ref, "GPTQModel.load (BACKEND.TORCH)", target))
         except ValueError as exc:  # its own policy for v1 asymmetric checkpoints of other quantizers
             rows.append({"target": target, "loader": "GPTQModel.load (BACKEND.TORCH)", "refused": str(exc).splitlines()[0]})
         print(rows[-1])
-        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu")
+        model = AutoModelForCausalLM.from_pretrained(path, device_map="cpu", dtype=torch.float16)
         rows.append(_compare(model, ref, "transformers from_pretrained", target))
         print(rows[-1])
     import gptqmodel

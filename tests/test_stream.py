@@ -189,3 +189,31 @@ def test_resume_refuses_other_arguments(tied_bf16, tmp_path):
     with pytest.raises(StreamError, match="another model, recipe"):
         stream_quantize(str(tied_bf16), Recipe.from_dict({"method": "rtn"}), out, resume=True, show_progress=False)
     assert work.exists() and not out.exists()
+
+
+def test_out_of_disk_space_is_a_clear_error_and_resumable(tied_bf16, tmp_path, monkeypatch):
+    """The disk fills while writing (simulated: the writer's data file raises ENOSPC on the third
+    tensor): a one-line error, no output, the progress kept; --resume then finishes the same bytes."""
+    import errno
+
+    from lowbit.stream import safetensors_io
+    from lowbit.stream.quantize import work_dir
+
+    recipe = Recipe.from_dict({"method": "rtn", "format": "int4", "group_size": 32})
+    whole, _ = stream_quantize(str(tied_bf16), recipe, tmp_path / "whole", show_progress=False)
+    real, calls = safetensors_io._write_tensor, [0]
+
+    def full_disk(f, t):
+        calls[0] += 1
+        if calls[0] == 12:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(f, t)
+
+    monkeypatch.setattr(safetensors_io, "_write_tensor", full_disk)
+    out = tmp_path / "out"
+    with pytest.raises(StreamError, match="out of disk space .* rerun with --resume"):
+        stream_quantize(str(tied_bf16), recipe, out, show_progress=False)
+    assert not out.exists() and (work_dir(out) / "progress.json").exists()
+    monkeypatch.setattr(safetensors_io, "_write_tensor", real)
+    stream_quantize(str(tied_bf16), recipe, out, resume=True, show_progress=False)
+    assert_same_artifact(whole, out)

@@ -26,6 +26,7 @@ safetensors directory).
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import os
@@ -267,12 +268,16 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
         report.seconds = time.perf_counter() - started
         result = writer.finish(config=model.config, tokenizer=tokenizer, source=source_info, recipe=recipe.to_dict(),
                                skipped=report.skipped, dense_dtype=dtype)
-    except BaseException:
-        if (work / PROGRESS).exists():
+    except BaseException as exc:
+        kept = (work / PROGRESS).exists()
+        if kept:
             print(f"lowbit: progress kept in {work}; rerun with --resume to continue", file=sys.stderr)
         else:
             writer.abort()
             shutil.rmtree(work, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise StreamError(f"out of disk space writing {out} (in {work}): free space"
+                              + (" and rerun with --resume" if kept else " and rerun") + "; the output was not written") from exc
         raise
     shutil.rmtree(work, ignore_errors=True)
     return result, report

@@ -217,3 +217,33 @@ def test_out_of_disk_space_is_a_clear_error_and_resumable(tied_bf16, tmp_path, m
     monkeypatch.setattr(safetensors_io, "_write_tensor", real)
     stream_quantize(str(tied_bf16), recipe, out, resume=True, show_progress=False)
     assert_same_artifact(whole, out)
+
+
+def test_sharded_artifacts_load_export_and_match(tied_bf16, tmp_path):
+    """--max-shard-size splits the quantized tensors into shards listed in the header: the same
+    tensors, checked and loaded like one file, exported the same; a missing or extra shard fails."""
+    import shutil
+
+    from lowbit.artifact import ArtifactError
+    from lowbit.export.compressed_tensors import write_compressed_tensors
+
+    recipe = Recipe.from_dict({"method": "rtn", "format": "int4", "group_size": 32})
+    one, _ = stream_quantize(str(tied_bf16), recipe, tmp_path / "one", show_progress=False)
+    many, _ = stream_quantize(str(tied_bf16), recipe, tmp_path / "many", show_progress=False, max_shard_bytes=20_000)
+    shards = lowbit.read_header(many)["quantized_shards"]
+    assert len(shards) > 3 and not (many / "quantized.safetensors").exists()
+    merged = {k: v for s in shards for k, v in load_file(many / s).items()}
+    assert merged.keys() == load_file(one / "quantized.safetensors").keys()
+    assert all(torch.equal(merged[k], v) for k, v in load_file(one / "quantized.safetensors").items())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(lowbit.load(one)(input_ids=ids).logits, lowbit.load(many)(input_ids=ids).logits)
+    write_compressed_tensors(many, tmp_path / "ct")
+    write_compressed_tensors(one, tmp_path / "ct1")
+    assert (tmp_path / "ct" / "model.safetensors").read_bytes() == (tmp_path / "ct1" / "model.safetensors").read_bytes()
+    assert not any(p.name.startswith("quantized") for p in (tmp_path / "ct").iterdir())
+    broken = tmp_path / "broken"
+    shutil.copytree(many, broken)
+    (broken / shards[1]).unlink()
+    with pytest.raises(ArtifactError, match=f"{shards[1]} is missing"):
+        lowbit.load(broken)

@@ -93,10 +93,11 @@ class ArtifactWriter:
     the same pieces give the same bytes, whatever order they came in."""
 
     def __init__(self, out: str | Path, *, force: bool = False, sources: tuple[Path, ...] = (), work: Path | None = None,
-                 state: dict | None = None) -> None:
+                 state: dict | None = None, max_shard_bytes: int | None = None) -> None:
         """`work`: a work directory of the caller's choosing (one a resumed run finds again) instead
         of a fresh one; `state` (from `state()`): continue what a previous writer there recorded."""
         self.out = Path(out)
+        self.max_shard_bytes = max_shard_bytes
         check_output(self.out, force=force, sources=sources)
         clean_stale_work_dirs(self.out)
         if work is None:
@@ -135,7 +136,7 @@ class ArtifactWriter:
                skipped: dict[str, str] | None = None, dense_dtype: torch.dtype = torch.float32) -> Path:
         if not self.modules:
             raise ArtifactError("the model holds no quantized module; quantize it before saving")
-        self.quantized.finish()
+        shards = [p.name for p in self.quantized.finish(max_shard_bytes=self.max_shard_bytes)]
         self.dense.finish()
         tmp = self.tmp
         if config is not None:
@@ -164,6 +165,8 @@ class ArtifactWriter:
             },
             "files": files,
         }
+        if shards != [QUANTIZED]:
+            header["quantized_shards"] = shards
         header["header_sha256"] = hashlib.sha256(_canonical(header)).hexdigest()
         (tmp / HEADER).write_text(json.dumps(header, indent=2, sort_keys=True) + "\n")
         swap_into_place(tmp, self.out)  # with force, the old artifact (checked above) goes only once the new one is in
@@ -193,13 +196,15 @@ def save(
     skipped: dict[str, str] | None = None,
     dense_dtype: torch.dtype = torch.float32,
     force: bool = False,
+    max_shard_bytes: int | None = None,
 ) -> Path:
     """Write `model` (with quantized modules) as an artifact directory; returns its path.
-    `force` replaces an existing artifact, never anything else."""
+    `force` replaces an existing artifact, never anything else. `max_shard_bytes`: split the
+    quantized tensors into shards of at most that much data (one tensor per shard at least)."""
     out = Path(out_dir)
     sources = tuple(Path(p) for p in [(source or {}).get("path")] if p and Path(p).exists())
     qmods = quantized_modules(model)
-    writer = ArtifactWriter(out, force=force, sources=sources)
+    writer = ArtifactWriter(out, force=force, sources=sources, max_shard_bytes=max_shard_bytes)
     with writer:
         if not qmods:
             raise ArtifactError("the model holds no quantized module; quantize it before saving")
@@ -238,7 +243,7 @@ def read_header(path: str | Path, verify: bool = True) -> dict:
     if header.get("format_version") != FORMAT_VERSION:
         raise ArtifactError(f"{hfile}: format version {header.get('format_version')!r} is not supported by lowbit {__version__}")
     validate_header(header, str(hfile))
-    for needed in (QUANTIZED, DENSE):
+    for needed in (*quantized_files(header), DENSE):
         if needed not in header["files"]:
             raise ArtifactError(f"{hfile}: {needed} is not listed among the checked files; the artifact is incomplete")
     if verify:
@@ -259,11 +264,24 @@ def validate(path: str | Path, verify: bool = True) -> tuple[dict, dict]:
     root = Path(path)
     header = read_header(root, verify)
     parsed = validate_header(header, str(root / HEADER))
-    for name in (QUANTIZED, DENSE):
+    for name in (*quantized_files(header), DENSE):
         if (root / name).is_symlink():
             raise ArtifactError(f"artifact file {root / name} is a symbolic link; lowbit reads only files inside the artifact")
-    dense_specs = check_stored_tensors(parsed, root / QUANTIZED, root / DENSE, str(root / HEADER))
+    dense_specs = check_stored_tensors(parsed, [root / f for f in quantized_files(header)], root / DENSE, str(root / HEADER))
     return header, dense_specs
+
+
+def quantized_files(header: dict) -> list[str]:
+    """The files that hold the quantized tensors: one, or the shards the header lists."""
+    return list(header.get("quantized_shards") or [QUANTIZED])
+
+
+def load_quantized(root: Path, header: dict) -> dict[str, torch.Tensor]:
+    """Every quantized tensor of the artifact, from its one file or all its shards (memory-mapped)."""
+    tensors: dict[str, torch.Tensor] = {}
+    for name in quantized_files(header):
+        tensors.update(_load_tensors(root / name))
+    return tensors
 
 
 def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -363,7 +381,7 @@ def load(
     if model is None:
         model = _skeleton(root, header, [*dense_specs, *header["modules"]])
     _check_fits(model, root, header, dense_specs)
-    quantized = _load_tensors(root / QUANTIZED)
+    quantized = load_quantized(root, header)
     switched = 0
     for name, entry in header["modules"].items():
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -35,6 +36,15 @@ _state = {"debug": False}
 def _fail(exc: Exception) -> None:
     console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
     raise typer.Exit(2)
+
+
+def parse_size(text: str, what: str) -> int:
+    """'5GB', '500MB', '64KB' (powers of 1000, as Hugging Face's shard sizes) or a number of bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
+    if m is None or float(m.group(1)) <= 0:
+        raise LowbitError(f"{what} {text!r}: give a size such as 5GB, 500MB or a number of bytes")
+    scale = {"": 1, "B": 1, "K": 1e3, "KB": 1e3, "M": 1e6, "MB": 1e6, "G": 1e9, "GB": 1e9, "T": 1e12, "TB": 1e12}[m.group(2)]
+    return int(float(m.group(1)) * scale)
 
 
 @contextlib.contextmanager
@@ -171,6 +181,7 @@ def quantize(
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
     allow_pickle: bool = typer.Option(False, show_default=False, help="Read a checkpoint stored only as pytorch_model.bin (torch's restricted unpickler; still untrusted input). Without it only safetensors are read."),
     stream: bool = typer.Option(False, "--stream", show_default=False, help="For models bigger than memory: build the model on the meta device, read the safetensors checkpoint tensor by tensor and hold one block (RTN: one layer) in float32 at a time, writing each quantized layer as it is made. Same artifact, byte for byte. Local safetensors directories only; not with preprocessing or tuning."),
+    max_shard_size: str = typer.Option("5GB", show_default=False, help="Split the quantized tensors into shards of at most this much data (e.g. 2GB, 500MB; a bare number is bytes); smaller artifacts stay one file. (default: 5GB)"),
     resume: bool = typer.Option(False, "--resume", show_default=False, help="With --stream: continue an interrupted run (Ctrl-C, a crash, kill -9) of the same model, recipe and output from its last finished block; the result is the uninterrupted run's, byte for byte."),
 ) -> None:
     """Quantize MODEL and write a packed artifact directory."""
@@ -184,15 +195,16 @@ def quantize(
                          format_option, preprocess_steps, tune_steps, target)
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
+        shard_bytes = parse_size(max_shard_size, "--max-shard-size")
         if resume and not stream:
             raise LowbitError("--resume continues a streamed run: pass --stream too")
         if stream:
             from .stream.quantize import stream_quantize
 
-            path, report = stream_quantize(model, r, output, force=force, resume=resume)
+            path, report = stream_quantize(model, r, output, force=force, resume=resume, max_shard_bytes=shard_bytes)
         else:
             job = run_quantize(model, r, allow_pickle=allow_pickle)
-            path, report = save_job(job, r, output, force=force), job.report
+            path, report = save_job(job, r, output, force=force, max_shard_bytes=shard_bytes), job.report
         summary = read_header(path, verify=False)["summary"]
         console.print(
             f"[green]wrote[/] {path}: {len(report.modules)} layers quantized ({r.method} {r.format} g{r.group_size}), "

@@ -62,7 +62,7 @@ def quantize(source: str, recipe: Recipe, show_progress: bool = True, allow_pick
     return QuantizeJob(loaded, report, calib)
 
 
-def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = False) -> Path:
+def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = False, max_shard_bytes: int | None = None) -> Path:
     loaded = job.loaded
     source = {
         "model": loaded.source,
@@ -80,7 +80,7 @@ def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = Fa
     return save(
         loaded.model, out, tokenizer=loaded.tokenizer, source=source, recipe=recipe.to_dict(),
         module_info={n: {k: m[k] for k in ("method", "target", "target_note") if k in m} for n, m in job.report.modules.items()},
-        skipped=job.report.skipped, dense_dtype=loaded.dtype, force=force,
+        skipped=job.report.skipped, dense_dtype=loaded.dtype, force=force, max_shard_bytes=max_shard_bytes,
     )
 
 

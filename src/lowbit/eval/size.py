@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..artifact import DENSE, QUANTIZED
+from ..artifact import DENSE, quantized_files
 
 
 def artifact_size(path: str | Path, header: dict) -> dict:
@@ -15,7 +15,7 @@ def artifact_size(path: str | Path, header: dict) -> dict:
     return {
         "bpw": summary["bpw"],  # quantized linear layers: codes + scales + zero points
         "size_bytes": sum(files.values()),
-        "quantized_file_bytes": files.get(QUANTIZED, 0),
+        "quantized_file_bytes": sum(files.get(f, 0) for f in quantized_files(header)),
         "dense_file_bytes": files.get(DENSE, 0),
         "quantized_params": summary["quantized_params"],
         "dense_params": summary["dense_params"],

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file
 
-from ..artifact import DENSE, HEADER, QUANTIZED, validate
+from ..artifact import DENSE, HEADER, QUANTIZED, load_quantized, quantized_files, validate
 from ..validation.paths import clean_stale_work_dirs, make_work_dir, swap_into_place
 from .errors import ExportError
 from ..formats import BinaryGrid, Grid, IntGrid, TernaryGrid
@@ -51,7 +51,7 @@ def read_artifact(artifact_dir: str | Path) -> ArtifactContents:
     verified first, as `lowbit.load` does) without building the model."""
     root = Path(artifact_dir)
     header, _ = validate(root)
-    quantized = load_file(str(root / QUANTIZED))
+    quantized = load_quantized(root, header)
     weights: dict[str, QuantizedWeight] = {}
     biases: dict[str, torch.Tensor] = {}
     for name, entry in header["modules"].items():
@@ -205,7 +205,7 @@ def write_output(out_dir: str | Path, force: bool, fill: Callable[[Path], None],
 def copy_side_files(art: ArtifactContents, dest: Path) -> None:
     """Copy the tokenizer files (and any other non-lowbit file) of the artifact."""
     for p in sorted(art.root.iterdir()):
-        if p.is_file() and p.name not in _ARTIFACT_OWN:
+        if p.is_file() and p.name not in _ARTIFACT_OWN and p.name not in quantized_files(art.header):
             shutil.copy2(p, dest / p.name)
 
 

@@ -194,7 +194,7 @@ class _Progress:
 
 
 def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool = False, resume: bool = False,
-                    show_progress: bool = True) -> tuple[Path, QuantizeReport]:
+                    show_progress: bool = True, max_shard_bytes: int | None = None) -> tuple[Path, QuantizeReport]:
     """Quantize the safetensors model `source` by `recipe` into the artifact `out`, holding one
     block (RTN: one layer) in float32 at a time. `resume`: continue an interrupted run of the same
     arguments from its last finished block. Returns (artifact path, report)."""
@@ -258,7 +258,8 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
         state, done, start = saved["writer"], set(saved["done"]), saved["next_block"]
         report.modules.update(saved["modules"])
         start_hidden = record.hidden(start) if start and needs_hessian else None
-    writer = ArtifactWriter(out, force=force, sources=(root,), work=work / ARTIFACT, state=state)
+    writer = ArtifactWriter(out, force=force, sources=(root,), work=work / ARTIFACT, state=state,
+                            max_shard_bytes=max_shard_bytes)
     try:
         job = _Job(model, src, plans, recipe, report, writer, record, done, start)
         _run(job, blocks, batches, kind, needs_hessian, start_hidden, show_progress)

@@ -171,21 +171,45 @@ class SafetensorsWriter:
         n = _write_tensor(self._data, tensor)
         self.entries[name] = (NAMES[tensor.dtype], list(tensor.shape), at, n)
 
-    def finish(self, metadata: dict[str, str] | None = None) -> Path:
+    def finish(self, metadata: dict[str, str] | None = None, max_shard_bytes: int | None = None) -> list[Path]:
+        """Write the file (or, past `max_shard_bytes` of tensor data, shards `STEM-0000k-of-0000n
+        .safetensors` holding consecutive runs of the sorted names) and remove the scratch data.
+        Returns the files written."""
         self._data.close()
+        order = sorted(self.entries)
+        runs: list[list[str]] = [[]]
+        size = 0
+        for name in order:
+            n = self.entries[name][3]
+            if max_shard_bytes and runs[-1] and size + n > max_shard_bytes:
+                runs.append([])
+                size = 0
+            runs[-1].append(name)
+            size += n
+        if len(runs) == 1:
+            paths = [self.path]
+        else:
+            stem = self.path.name.removesuffix(".safetensors")
+            paths = [self.path.with_name(f"{stem}-{i + 1:05d}-of-{len(runs):05d}.safetensors") for i in range(len(runs))]
+        with open(self.data_path, "rb") as src:
+            for path, names in zip(paths, runs):
+                self._write_file(src, path, names, metadata)
+        self.data_path.unlink()
+        return paths
+
+    def _write_file(self, src, path: Path, names: list[str], metadata: dict[str, str] | None) -> None:
         header: dict = {"__metadata__": metadata} if metadata else {}
         offset = 0
-        order = sorted(self.entries)
-        for name in order:
+        for name in names:
             dtype, shape, _, n = self.entries[name]
             header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + n]}
             offset += n
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
-        with open(self.data_path, "rb") as src, open(self.path, "wb") as out:
+        with open(path, "wb") as out:
             out.write(struct.pack("<Q", len(text)))
             out.write(text)
-            for name in order:
+            for name in names:
                 _, _, at, n = self.entries[name]
                 src.seek(at)
                 left = n
@@ -195,8 +219,6 @@ class SafetensorsWriter:
                     left -= len(chunk)
             out.flush()
             os.fsync(out.fileno())
-        self.data_path.unlink()
-        return self.path
 
     def abort(self) -> None:
         self._data.close()

@@ -93,6 +93,7 @@ class Header(_Checked):
     aliases: dict[Annotated[str, Field(max_length=1024)], Annotated[str, Field(max_length=1024)]]
     summary: Summary
     files: dict[FileName, Sha256]
+    quantized_shards: Annotated[list[FileName], Field(min_length=2, max_length=100000)] | None = None
 
 
 def json_depth(obj: Any, limit: int = MAX_JSON_DEPTH) -> int:

@@ -74,11 +74,19 @@ def _nbytes(spec: TensorSpec) -> int:
     return n * dtype.itemsize
 
 
-def check_stored_tensors(header: Header, quantized: Path, dense: Path, where: str) -> dict[str, TensorSpec]:
+def check_stored_tensors(header: Header, quantized_files: list[Path], dense: Path, where: str) -> dict[str, TensorSpec]:
     """Every quantized module's tensors are stored with exactly the shapes and dtypes its entry
-    implies, nothing else is in the quantized file, and every alias names a stored dense tensor.
-    Returns the dense file's specs (for the caller to compare with the model skeleton)."""
-    stored = stored_specs(quantized)
+    implies, once across the quantized file (or its shards), nothing else is there, and every alias
+    names a stored dense tensor. Returns the dense file's specs (for the caller to compare with
+    the model skeleton)."""
+    stored: dict[str, TensorSpec] = {}
+    for path in quantized_files:
+        specs = stored_specs(path)
+        twice = sorted(set(specs) & set(stored))
+        if twice:
+            raise StoredTensorError(f"{path}: tensors {twice[:3]} are stored in another shard too")
+        stored.update(specs)
+    quantized = quantized_files[0] if len(quantized_files) == 1 else quantized_files[0].parent / "quantized shards"
     expected: dict[str, TensorSpec] = {}
     for name, specs in module_specs(header, where).items():
         expected.update({f"{name}.{k}": v for k, v in specs.items()})

@@ -247,3 +247,39 @@ def test_sharded_artifacts_load_export_and_match(tied_bf16, tmp_path):
     (broken / shards[1]).unlink()
     with pytest.raises(ArtifactError, match=f"{shards[1]} is missing"):
         lowbit.load(broken)
+
+
+def _torchrun(*args, n=2):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "lowbit", *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=_cli_env(OMP_NUM_THREADS="1"))
+
+
+@pytest.mark.slow
+def test_two_process_gloo_run_equals_one_process(tiny_llama, calib_text, tmp_path):
+    """`torchrun --nproc-per-node 2 -m lowbit quantize`: ranks split the calibration batches, the
+    Hessians are all-reduced, the layer solves are shared. With two batches the all-reduced sums
+    are the one-process sums exactly (a + b either way), so the artifact is the same bytes; with
+    four the fp64 sums are added in another order and the codes may differ, by at most one grid
+    step, in a few weights."""
+    base = ["quantize", tiny_llama, "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", calib_text,
+            "--seq-len", "32"]
+    for n_samples, exact in ((16, True), (32, False)):
+        args = [*base, "--n-samples", n_samples]
+        one = _lowbit(*args, "-o", tmp_path / f"one-{n_samples}")
+        assert one.returncode == 0, one.stderr
+        two = _torchrun(*args, "-o", tmp_path / f"two-{n_samples}")
+        assert two.returncode == 0, two.stderr[-3000:]
+        a, b = tmp_path / f"one-{n_samples}", tmp_path / f"two-{n_samples}"
+        if exact:
+            assert_same_artifact(a, b)
+            continue
+        ma, mb = lowbit.load(a), lowbit.load(b)
+        from lowbit.artifact import quantized_modules
+
+        for name, qa in quantized_modules(ma).items():
+            qwa, qwb = qa.quantized_weight(), quantized_modules(mb)[name].quantized_weight()
+            differ = (qwa.codes.int() - qwb.codes.int()).abs()
+            assert differ.max() <= 1 and (differ > 0).float().mean() < 0.01, (name, differ.max(), (differ > 0).float().mean())

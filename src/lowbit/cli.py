@@ -198,12 +198,20 @@ def quantize(
         shard_bytes = parse_size(max_shard_size, "--max-shard-size")
         if resume and not stream:
             raise LowbitError("--resume continues a streamed run: pass --stream too")
+        from .parallel import Parallel
+
+        par = Parallel.from_env()  # under torchrun: data-parallel calibration, rank 0 writes
+        if par is not None and stream:
+            raise LowbitError("--stream does not run data-parallel yet: run one process (without torchrun)")
+        if par is not None and not par.is_main:
+            run_quantize(model, r, allow_pickle=allow_pickle, parallel=par, show_progress=False)
+            return
         if stream:
             from .stream.quantize import stream_quantize
 
             path, report = stream_quantize(model, r, output, force=force, resume=resume, max_shard_bytes=shard_bytes)
         else:
-            job = run_quantize(model, r, allow_pickle=allow_pickle)
+            job = run_quantize(model, r, allow_pickle=allow_pickle, parallel=par)
             path, report = save_job(job, r, output, force=force, max_shard_bytes=shard_bytes), job.report
         summary = read_header(path, verify=False)["summary"]
         console.print(

@@ -45,7 +45,7 @@ def calibration_batches(loaded: LoadedModel, recipe: Recipe) -> tuple[list[torch
     return list(windows.split(c.batch_size)), info
 
 
-def quantize(source: str, recipe: Recipe, show_progress: bool = True, allow_pickle: bool = False) -> QuantizeJob:
+def quantize(source: str, recipe: Recipe, show_progress: bool = True, allow_pickle: bool = False, parallel=None) -> QuantizeJob:
     """Load `source` and quantize it in memory by `recipe`. Every tensor of the source is checked
     for NaN/Inf first, and a calibration file named by the recipe must be readable text, whether
     or not the method needs it (a misspelled path is never recorded silently)."""
@@ -58,7 +58,7 @@ def quantize(source: str, recipe: Recipe, show_progress: bool = True, allow_pick
         for s in (recipe.scheme_for(n) for n, _ in loaded.model.named_modules())
     )
     batches, calib = calibration_batches(loaded, recipe) if needs_calib else (None, {})
-    report = quantize_model(loaded.model, recipe, loaded.kind, batches, show_progress)
+    report = quantize_model(loaded.model, recipe, loaded.kind, batches, show_progress, parallel)
     return QuantizeJob(loaded, report, calib)
 
 

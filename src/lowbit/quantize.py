@@ -11,6 +11,7 @@ import copy
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -26,6 +27,9 @@ from .formats import GroupLayout, SearchSpace
 from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
 from .nn import PTQ161Linear, QuantLinear
 from .recipe import PreprocessOptions, Recipe, Scheme
+
+if TYPE_CHECKING:
+    from .parallel import Parallel
 
 
 def _target_scheme(scheme: Scheme, target: str, in_features: int) -> tuple[Scheme | None, str | None, str]:
@@ -165,10 +169,14 @@ def quantize_model(
     kind: str = "causal-lm",
     calib_batches: list[torch.Tensor] | None = None,
     show_progress: bool = True,
+    parallel: "Parallel | None" = None,
 ) -> QuantizeReport:
     """Quantize `model` in place. `calib_batches` ([batch, seq] token ids each) are needed for GPTQ,
-    PTQ1.61, the format searches and the preprocessing."""
+    PTQ1.61, the format searches and the preprocessing. `parallel`: this process's rank in a
+    data-parallel run (`parallel.Parallel`; every rank calls this with the same arguments)."""
     started = time.perf_counter()
+    if parallel is not None and (recipe.tune.steps > 0 or recipe.preprocess.steps > 0):
+        raise QuantizeError("preprocessing and end-to-end tuning do not run data-parallel yet: run one process")
     teacher = None
     if recipe.tune.steps > 0:
         _check_training_inputs("tuning (tune.steps > 0)", "tune.steps", kind, calib_batches)
@@ -177,7 +185,7 @@ def quantize_model(
     preprocess = None
     if recipe.preprocess.steps > 0:
         preprocess = preprocess_model(model, recipe, kind, calib_batches, show_progress)
-    report = _quantize_layers(model, recipe, kind, calib_batches, show_progress)
+    report = _quantize_layers(model, recipe, kind, calib_batches, show_progress, parallel)
     report.preprocess = preprocess
     if teacher is not None:
         report.tune = tune_model(teacher, model, recipe, calib_batches, show_progress)
@@ -250,8 +258,11 @@ def _quantize_layers(
     kind: str,
     calib_batches: list[torch.Tensor] | None,
     show_progress: bool,
+    parallel: "Parallel | None" = None,
 ) -> QuantizeReport:
-    """The quantization proper (no preprocessing): every planned layer swapped for its quantized module."""
+    """The quantization proper (no preprocessing): every planned layer swapped for its quantized
+    module. Data-parallel (`parallel`): this rank's share of the batches, all-reduced Hessians,
+    each block's layers solved round-robin and shared (see `parallel`)."""
     plans, skipped = plan_layers(model, recipe)
     report = QuantizeReport(skipped=skipped)
     needs_hessian = {n for n, p in plans.items() if p.scheme.needs_calibration}
@@ -259,6 +270,10 @@ def _quantize_layers(
         what = sorted({f"{p.scheme.method} {p.scheme.format}" for n, p in plans.items() if n in needs_hessian})
         raise QuantizeError(f"{', '.join(what)} need(s) calibration data (layer Hessians): pass a text file with --calib")
 
+    reduce = None
+    if parallel is not None and needs_hessian:
+        calib_batches = parallel.shard(calib_batches)
+        reduce = parallel.reduce_hessian
     with _progress() as progress:
         task = progress.add_task("quantizing", total=len(plans), layer="", visible=show_progress)
 
@@ -272,12 +287,17 @@ def _quantize_layers(
             blocks_name, block_list = blocks
 
             def on_block(_i: int, prefix: str, _block: nn.Module, hessians: dict[str, torch.Tensor]) -> None:
-                for name in [n for n in plans if n.startswith(prefix + ".")]:
-                    do(name, hessians.get(name))
+                names = [n for n in plans if n.startswith(prefix + ".")]
+                for k, name in enumerate(names):
+                    if parallel is None or parallel.owner(k) == parallel.rank:
+                        do(name, hessians.get(name))
+                if parallel is not None:  # every rank needs the whole quantized block for the next one's inputs
+                    for k, name in enumerate(names):
+                        report.modules[name] = parallel.share_module(model, name, parallel.owner(k), report.modules.get(name))
 
-            walk_blocks(model, blocks_name, block_list, calib_batches, kind, needs_hessian, on_block)
+            walk_blocks(model, blocks_name, block_list, calib_batches, kind, needs_hessian, on_block, reduce=reduce)
         remaining_hessian = needs_hessian - set(report.modules)
-        hessians = whole_model_hessians(model, calib_batches, kind, remaining_hessian) if remaining_hessian else {}
+        hessians = whole_model_hessians(model, calib_batches, kind, remaining_hessian, reduce) if remaining_hessian else {}
         for name in plans:
             if name not in report.modules:
                 do(name, hessians.get(name))

@@ -56,9 +56,12 @@ def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple
 
 
 @torch.inference_mode()
-def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Callable[[], None]) -> dict[str, torch.Tensor]:
+def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Callable[[], None],
+                        reduce: Callable[[HessianAccumulator], None] | None = None) -> dict[str, torch.Tensor]:
     """Hessians of the linears of `root` whose full names are in `names`, over the inputs `run()` feeds.
-    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator."""
+    Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator. `reduce(acc)`
+    (data-parallel runs: `parallel.Parallel.reduce_hessian`) is applied to every accumulator, in
+    name order, before the Hessians are formed."""
     linears = {n: m for n, m in find_linears(root, prefix).items() if n in names}
     accs: dict[str, HessianAccumulator] = {}
     leader_of: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
@@ -84,6 +87,9 @@ def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Call
     finally:
         for h in handles:
             h.remove()
+    if reduce is not None:
+        for n in sorted(accs):
+            reduce(accs[n])
     hessians = {n: a.hessian() for n, a in accs.items()}
     hessians.update({n: hessians[leader] for n, leader in leader_of.items()})
     return hessians
@@ -106,6 +112,7 @@ def walk_blocks(
     release: Callable[[int, nn.Module, list[torch.Tensor] | None], None] | None = None,
     start: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
+    reduce: Callable[[HessianAccumulator], None] | None = None,
 ) -> None:
     """Call `on_block(i, prefix, block, hessians)` for each block, in order, with the Hessians of
     the block's linears listed in `hessian_names`, computed from the outputs of the blocks before it
@@ -129,7 +136,7 @@ def walk_blocks(
             for args, kwargs in inputs:
                 block(*args, **kwargs)
 
-        hessians = accumulate_hessians(block, prefix, hessian_names, run_block) if hessian_names else {}
+        hessians = accumulate_hessians(block, prefix, hessian_names, run_block, reduce) if hessian_names else {}
         on_block(i, prefix, block, hessians)
         del hessians
         if i + 1 < len(blocks):
@@ -144,11 +151,12 @@ def walk_blocks(
 
 
 @torch.inference_mode()
-def whole_model_hessians(model: nn.Module, batches: list[torch.Tensor], kind: str, names: set[str]) -> dict[str, torch.Tensor]:
+def whole_model_hessians(model: nn.Module, batches: list[torch.Tensor], kind: str, names: set[str],
+                         reduce: Callable[[HessianAccumulator], None] | None = None) -> dict[str, torch.Tensor]:
     """Fallback for models without a recognisable block list: one pass of the whole model."""
 
     def run() -> None:
         for ids in batches:
             model(**_model_inputs(ids, kind))
 
-    return accumulate_hessians(model, "", names, run)
+    return accumulate_hessians(model, "", names, run, reduce)

@@ -8,6 +8,7 @@ Every row runs in its own process, so its peak RSS (VmHWM) is its own; the impor
 transformers + lowbit imported, nothing loaded) is measured the same way and reported beside it.
 
     python -m bench.scale [--sizes 0.1b,0.5b,1.5b,7b] [--methods rtn] [--work out/scale]
+    python -m bench.scale --data-parallel smollm2-135m --n-samples 16   # 1 process vs 2 (torchrun, gloo)
 """
 
 from __future__ import annotations
@@ -132,6 +133,32 @@ def _run(args: list[str]) -> dict:
     return json.loads(line[4:])
 
 
+def data_parallel(work: Path, model: str, n_samples: int) -> list[dict]:
+    """GPTQ int4 g128 of `model` in one process (2 threads) and under torchrun in 2 processes (1
+    thread each): wall time, and whether the artifacts are the same bytes."""
+    import os
+
+    rows, arts = [], {}
+    base = ["quantize", model, "--method", "gptq", "--bits", "4", "--group-size", "128", "--n-samples", str(n_samples),
+            "--seq-len", "512", "--no-act-order", "--force"]
+    for procs in (1, 2):
+        art = work / f"dp-{procs}"
+        env = {**os.environ, "OMP_NUM_THREADS": str(THREADS // procs)}
+        launcher = [sys.executable, "-m", "lowbit"] if procs == 1 else [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}", "-m", "lowbit"]
+        t = time.perf_counter()
+        proc = subprocess.run([*launcher, *base, "-o", str(art)], capture_output=True, text=True, env=env)
+        if proc.returncode:
+            raise RuntimeError(proc.stderr[-3000:])
+        arts[procs] = art
+        rows.append({"model": model, "processes": procs, "threads_each": THREADS // procs, "wall_seconds": time.perf_counter() - t})
+    same = all((arts[1] / f).read_bytes() == (arts[2] / f).read_bytes() for f in ("quantized.safetensors", "dense.safetensors"))
+    for r in rows:
+        r["wall_vs_1_process"] = r["wall_seconds"] / rows[0]["wall_seconds"]
+        r["same_bytes_as_1_process"] = same
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated: {', '.join(SIZES)}, qwen2.5-coder-1.5b")
@@ -140,6 +167,7 @@ def main() -> None:
     ap.add_argument("--work", default="out/scale", help="where the checkpoints and artifacts go")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints and artifacts")
     ap.add_argument("--out", default="scale", help="results name under bench/results (NAME.json, NAME.md)")
+    ap.add_argument("--data-parallel", metavar="MODEL", help="instead: GPTQ of MODEL in 1 process vs 2 (torchrun)")
     ap.add_argument("--row", nargs="+", help=argparse.SUPPRESS)  # internal: one measurement in this process
     args = ap.parse_args()
     torch.set_num_threads(THREADS)
@@ -150,6 +178,13 @@ def main() -> None:
         return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.data_parallel:
+        rows = data_parallel(work, args.data_parallel, args.n_samples)
+        write_results("scale-dp", {"machine": machine(), "n_samples": args.n_samples, "rows": rows})
+        print(markdown_table(rows, [("model", "model", ""), ("processes", "processes", ""), ("threads_each", "threads each", ""),
+                                    ("wall_seconds", "wall s", ".1f"), ("wall_vs_1_process", "vs 1 process", ".2f"),
+                                    ("same_bytes_as_1_process", "same bytes", "")]))
+        return
     floor = _run(["import"])["peak_rss_mb"]
     rows = []
     for size in args.sizes.split(","):

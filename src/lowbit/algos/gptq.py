@@ -40,14 +40,18 @@ class GPTQError(RuntimeError):
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, computed in float64.
     The damping is raised tenfold (up to 3 times) if H is not positive definite."""
-    h = h.double()
-    mean_diag = torch.diag(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    mean_diag = torch.diag(h).double().mean()
     for attempt in range(4):
-        lower, info = torch.linalg.cholesky_ex(h + eye * damp * 10**attempt * mean_diag)
+        # at most two float64 [in, in] matrices alive at once (an 8960-wide layer's is 642 MB)
+        damped = h.double()
+        damped.diagonal().add_(damp * 10**attempt * mean_diag)
+        lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         if int(info) == 0:
             inv = torch.cholesky_inverse(lower)
+            del lower
             upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            del inv
             if int(info) == 0:
                 return upper.float()
     raise GPTQError(

@@ -78,8 +78,9 @@ class GroupLayout:
         return slice(group * g, min((group + 1) * g, self.in_features))
 
     def check_span(self, grid: Grid) -> None:
-        """A grid that fits several groups at once (K-quant super-blocks) needs rows made of whole spans."""
-        span = grid.fit_span
+        """A grid that fits several groups at once (K-quant super-blocks) needs rows made of whole
+        spans. (A format search's space, not a grid itself, chooses among one-block grids.)"""
+        span = getattr(grid, "fit_span", 1)
         if span > 1 and (self.group_size != grid.fixed_group_size or self.n_groups % span or self.in_features % self.group_size):
             raise GroupSizeError(
                 f"{grid.name} stores super-blocks of {span} x {grid.fixed_group_size} weights; input width "

@@ -16,7 +16,6 @@ from lowbit.recipe import Recipe
 from lowbit.stream.quantize import StreamError, stream_quantize
 from lowbit.stream.safetensors_io import CheckpointError, CheckpointReader, SafetensorsWriter
 
-from conftest import save_tiny
 
 
 def files_of(art: Path) -> dict[str, bytes]:

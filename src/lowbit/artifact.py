@@ -6,10 +6,13 @@
                               weight, totals, sha256 of every other file, and a sha256 of the
                               header itself
       quantized.safetensors   per quantized module: packed codes and packed/fp16 grid parameters
+                              (past --max-shard-size: quantized-0000k-of-0000n.safetensors shards,
+                              listed in the header's quantized_shards)
       dense.safetensors       every other tensor (embeddings, norms, biases of skipped layers ...)
       config.json, tokenizer files   to rebuild the model and its tokenizer offline
 
-Written into a temporary directory beside the target, then renamed into place: an interrupted
+Written piece by piece (`ArtifactWriter`: a model in memory, or one streamed block by block)
+into a temporary directory beside the target, then renamed into place: an interrupted
 save leaves nothing half-written, and with `force` only an existing *artifact* is replaced
 (`validation.paths`). Reading treats every byte as untrusted: the header is parsed with bounds
 and checked against a schema (`validation.header`), every file against its sha256, every stored
@@ -21,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -29,7 +31,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import __version__

@@ -283,18 +283,15 @@ def prepare(n_samples: int) -> None:
     from lowbit.recipe import Recipe
 
     WORK.mkdir(parents=True, exist_ok=True)
+    for kind in ("q4_0", "q4_k"):  # GPTQ onto each GGUF target, and its GGUF export
+        art = WORK / f"smol-gptq-{kind}"
+        if not art.exists():
+            recipe = Recipe.from_dict({"method": "gptq", "target": f"gguf:{kind}",
+                                       "calib": {"n_samples": n_samples, "seq_len": 512}})
+            save_job(quantize(MODEL, recipe), recipe, art)
+        if not art.with_suffix(".gguf").exists():
+            write_gguf(art, art.with_suffix(".gguf"))
     art = WORK / "smol-gptq-q4_0"
-    if not art.exists():
-        recipe = Recipe.from_dict({"method": "gptq", "target": "gguf:q4_0", "calib": {"n_samples": n_samples, "seq_len": 512}})
-        save_job(quantize(MODEL, recipe), recipe, art)
-    if not (WORK / "smol-gptq-q4_0.gguf").exists():
-        write_gguf(art, WORK / "smol-gptq-q4_0.gguf")
-    art_k = WORK / "smol-gptq-q4_k"
-    if not art_k.exists():
-        recipe = Recipe.from_dict({"method": "gptq", "target": "gguf:q4_k", "calib": {"n_samples": n_samples, "seq_len": 512}})
-        save_job(quantize(MODEL, recipe), recipe, art_k)
-    if not (WORK / "smol-gptq-q4_k.gguf").exists():
-        write_gguf(art_k, WORK / "smol-gptq-q4_k.gguf")
     if not (WORK / "smol-gptq-q4_0-ct").exists():
         write_compressed_tensors(art, WORK / "smol-gptq-q4_0-ct")
     if not (WORK / "smol-f16.gguf").exists():

@@ -367,6 +367,7 @@ def _write_dense(job: _Job, dense_keys: dict[str, torch.Tensor], aliases: dict[s
         if value.is_meta:
             raise StreamError(f"model {source}: the checkpoint has no tensor {key}")
         job.writer.add_dense(key, value, dtype)
+        del value  # before the next read: two vocabulary-sized tensors (embedding, output) never at once
     for key, target in aliases.items():
         job.writer.add_alias(key, target)
 

@@ -52,6 +52,7 @@ INT_CONFIGS = [("rtn", 8, 64, False), ("gptq", 8, 64, False)] + [
     # groups of 128: SmolLM2's 576-wide layers get a shorter last group (the shakespeare model's 192-wide ones too)
     (method, bits, 128, False) for bits in (4, 3) for method in ("rtn", "gptq")
 ]
+AWQ_CONFIGS = [(method, bits, g) for bits in (4, 3) for g in (64, 128) for method in ("rtn", "gptq")]
 GRID_GROUP = 64  # the grid zoo's rows: groups of 64 unless the format fixes its own block (mxfp4, nvfp4)
 NESTED_PRECISIONS = (8, 6, 4, 3)  # one nested8 artifact, loaded at each
 
@@ -101,6 +102,9 @@ def lowbit_configs() -> list[dict]:
         out.append(_lowbit(f"lowbit:ptq161-int4-{_group_tag(g)}-pre100", "ptq161", "int4", 1, g,
                            f"binary + 20% salient int4 {where}, preprocessed (restorative LoRA, 100 steps)",
                            recipe={"ptq161": {"salient_fraction": 0.2}, "preprocess": {"steps": 100}}))
+    for m, b, g in AWQ_CONFIGS:  # activation-aware scaling (AWQ) before RTN or GPTQ
+        out.append(_lowbit(f"{lowbit_id(m, b, g, False)}-awq", m, f"int{b}", b, g, f"int{b} g{g} asym, AWQ scales",
+                           recipe={"scaling": "awq"}))
     for p in NESTED_PRECISIONS:
         out.append(_lowbit(f"lowbit:rtn-nested8-g{GRID_GROUP}@{p}", "rtn", "nested8", p, GRID_GROUP,
                            f"nested8 g{GRID_GROUP} loaded at {p} bits", precision=p))

@@ -53,7 +53,7 @@ def quantize(source: str, recipe: Recipe, show_progress: bool = True, allow_pick
         read_text(recipe.calib.path)
     loaded = load_model(source, allow_pickle=allow_pickle)
     check_finite_model(loaded.model, f"model {source}")
-    needs_calib = recipe.preprocess.steps > 0 or recipe.tune.steps > 0 or any(
+    needs_calib = recipe.preprocess.steps > 0 or recipe.tune.steps > 0 or recipe.scaling != "none" or any(
         s is not None and s.needs_calibration
         for s in (recipe.scheme_for(n) for n, _ in loaded.model.named_modules())
     )
@@ -75,6 +75,8 @@ def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = Fa
     if job.report.preprocess is not None:  # the quantized weights are the preprocessed source's
         # without its seconds, as the modules' seconds: the same inputs give a byte-identical artifact
         source["preprocess"] = {k: v for k, v in job.report.preprocess.items() if k != "seconds"}
+    if job.report.scaling is not None:  # the norms and layers were rescaled before quantization
+        source["scaling"] = job.report.scaling
     if job.report.tune is not None:
         source["tune"] = {k: v for k, v in job.report.tune.items() if k != "seconds"}
     return save(

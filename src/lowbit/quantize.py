@@ -21,6 +21,7 @@ from .algos import (
     GPTQConfig, PTQ161Config, RestorativeConfig, TuneConfig, gptq_quantize, ptq161_quantize, restorative_lora, rtn_quantize,
     search_format, tune_continuous,
 )
+from .algos.awq import AWQConfig, AWQError, awq_block
 from .calib.walker import walk_blocks, whole_model_hessians
 from .errors import LowbitError
 from .formats import GroupLayout, SearchSpace
@@ -69,6 +70,7 @@ class QuantizeReport:
     seconds: float = 0.0
     preprocess: dict | None = None  # what the preprocessing did (steps, losses, seconds); None: off
     tune: dict | None = None  # what the end-to-end tuning did; None: off
+    scaling: dict | None = None  # what the activation-aware scaling did (AWQ); None: off
 
 
 def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan], dict[str, str]]:
@@ -154,6 +156,38 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
         **({"target_note": plan.note} if plan.note else {}),
         **extra,
     }
+
+
+def _awq_scaler(model: nn.Module, plans: dict[str, LayerPlan], recipe: Recipe, report: QuantizeReport):
+    """`scale(prefix, block, hessians) -> hessians`: AWQ's scales searched and folded for one block
+    (`algos.awq`), each candidate rounded by the layer's own grid (RTN), its record in
+    `report.scaling`. The norms absorb the scales at the checkpoint's dtype, as they are saved."""
+    from .models.loading import checkpoint_dtype
+
+    searched = [n for n, p in plans.items() if isinstance(p.scheme.grid(), SearchSpace)]
+    if searched:
+        raise QuantizeError(f"{searched[0]}: scaling: awq rounds its candidates on one grid, not a format search")
+    config = getattr(model, "config", None)
+    dense_dtype = checkpoint_dtype(config) if config is not None else torch.float32
+    cfg = AWQConfig(recipe.awq.grid, recipe.awq.duo)
+    report.scaling = {"method": "awq", "grid": cfg.grid, "duo": cfg.duo, "groups": [], "skipped": {}}
+
+    def quantize(name: str, w: torch.Tensor) -> torch.Tensor:
+        plan = plans[name]
+        return rtn_quantize(w, plan.scheme.grid(), plan.layout).dequantize()
+
+    def scale(prefix: str, block: nn.Module, hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        layers = [n for n in plans if n.startswith(prefix + ".")]
+        group_size = plans[layers[0]].layout.group_size if layers else None
+        try:
+            hessians, result = awq_block(model, block, prefix, hessians, quantize, set(plans), dense_dtype, cfg, group_size)
+        except AWQError as exc:
+            raise QuantizeError(str(exc)) from None
+        report.scaling["groups"] += [g.summary() for g in result.groups]
+        report.scaling["skipped"].update(result.skipped)
+        return hessians
+
+    return scale
 
 
 def _progress() -> Progress:
@@ -266,6 +300,10 @@ def _quantize_layers(
     plans, skipped = plan_layers(model, recipe)
     report = QuantizeReport(skipped=skipped)
     needs_hessian = {n for n, p in plans.items() if p.scheme.needs_calibration}
+    scale_block = None
+    if recipe.scaling == "awq":
+        scale_block = _awq_scaler(model, plans, recipe, report)
+        needs_hessian = set(plans)  # every layer's input statistics and loss
     if needs_hessian and not calib_batches:
         what = sorted({f"{p.scheme.method} {p.scheme.format}" for n, p in plans.items() if n in needs_hessian})
         raise QuantizeError(f"{', '.join(what)} need(s) calibration data (layer Hessians): pass a text file with --calib")
@@ -283,10 +321,14 @@ def _quantize_layers(
             progress.advance(task)
 
         blocks = find_blocks(model) if needs_hessian else None
+        if blocks is None and scale_block is not None:
+            raise QuantizeError("scaling: awq works block by block and found no block list in this model; drop it")
         if blocks is not None:
             blocks_name, block_list = blocks
 
-            def on_block(_i: int, prefix: str, _block: nn.Module, hessians: dict[str, torch.Tensor]) -> None:
+            def on_block(_i: int, prefix: str, block: nn.Module, hessians: dict[str, torch.Tensor]) -> None:
+                if scale_block is not None:
+                    hessians = scale_block(prefix, block, hessians)
                 names = [n for n in plans if n.startswith(prefix + ".")]
                 for k, name in enumerate(names):
                     if parallel is None or parallel.owner(k) == parallel.rank:

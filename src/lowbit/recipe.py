@@ -11,6 +11,8 @@
     calib: {seq_len: 512, n_samples: 128, seed: 0}
     preprocess: {steps: 0}  # PTQ1.61's quantization preprocessing (restorative LoRA), any method; 0: off
       # {steps: 100, rank: 64, alpha: 16, lr: 1e-3, loss: distill, targets: null, batch_size: 8, seed: 0}
+    scaling: none           # awq: activation-aware scales per input channel, folded into the norm / layer before
+    awq: {grid: 20, duo: true}   # AWQ's search: alpha on a grid of [0, 1); duo: divide by the weight magnitude too
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
       # {steps: 100, lr: 1e-4, batch_size: 4, norms: true, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized
@@ -162,6 +164,13 @@ class PTQ161Options(_Strict):
     iters: int = Field(4, ge=1)  # alternating-minimisation rounds of the binary scales
 
 
+class AWQOptions(_Strict):
+    """AWQ's scale search (`lowbit.algos.awq`), used when `scaling: awq`."""
+
+    grid: int = Field(20, ge=1, le=200)  # alpha in {0, 1/grid, ..., (grid-1)/grid}
+    duo: bool = True  # s = a^alpha / w^(1-alpha) (AutoAWQ's default); false: s = a^alpha
+
+
 class CalibOptions(_Strict):
     path: str | None = None  # a text file; None: the default calibration text
     seq_len: int = Field(512, ge=8)
@@ -232,6 +241,8 @@ class Recipe(Scheme):
     ragged: Literal["short-last", "error"] = "short-last"
     gptq: GPTQOptions = GPTQOptions()
     ptq161: PTQ161Options = PTQ161Options()
+    scaling: Literal["none", "awq"] = "none"  # per-input-channel scales before quantization (AWQ)
+    awq: AWQOptions = AWQOptions()
     calib: CalibOptions = CalibOptions()
     preprocess: PreprocessOptions = PreprocessOptions()
     tune: TuneOptions = TuneOptions()
@@ -288,16 +299,16 @@ class Recipe(Scheme):
         """Whether the defaults or any override need calibration inputs (a conservative answer
         for `lowbit.pipeline`: the defaults count even if every layer is overridden), or the
         preprocessing trains on them."""
-        if self.preprocess.steps > 0 or self.tune.steps > 0:
+        if self.preprocess.steps > 0 or self.tune.steps > 0 or self.scaling != "none":
             return True
         base = self._base()
         return any(s.needs_calibration for s in [base, *(_apply(base, o) for o in self.overrides if not o.skip)])
 
     def to_dict(self) -> dict:
-        """JSON-able keys; without `preprocess` / `tune` when they are off and `target` when there is none, so
-        artifacts read as they did before those existed."""
+        """JSON-able keys; without `preprocess` / `tune` / `scaling` when they are off and `target` when there is
+        none, so artifacts read as they did before those existed."""
         exclude = (({"preprocess"} if self.preprocess.steps == 0 else set()) | ({"tune"} if self.tune.steps == 0 else set())
-                   | ({"target"} if self.target is None else set()))
+                   | ({"target"} if self.target is None else set()) | ({"scaling", "awq"} if self.scaling == "none" else set()))
         return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod

@@ -214,6 +214,9 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     if recipe.preprocess.steps > 0 or recipe.tune.steps > 0:
         raise StreamError("preprocessing and end-to-end tuning train the whole model at once; they do not stream "
                           "(quantize without --stream, or set preprocess.steps / tune.steps to 0)")
+    if recipe.scaling != "none":
+        raise StreamError("scaling: awq rescales the norms, which a streamed run copies from the checkpoint; it does not "
+                          "stream yet (quantize without --stream, or drop scaling)")
     if recipe.calib.path:
         read_text(recipe.calib.path)
     path = resolve(source)

@@ -128,3 +128,24 @@ def test_refused_where_it_cannot_work(tmp_path, calib_text, tiny_llama):
     search = Recipe.from_dict({**r.to_dict(), "format": "fp4_search"})
     with pytest.raises(QuantizeError, match="not a format search"):
         quantize(str(tiny_llama), search, show_progress=False)
+
+
+def test_presets_lie_under_the_recipe_file_and_the_flags(tmp_path):
+    from lowbit.cli import build_recipe
+
+    def build(**kw):
+        args = dict(recipe_file=None, method=None, fmt=None, bits=None, group_size=None, symmetric=None, calib=None,
+                    n_samples=None, seq_len=None, act_order=None, damp=None, ignore=None)
+        return build_recipe(**{**args, **kw})
+
+    q = build(preset_name="quality")
+    assert (q.method, q.scaling) == ("gptq", "awq")
+    assert build(preset_name="fast").method == "rtn" and build(preset_name="fast").scaling == "none"
+    assert build(preset_name="quality", method="rtn").scaling == "awq"  # a flag changes one key only
+    assert build(preset_name="quality", scaling="none").scaling == "none"
+    f = tmp_path / "r.yaml"
+    f.write_text("method: rtn\ngroup_size: 64\n")
+    r = build(preset_name="quality", recipe_file=f)
+    assert (r.method, r.scaling, r.group_size) == ("rtn", "awq", 64)
+    with pytest.raises(RecipeError, match="unknown preset 'best'; known presets: quality, fast"):
+        build(preset_name="best")

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from ..models import linear_weight
+from .gptq import output_error
 
 # A layer's quantize-dequantize for the search: (layer name, w: [out, in]) -> w_hat: [out, in].
 QuantizeFn = Callable[[str, torch.Tensor], torch.Tensor]
@@ -126,11 +127,6 @@ def _reduce(x: torch.Tensor, heads: tuple[int, int, int] | None) -> torch.Tensor
     return x.view(kv, per_kv, hd).mean(dim=1).reshape(-1)
 
 
-def _layer_loss(w: torch.Tensor, w_hat: torch.Tensor, h: torch.Tensor) -> float:
-    d = (w - w_hat).double()  # [out, in]
-    return float(((d @ h.double()) * d).sum())
-
-
 def search_scales(weights: dict[str, torch.Tensor], hessian: torch.Tensor, quantize: QuantizeFn,
                   heads: tuple[int, int, int] | None = None, config: AWQConfig = AWQConfig(),
                   group_size: int | None = None) -> tuple[torch.Tensor, float | None, float, float]:
@@ -145,7 +141,7 @@ def search_scales(weights: dict[str, torch.Tensor], hessian: torch.Tensor, quant
 
     def loss(s: torch.Tensor) -> float:
         s_in = _expand(s, heads)
-        return sum(_layer_loss(w, quantize(n, w * s_in) / s_in, hessian) for n, w in weights.items())
+        return sum(output_error(w, quantize(n, w * s_in) / s_in, hessian) for n, w in weights.items())
 
     ones = torch.ones_like(act)
     best_s, best_alpha, base = ones, None, loss(ones)

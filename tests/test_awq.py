@@ -39,9 +39,9 @@ def test_search_never_loses_to_no_scaling_and_wins_on_outlier_channels():
     w, h = _outlier_layer()
     s, alpha, before, after = search_scales({"l": w}, h, _rtn(grid, layout), group_size=32)
     assert after <= before
-    assert before == pytest.approx(_loss(w, _rtn(grid, layout)("l", w), h), rel=1e-9)
+    assert before == pytest.approx(_loss(w, _rtn(grid, layout)("l", w), h), rel=1e-5)  # ranked in float32
     assert alpha is not None and after < 0.7 * before  # the outlier channels get a finer grid
-    assert after == pytest.approx(_loss(w, _rtn(grid, layout)("l", w * s) / s, h), rel=1e-9)  # the loss it reports
+    assert after == pytest.approx(_loss(w, _rtn(grid, layout)("l", w * s) / s, h), rel=1e-5)  # the loss it reports
     # isotropic inputs and weights: nothing to gain, and s = 1 stays a candidate
     g = torch.Generator().manual_seed(1)
     w2 = torch.randn(64, 128, generator=g)

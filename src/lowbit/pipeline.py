@@ -53,7 +53,7 @@ def quantize(source: str, recipe: Recipe, show_progress: bool = True, allow_pick
         read_text(recipe.calib.path)
     loaded = load_model(source, allow_pickle=allow_pickle)
     check_finite_model(loaded.model, f"model {source}")
-    needs_calib = recipe.preprocess.steps > 0 or recipe.tune.steps > 0 or recipe.scaling != "none" or any(
+    needs_calib = recipe.preprocess.steps > 0 or recipe.tune.steps > 0 or recipe.scaling != "none" or recipe.rounding != "nearest" or any(
         s is not None and s.needs_calibration
         for s in (recipe.scheme_for(n) for n, _ in loaded.model.named_modules())
     )
@@ -77,6 +77,8 @@ def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = Fa
         source["preprocess"] = {k: v for k, v in job.report.preprocess.items() if k != "seconds"}
     if job.report.scaling is not None:  # the norms and layers were rescaled before quantization
         source["scaling"] = job.report.scaling
+    if job.report.rounding is not None:  # the codes were refined by learned rounding
+        source["rounding"] = job.report.rounding
     if job.report.tune is not None:
         source["tune"] = {k: v for k, v in job.report.tune.items() if k != "seconds"}
     return save(

@@ -22,7 +22,8 @@ from .algos import (
     search_format, tune_continuous,
 )
 from .algos.awq import AWQConfig, AWQError, awq_block
-from .calib.walker import walk_blocks, whole_model_hessians
+from .algos.signround import RoundConfig, float_copy, learn_block_rounding
+from .calib.walker import BlockInputs, hidden_of, walk_blocks, whole_model_hessians, with_hidden
 from .errors import LowbitError
 from .formats import GroupLayout, SearchSpace
 from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
@@ -71,6 +72,7 @@ class QuantizeReport:
     preprocess: dict | None = None  # what the preprocessing did (steps, losses, seconds); None: off
     tune: dict | None = None  # what the end-to-end tuning did; None: off
     scaling: dict | None = None  # what the activation-aware scaling did (AWQ); None: off
+    rounding: dict | None = None  # what the learned rounding did (SignRound); None: off
 
 
 def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan], dict[str, str]]:
@@ -190,6 +192,61 @@ def _awq_scaler(model: nn.Module, plans: dict[str, LayerPlan], recipe: Recipe, r
     return scale
 
 
+class _LearnedRounding:
+    """SignRound over the block walk (`algos.signround`): `observe` keeps each block's calls and runs
+    the original float block on the original model's hidden states (the targets, and the next
+    block's float inputs); `before` takes a float copy of the block as the method is about to
+    quantize it (after any AWQ scaling); `after` learns the block's offsets and stores the codes."""
+
+    def __init__(self, model: nn.Module, plans: dict[str, LayerPlan], recipe: Recipe, report: QuantizeReport) -> None:
+        bad = sorted({f"{p.scheme.method} {p.scheme.format}" for p in plans.values()
+                      if p.scheme.method not in ("rtn", "gptq") or isinstance(p.scheme.grid(), SearchSpace)})
+        if bad:
+            raise QuantizeError(f"rounding: learned refines RTN or GPTQ codes on one grid; not {', '.join(bad)}")
+        self.model, self.plans = model, plans
+        o = recipe.signround
+        self.config = RoundConfig(o.steps, o.lr, o.batch_size, o.seed)
+        self.report = report
+        report.rounding = {"method": "signround", "steps": o.steps, "lr": o.lr if o.lr is not None else 1 / o.steps,
+                           "batch_size": o.batch_size, "blocks": {}}
+        self.float_hidden: list[torch.Tensor] | None = None
+        self.inputs: BlockInputs = []
+        self.targets: list[torch.Tensor] = []
+        self.twin: nn.Module | None = None
+        self.bases: dict[str, torch.Tensor] = {}
+
+    def observe(self, _i: int, block: nn.Module, inputs: BlockInputs) -> None:
+        if self.float_hidden is None:  # block 0: both models' inputs are the embeddings
+            self.float_hidden = [hidden_of(a, k) for a, k in inputs]
+        self.inputs = inputs
+        self.targets = []
+        for (args, kwargs), h in zip(inputs, self.float_hidden):
+            a, k = with_hidden(args, kwargs, h)
+            out = block(*a, **k)
+            self.targets.append(out[0] if isinstance(out, (tuple, list)) else out)
+        self.float_hidden = self.targets
+
+    def before(self, prefix: str, block: nn.Module, names: list[str]) -> None:
+        self.twin = float_copy(block)
+        self.bases = {n: linear_weight(self.model.get_submodule(n)).detach().float().clone() for n in names}
+
+    def after(self, prefix: str, names: list[str]) -> None:
+        layers = {}
+        for n in names:
+            qw = self.model.get_submodule(n).quantized_weight()
+            base = self.bases[n] if self.plans[n].scheme.method == "rtn" else qw.dequantize()
+            layers[n.removeprefix(prefix + ".")] = (base, qw)
+        # from nearest rounding an offset of 1/2 reaches the next level; from GPTQ's grid point, 3/4 does
+        limit = 0.5 if all(self.plans[n].scheme.method == "rtn" for n in names) else 0.75
+        kept, record = learn_block_rounding(self.twin, layers, self.inputs, self.targets, limit, self.config)
+        for rel, qw in kept.items():
+            name = f"{prefix}.{rel}"
+            layer = self.model.get_submodule(name)
+            self.model.set_submodule(name, QuantLinear.from_quantized(qw, layer.bias))
+        self.report.rounding["blocks"][prefix] = record.summary()
+        self.twin, self.bases = None, {}
+
+
 def _progress() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -209,8 +266,8 @@ def quantize_model(
     PTQ1.61, the format searches and the preprocessing. `parallel`: this process's rank in a
     data-parallel run (`parallel.Parallel`; every rank calls this with the same arguments)."""
     started = time.perf_counter()
-    if parallel is not None and (recipe.tune.steps > 0 or recipe.preprocess.steps > 0):
-        raise QuantizeError("preprocessing and end-to-end tuning do not run data-parallel yet: run one process")
+    if parallel is not None and (recipe.tune.steps > 0 or recipe.preprocess.steps > 0 or recipe.rounding != "nearest"):
+        raise QuantizeError("preprocessing, learned rounding and end-to-end tuning do not run data-parallel yet: run one process")
     teacher = None
     if recipe.tune.steps > 0:
         _check_training_inputs("tuning (tune.steps > 0)", "tune.steps", kind, calib_batches)
@@ -304,6 +361,10 @@ def _quantize_layers(
     if recipe.scaling == "awq":
         scale_block = _awq_scaler(model, plans, recipe, report)
         needs_hessian = set(plans)  # every layer's input statistics and loss
+    rounder = None
+    if recipe.rounding == "learned":
+        rounder = _LearnedRounding(model, plans, recipe, report)
+        needs_hessian = set(plans)  # the walk gives every block's inputs
     if needs_hessian and not calib_batches:
         what = sorted({f"{p.scheme.method} {p.scheme.format}" for n, p in plans.items() if n in needs_hessian})
         raise QuantizeError(f"{', '.join(what)} need(s) calibration data (layer Hessians): pass a text file with --calib")
@@ -321,8 +382,9 @@ def _quantize_layers(
             progress.advance(task)
 
         blocks = find_blocks(model) if needs_hessian else None
-        if blocks is None and scale_block is not None:
-            raise QuantizeError("scaling: awq works block by block and found no block list in this model; drop it")
+        if blocks is None and (scale_block is not None or rounder is not None):
+            raise QuantizeError("scaling: awq and rounding: learned work block by block and found no block list in this "
+                                "model; drop them")
         if blocks is not None:
             blocks_name, block_list = blocks
 
@@ -330,14 +392,19 @@ def _quantize_layers(
                 if scale_block is not None:
                     hessians = scale_block(prefix, block, hessians)
                 names = [n for n in plans if n.startswith(prefix + ".")]
+                if rounder is not None:
+                    rounder.before(prefix, block, names)
                 for k, name in enumerate(names):
                     if parallel is None or parallel.owner(k) == parallel.rank:
                         do(name, hessians.get(name))
+                if rounder is not None and names:
+                    rounder.after(prefix, names)
                 if parallel is not None:  # every rank needs the whole quantized block for the next one's inputs
                     for k, name in enumerate(names):
                         report.modules[name] = parallel.share_module(model, name, parallel.owner(k), report.modules.get(name))
 
-            walk_blocks(model, blocks_name, block_list, calib_batches, kind, needs_hessian, on_block, reduce=reduce)
+            walk_blocks(model, blocks_name, block_list, calib_batches, kind, needs_hessian, on_block, reduce=reduce,
+                        observe=rounder.observe if rounder is not None else None)
         remaining_hessian = needs_hessian - set(report.modules)
         hessians = whole_model_hessians(model, calib_batches, kind, remaining_hessian, reduce) if remaining_hessian else {}
         for name in plans:

@@ -188,6 +188,15 @@ class AWQOptions(_Strict):
     duo: bool = True  # s = a^alpha / w^(1-alpha) (AutoAWQ's default); false: s = a^alpha
 
 
+class SignRoundOptions(_Strict):
+    """SignRound's learned rounding (`lowbit.algos.signround`), used when `rounding: learned`."""
+
+    steps: int = Field(50, ge=1)  # signed-gradient steps per block (AutoRound: 200)
+    lr: float | None = Field(None, gt=0, le=1)  # None: 1 / steps, decaying linearly to 0
+    batch_size: int = Field(4, ge=1)  # calibration windows per step
+    seed: int = 0  # which windows each step sees
+
+
 class CalibOptions(_Strict):
     path: str | None = None  # a text file; None: the default calibration text
     seq_len: int = Field(512, ge=8)
@@ -260,6 +269,9 @@ class Recipe(Scheme):
     ptq161: PTQ161Options = PTQ161Options()
     scaling: Literal["none", "awq"] = "none"  # per-input-channel scales before quantization (AWQ)
     awq: AWQOptions = AWQOptions()
+    # nearest: the method's codes; learned: each block's codes refined by SignRound on its output error
+    rounding: Literal["nearest", "learned"] = "nearest"
+    signround: SignRoundOptions = SignRoundOptions()
     calib: CalibOptions = CalibOptions()
     preprocess: PreprocessOptions = PreprocessOptions()
     tune: TuneOptions = TuneOptions()
@@ -316,16 +328,17 @@ class Recipe(Scheme):
         """Whether the defaults or any override need calibration inputs (a conservative answer
         for `lowbit.pipeline`: the defaults count even if every layer is overridden), or the
         preprocessing trains on them."""
-        if self.preprocess.steps > 0 or self.tune.steps > 0 or self.scaling != "none":
+        if self.preprocess.steps > 0 or self.tune.steps > 0 or self.scaling != "none" or self.rounding != "nearest":
             return True
         base = self._base()
         return any(s.needs_calibration for s in [base, *(_apply(base, o) for o in self.overrides if not o.skip)])
 
     def to_dict(self) -> dict:
-        """JSON-able keys; without `preprocess` / `tune` / `scaling` when they are off and `target` when there is
+        """JSON-able keys; without `preprocess` / `tune` / `scaling` / `rounding` when they are off and `target` when there is
         none, so artifacts read as they did before those existed."""
         exclude = (({"preprocess"} if self.preprocess.steps == 0 else set()) | ({"tune"} if self.tune.steps == 0 else set())
-                   | ({"target"} if self.target is None else set()) | ({"scaling", "awq"} if self.scaling == "none" else set()))
+                   | ({"target"} if self.target is None else set()) | ({"scaling", "awq"} if self.scaling == "none" else set())
+                   | ({"rounding", "signround"} if self.rounding == "nearest" else set()))
         return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod

@@ -139,9 +139,11 @@ def search_scales(weights: dict[str, torch.Tensor], hessian: torch.Tensor, quant
     mag = torch.cat([_relative_magnitude(w, group_size) for w in weights.values()]).mean(dim=0)  # [in]
     mag = _reduce(mag, heads).clamp(min=1e-8)
 
+    h32 = hessian.float()  # candidates are only ranked: float32 products, summed in float64
+
     def loss(s: torch.Tensor) -> float:
         s_in = _expand(s, heads)
-        return sum(output_error(w, quantize(n, w * s_in) / s_in, hessian) for n, w in weights.items())
+        return sum(output_error(w, quantize(n, w * s_in) / s_in, h32, torch.float32) for n, w in weights.items())
 
     ones = torch.ones_like(act)
     best_s, best_alpha, base = ones, None, loss(ones)

@@ -71,10 +71,11 @@ def _one_thread():
         torch.set_num_threads(threads)
 
 
-def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor) -> float:
-    """The layer's reconstruction loss up to a constant: tr((W - Q) H (W - Q)^T). w, w_hat: [out, in]."""
-    d = (w.float() - w_hat.float()).double()
-    return float(((d @ hessian.double()) * d).sum())
+def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
+    """The layer's reconstruction loss up to a constant: tr((W - Q) H (W - Q)^T). w, w_hat: [out, in].
+    `dtype`: of the product; float64 by default, float32 where only candidates are ranked (AWQ)."""
+    d = (w.float() - w_hat.float()).to(dtype)
+    return float(((d @ hessian.to(dtype)) * d).sum(dtype=torch.float64))
 
 
 @torch.inference_mode()

@@ -17,6 +17,7 @@ from .hessian import HessianAccumulator
 
 BlockInputs = list[tuple[tuple, dict]]  # (args, kwargs) of one block call, per calibration batch
 OnBlock = Callable[[int, str, nn.Module, dict[str, torch.Tensor]], None]
+Observe = Callable[[int, nn.Module, BlockInputs], None]
 
 
 class _Captured(Exception):
@@ -49,7 +50,7 @@ def capture_block_inputs(model: nn.Module, first_block: nn.Module, batches: list
     return captured
 
 
-def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
+def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
@@ -95,7 +96,7 @@ def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Call
     return hessians
 
 
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
@@ -113,6 +114,7 @@ def walk_blocks(
     start: int = 0,
     start_hidden: list[torch.Tensor] | None = None,
     reduce: Callable[[HessianAccumulator], None] | None = None,
+    observe: Observe | None = None,
 ) -> None:
     """Call `on_block(i, prefix, block, hessians)` for each block, in order, with the Hessians of
     the block's linears listed in `hessian_names`, computed from the outputs of the blocks before it
@@ -120,17 +122,21 @@ def walk_blocks(
     and `release(i, block, next_hidden)` once its outputs (the next block's hidden-state inputs, one
     per batch; None after the last block) are computed (streaming: load it, then save and free it).
     `start` > 0 resumes at that block with `start_hidden` as its hidden-state inputs (the other
-    inputs, masks and positions, are recaptured)."""
+    inputs, masks and positions, are recaptured). `observe(i, block, inputs)` sees block i's calls
+    (one per batch, on the quantized blocks' outputs) before its Hessians are taken."""
     inputs = capture_block_inputs(model, blocks[0], batches, kind)
     if start:
         if start_hidden is None or len(start_hidden) != len(inputs):
             raise ValueError(f"resuming at block {start} needs the hidden states of all {len(inputs)} calibration batches")
-        inputs = [_with_hidden(a, k, h) for (a, k), h in zip(inputs, start_hidden)]
+        inputs = [with_hidden(a, k, h) for (a, k), h in zip(inputs, start_hidden)]
     for i in range(start, len(blocks)):
         block = blocks[i]
         prefix = f"{blocks_name}.{i}"
         if prepare is not None:
             prepare(i, block)
+
+        if observe is not None:
+            observe(i, block, inputs)
 
         def run_block() -> None:
             for args, kwargs in inputs:
@@ -144,10 +150,10 @@ def walk_blocks(
             for args, kwargs in inputs:
                 out = block(*args, **kwargs)
                 hidden = out[0] if isinstance(out, (tuple, list)) else out
-                next_inputs.append(_with_hidden(args, kwargs, hidden))
+                next_inputs.append(with_hidden(args, kwargs, hidden))
             inputs = next_inputs
         if release is not None:
-            release(i, block, [_hidden_of(a, k) for a, k in inputs] if i + 1 < len(blocks) else None)
+            release(i, block, [hidden_of(a, k) for a, k in inputs] if i + 1 < len(blocks) else None)
 
 
 @torch.inference_mode()

@@ -217,6 +217,9 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     if recipe.scaling != "none":
         raise StreamError("scaling: awq rescales the norms, which a streamed run copies from the checkpoint; it does not "
                           "stream yet (quantize without --stream, or drop scaling)")
+    if recipe.rounding != "nearest":
+        raise StreamError("rounding: learned keeps a float copy of the original model's hidden states, which a streamed "
+                          "run does not yet; quantize without --stream, or drop rounding")
     if recipe.calib.path:
         read_text(recipe.calib.path)
     path = resolve(source)

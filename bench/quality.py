@@ -54,8 +54,8 @@ INT_CONFIGS = [("rtn", 8, 64, False), ("gptq", 8, 64, False)] + [
 ]
 AWQ_CONFIGS = [(method, bits, g) for bits in (4, 3) for g in (64, 128) for method in ("rtn", "gptq")]
 # learned rounding (SignRound), alone on RTN (AutoRound's recipe) and on AWQ + GPTQ; then end-to-end tuning on top
-LEARNED_CONFIGS = [(method, bits, 64, awq, tune) for bits in (4, 3)
-                   for method, awq, tune in (("rtn", False, 0), ("gptq", True, 0), ("gptq", True, 40))]
+LEARNED_CONFIGS = [("gptq", 3, 64, True, 0), ("gptq", 4, 64, True, 0), ("gptq", 4, 128, True, 0), ("rtn", 4, 64, False, 0),
+                   ("rtn", 3, 64, False, 0), ("gptq", 3, 64, True, 40), ("gptq", 4, 64, True, 40)]
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)
 GRID_GROUP = 64  # the grid zoo's rows: groups of 64 unless the format fixes its own block (mxfp4, nvfp4)
 NESTED_PRECISIONS = (8, 6, 4, 3)  # one nested8 artifact, loaded at each
@@ -109,7 +109,7 @@ def lowbit_configs() -> list[dict]:
     for m, b, g in AWQ_CONFIGS:  # activation-aware scaling (AWQ) before RTN or GPTQ
         out.append(_lowbit(f"{lowbit_id(m, b, g, False)}-awq", m, f"int{b}", b, g, f"int{b} g{g} asym, AWQ scales",
                            recipe={"scaling": "awq"}))
-    for m, b, g, awq, tune in LEARNED_CONFIGS:
+    for m, b, g, awq, tune in LEARNED_CONFIGS:  # (method, bits, group, AWQ scales, tuning steps)
         recipe = {"rounding": "learned", **({"scaling": "awq"} if awq else {}), **({"tune": {"steps": tune, **TUNE}} if tune else {})}
         label = f"int{b} g{g} asym, {'AWQ scales, ' if awq else ''}learned rounding{f', tuned {tune} steps' if tune else ''}"
         cid = f"{lowbit_id(m, b, g, False)}{'-awq' if awq else ''}-sr{f'-tune{tune}' if tune else ''}"

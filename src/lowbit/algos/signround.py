@@ -72,16 +72,12 @@ def level_spacing(qw: QuantizedWeight) -> torch.Tensor:
     return ((hi - lo) / (2**qw.grid.bits - 1)).clamp(min=1e-12)
 
 
-def _rounded(qw: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
-    """Codes of `x: [out, in]` on `qw`'s grid and parameters."""
-    return qw.layout.encode(qw.grid, x, qw.params)
-
-
-def _fake_quant(qw: QuantizedWeight, base: torch.Tensor, v: torch.Tensor, spacing: torch.Tensor) -> torch.Tensor:
+def _fake_quant(qw: QuantizedWeight, params: dict[str, torch.Tensor], base: torch.Tensor, v: torch.Tensor,
+                spacing: torch.Tensor) -> torch.Tensor:
     """The weight the codes of `base + v * spacing` decode to, with the straight-through gradient
-    (d weight / d v = spacing)."""
+    (d weight / d v = spacing). `params`: qw's parameters expanded per column (`layout.expand`)."""
     x = base + v * spacing
-    q = qw.layout.decode(qw.grid, _rounded(qw, x.detach()), qw.params)
+    q = qw.grid.decode(qw.grid.encode(x.detach(), params), params)
     return x + (q - x).detach()
 
 
@@ -125,10 +121,11 @@ def learn_block_rounding(
         bases = {n: b.detach().clone().float() for n, (b, _) in layers.items()}
         spacing = {n: level_spacing(qw).clone() for n, (_, qw) in layers.items()}
         qws = {n: qw for n, (_, qw) in layers.items()}
+        expanded = {n: qw.layout.expand(qw.params) for n, qw in qws.items()}  # [param_rows, in] each, once
         v = {n: torch.zeros_like(b, requires_grad=True) for n, b in bases.items()}
 
         def run(k: int, idx: torch.Tensor | None) -> torch.Tensor:
-            weights = {f"{n}.weight": _fake_quant(qws[n], bases[n], v[n], spacing[n]) for n in v}
+            weights = {f"{n}.weight": _fake_quant(qws[n], expanded[n], bases[n], v[n], spacing[n]) for n in v}
             args, kwargs = inputs[k]
             batch = hidden_of(args, kwargs)
             target = targets[k]
@@ -162,7 +159,7 @@ def learn_block_rounding(
             if not kept:
                 out[n] = qw
                 continue
-            codes = _rounded(qw, bases[n] + v[n].detach() * spacing[n])
+            codes = qw.grid.encode(bases[n] + v[n].detach() * spacing[n], expanded[n])
             changed += int((codes != qw.codes).sum())
             out[n] = QuantizedWeight(codes, qw.params, qw.grid, qw.layout)
     record = BlockRound(before, after if kept else before, kept, changed, sum(b.numel() for b in bases.values()),

@@ -18,7 +18,8 @@ lowbit and peers alike; it is also given as a ratio to lowbit RTN int8 of the sa
 Peers whose package is missing or which cannot run here get a row with status "unavailable"
 (or "failed") and the reason.
 
-Writes bench/results/quality.json (a list of rows), quality.md (tables) and quality_pareto.png.
+Writes bench/results/quality.json (a list of rows), quality.md (tables) and quality_pareto.png; while a
+pass runs, quality.partial.json holds every row finished so far (a stopped pass keeps what it measured).
 """
 
 from __future__ import annotations
@@ -611,6 +612,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return rows
     rows = []
     warmed = set()
+    partial = Path(args.out) / "quality.partial.json"  # every row so far: a stopped pass keeps what it measured
+    partial.parent.mkdir(parents=True, exist_ok=True)
     for cfg in configs:
         row = _run_config(cfg, settings | {"repeat": args.repeat, "threads": args.threads}, args.timeout, warmed)
         row["model"] = Path(args.model).name
@@ -618,12 +621,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["timing"] = (f"fastest of {args.repeat} quantizations" if args.repeat > 1 else "single quantization") + (
                 _threads(args.threads))
         rows.append(row)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rows, indent=1))
+        tmp.replace(partial)
     finish_rows(rows)
     if args.merge:
         old_path = Path(args.out) / "quality.json"
         rows = merge_rows(json.loads(old_path.read_text()) if old_path.is_file() else [], rows)
         finish_rows(rows, timed=set())
     paths = write_outputs(rows, settings, Path(args.out))
+    partial.unlink(missing_ok=True)
     print(budget_table(rows))
     print()
     print(rows_table(rows))

@@ -75,6 +75,36 @@ PEERS: list[PeerConfig] = [
                  {"bits": b, "group_size": g, "symmetric": s}, needs_calib=True,
                  variant=f"int{b}-g{g}" + ("-sym" if s else ""))
       for b, g, s in ((4, 64, False), (4, 32, False), (3, 64, False), (3, 32, False), (2, 64, False), (2, 32, False), (4, 64, True))],
+    # groups of 128 (llm-compressor has no shorter last group: unavailable where 128 does not divide a width)
+    *[PeerConfig("llm-compressor", "gptq", "llmc_peer", "llmcompressor", b, g, f"int{b} asym / {g}",
+                 {"bits": b, "group_size": g, "symmetric": False}, needs_calib=True, variant=f"int{b}-g{g}")
+      for b, g in ((4, 128), (3, 128))],
+    # llm-compressor AWQ (default Llama mappings), then RTN (QuantizationModifier) or GPTQ with the same scheme
+    *[PeerConfig("llm-compressor", m, "llmc_peer", "llmcompressor", b, g, f"int{b} asym / {g}, AWQ scales",
+                 {"bits": b, "group_size": g, "symmetric": False, "method": m}, needs_calib=True, variant=f"int{b}-g{g}")
+      for m, b, g in (("awq", 4, 64), ("awq", 4, 128), ("awq", 3, 64), ("awq", 3, 128),
+                      ("awq-gptq", 4, 64), ("awq-gptq", 4, 128), ("awq-gptq", 3, 64))],
+    # llama.cpp's own K-quant mixes (llama-quantize in process, from lowbit's F16 GGUF; types per tensor in the notes)
+    *[PeerConfig("llama.cpp", f, "llamacpp_peer", "llama-cpp-python", b, 256, f"llama-quantize {f} mix of K-quants",
+                 {"ftype": f}, variant="mix")
+      for f, b in (("Q4_K_M", 4), ("Q4_K_S", 4), ("Q3_K_M", 3), ("Q3_K_S", 3), ("Q2_K", 2))],
+    # GPTQModel's GPTQ and Intel's AutoRound, each in a venv of its own (run as a child process, checkpoint read back
+    # by lowbit; interpreters: LOWBIT_GPTQMODEL_PYTHON, LOWBIT_AUTOROUND_PYTHON). Install, torch pinned to the local CPU wheel:
+    #   echo torch==2.13.0 > /tmp/c.txt
+    #   python3 -m venv /work/venvs/gptqmodel && /work/venvs/gptqmodel/bin/pip install torch==2.13.0 \
+    #     && /work/venvs/gptqmodel/bin/pip install -c /tmp/c.txt gptqmodel        (7.6.0; ~3 min)
+    #   python3 -m venv /work/venvs/autoround && /work/venvs/autoround/bin/pip install torch==2.13.0 \
+    #     && /work/venvs/autoround/bin/pip install -c /tmp/c.txt auto-round       (0.16.1; ~2 min)
+    *[PeerConfig("gptqmodel", "gptq", "gptqmodel_peer", "gptqmodel", b, g, f"int{b} asym / {g}, fp16 scales, GPTQ v1",
+                 {"bits": b, "group_size": g, "symmetric": False}, needs_calib=True, variant=f"int{b}-g{g}")
+      for b, g in ((4, 64), (4, 128), (3, 64))],
+    # AutoRound with its "light" recipe (50 iters, lr 5e-3): its default 200 iters is ~4x slower on 2 cores (about
+    # 1-4 min per block of the bench's default model, hours for SmolLM2's 30 blocks); {"iters": 200, "lr": None} for it
+    *[PeerConfig("auto-round", "signround", "autoround_peer", "auto-round", b, g,
+                 f"int{b} asym / {g}, fp16 scales, light recipe (50 iters)",
+                 {"bits": b, "group_size": g, "symmetric": False, "iters": 50, "lr": 5e-3}, needs_calib=True,
+                 variant=f"int{b}-g{g}")
+      for b, g in ((4, 64), (4, 128), (3, 64))],
 ]
 
 

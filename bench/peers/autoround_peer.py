@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from . import gptq_layout
-from .common import PeerResult, bpw_of, decoder_linears, set_weight
+from .common import PeerResult, bpw_of, decoder_linears, set_weight, stored_bytes
 from .venv_peer import interpreter, run_child, save_inputs
 
 DEFAULT_PYTHON = "/work/venvs/autoround/bin/python"
@@ -71,9 +71,9 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, bits: int = 4,
         checked = None
         if verify:
             checked = (f"auto-round cannot load its own checkpoint back to check ({run.report['verify_error']})"
-                       if "verify_error" in run.report else _verify(tmp / "autoround_dequant.safetensors", weights))
+                       if "verify_error" in run.report else gptq_layout.verify_dequantized("auto-round", "auto-round's torch kernel", tmp / "autoround_dequant.safetensors", weights))
     total_bytes = sum(s.stored_bytes for s in stored.values())
-    g_idx_bytes = sum(gptq_layout.stored_bytes_of(s.g_idx) for s in stored.values())
+    g_idx_bytes = sum(stored_bytes(s.g_idx) for s in stored.values())
     n_weights = sum(lin.weight.numel() for lin in layers.values())
     for lname, w in weights.items():
         set_weight(model, lname, w)
@@ -95,23 +95,6 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, bits: int = 4,
 
 
 def _check_config(cfg: dict, bits: int, group_size: int, symmetric: bool) -> None:
-    got = (cfg.get("bits"), cfg.get("group_size"), cfg.get("sym"))
-    if got != (bits, group_size, symmetric):
-        raise RuntimeError(f"auto-round saved bits/group_size/sym {got}, asked for {(bits, group_size, symmetric)}")
+    gptq_layout.check_saved_config("auto-round", cfg, bits, group_size, symmetric)
     if cfg.get("packing_format") != FORMAT:
         raise RuntimeError(f"auto-round saved packing {cfg.get('packing_format')!r}, expected {FORMAT!r}")
-
-
-def _verify(path: Path, weights: dict[str, torch.Tensor]) -> str:
-    """Every layer's weight, rounded once to fp16, against auto-round's own kernel's weight."""
-    from safetensors.torch import load_file
-
-    ref = load_file(str(path))
-    missing = set(weights) - set(ref)
-    if missing:
-        raise RuntimeError(f"auto-round's reload has no quantized module for {sorted(missing)[:3]}")
-    bad = [n for n, w in weights.items() if not torch.equal(w.half().float(), ref[n].float())]
-    if bad:
-        worst = max(float((weights[n] - ref[n].float()).abs().max()) for n in bad)
-        raise RuntimeError(f"dequantization differs from auto-round's on {len(bad)}/{len(weights)} layers (max {worst:.3g})")
-    return f"{len(weights)}/{len(weights)} layers bit-exact (fp16) against auto-round's torch kernel"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +60,30 @@ def decoder_linears(model: nn.Module) -> dict[str, nn.Linear]:
     if not out:
         raise ValueError("no nn.Linear inside the transformer blocks")
     return out
+
+
+SAFETENSORS_BYTES = {"I32": 4, "I64": 8, "F32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
+
+
+def layer_tensors(ckpt, layers) -> "Iterator[tuple[str, str, str, int, Callable[[], torch.Tensor]]]":
+    """(layer, leaf, safetensors dtype, bytes stored, loader) for every tensor a saved checkpoint
+    directory holds for `layers`, biases left out; raises if one of them was saved unquantized."""
+    import math
+    import os
+
+    from safetensors import safe_open
+
+    for fname in sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors")):
+        with safe_open(os.path.join(ckpt, fname), "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
+                layer, _, leaf = key.rpartition(".")
+                if layer not in layers or leaf == "bias":
+                    continue
+                if leaf == "weight":
+                    raise RuntimeError(f"{layer} was saved unquantized")
+                t = f.get_slice(key)
+                yield layer, leaf, t.get_dtype(), math.prod(t.get_shape()) * SAFETENSORS_BYTES[t.get_dtype()], (
+                    lambda key=key: f.get_tensor(key))
 
 
 def stored_bytes(t) -> int:

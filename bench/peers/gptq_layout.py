@@ -23,15 +23,15 @@ scales, g_idx), at its stored dtype and shape.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .common import layer_tensors
+
 QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
-DTYPE_BYTES = {"I32": 4, "I64": 8, "F32": 4, "F16": 2, "BF16": 2, "I16": 2, "I8": 1, "U8": 1}
 
 
 @dataclass
@@ -41,10 +41,6 @@ class GptqLayer:
     scales: torch.Tensor
     g_idx: torch.Tensor | None
     stored_bytes: int
-
-
-def stored_bytes_of(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
 
 
 def unpack(packed: torch.Tensor, bits: int, n: int, dim: int) -> torch.Tensor:
@@ -84,24 +80,13 @@ def dequantize(layer: GptqLayer, bits: int, in_features: int, out_features: int,
 def read_layers(ckpt: Path, names: set[str]) -> dict[str, GptqLayer]:
     """The GPTQ tensors of the given layers from a saved checkpoint directory; raises if one of
     them was saved unquantized or incomplete."""
-    from safetensors import safe_open
-
     found: dict[str, dict] = {n: {} for n in names}
     nbytes = dict.fromkeys(names, 0)
-    files = sorted(f for f in os.listdir(ckpt) if f.endswith(".safetensors"))
-    if not files:
+    if not any(f.endswith(".safetensors") for f in os.listdir(ckpt)):
         raise FileNotFoundError(f"no .safetensors file in {ckpt}")
-    for fname in files:
-        with safe_open(str(ckpt / fname), "pt") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                layer, _, leaf = key.rpartition(".")
-                if layer not in found or leaf == "bias":
-                    continue
-                if leaf == "weight":
-                    raise RuntimeError(f"{layer} was saved unquantized")
-                t = f.get_slice(key)
-                nbytes[layer] += math.prod(t.get_shape()) * DTYPE_BYTES[t.get_dtype()]
-                found[layer][leaf] = f.get_tensor(key)
+    for layer, leaf, _dtype, size, load in layer_tensors(ckpt, found):
+        nbytes[layer] += size
+        found[layer][leaf] = load()
     out = {}
     for name, leaves in found.items():
         missing = [leaf for leaf in ("qweight", "qzeros", "scales") if leaf not in leaves]
@@ -120,3 +105,26 @@ def quantization_config(ckpt: Path) -> dict:
     if not cfg:
         raise RuntimeError(f"{ckpt} holds no quantization config")
     return cfg
+
+
+def check_saved_config(tool: str, cfg: dict, bits: int, group_size: int, symmetric: bool) -> None:
+    """Refuse a checkpoint whose quantization config is not the one asked for."""
+    got = (cfg.get("bits"), cfg.get("group_size"), cfg.get("sym"))
+    if got != (bits, group_size, symmetric):
+        raise RuntimeError(f"{tool} saved bits/group_size/sym {got}, asked for {(bits, group_size, symmetric)}")
+
+
+def verify_dequantized(tool: str, kernel: str, path: Path, weights: dict[str, torch.Tensor]) -> str:
+    """Every layer's weight, rounded once to fp16, against the peer's own dequantized weight
+    (safetensors at `path`, written by the peer's child)."""
+    from safetensors.torch import load_file
+
+    ref = load_file(str(path))
+    missing = set(weights) - set(ref)
+    if missing:
+        raise RuntimeError(f"{tool}'s reload has no quantized module for {sorted(missing)[:3]}")
+    bad = [n for n, w in weights.items() if not torch.equal(w.half().float(), ref[n].float())]
+    if bad:
+        worst = max(float((weights[n] - ref[n].float()).abs().max()) for n in bad)
+        raise RuntimeError(f"dequantization differs from {tool}'s on {len(bad)}/{len(weights)} layers (max {worst:.3g})")
+    return f"{len(weights)}/{len(weights)} layers bit-exact (fp16) against {kernel}"

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from . import gptq_layout
-from .common import PeerResult, bpw_of, decoder_linears, set_weight
+from .common import PeerResult, bpw_of, decoder_linears, set_weight, stored_bytes
 from .venv_peer import interpreter, run_child, save_inputs
 
 DEFAULT_PYTHON = "/work/venvs/gptqmodel/bin/python"
@@ -57,7 +57,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, bits: int = 4,
         run = run_child(python, "gptqmodel_child.py", spec, tmp, env={"GPTQMODEL_CPU_WORKERS": "2"})
         ckpt = tmp / "quantized"
         cfg = gptq_layout.quantization_config(ckpt)
-        _check_config(cfg, bits, group_size, symmetric)
+        gptq_layout.check_saved_config("GPTQModel", cfg, bits, group_size, symmetric)
         v1 = str(cfg.get("checkpoint_format", "gptq")).lower() == "gptq"
         stored = gptq_layout.read_layers(ckpt, set(layers))
         weights, underflows = {}, 0
@@ -65,9 +65,9 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, bits: int = 4,
             weights[lname], n = gptq_layout.dequantize(stored[lname], bits, lin.in_features, lin.out_features,
                                                        group_size, v1)
             underflows += n
-        checked = _verify(tmp / "gptqmodel_dequant.safetensors", weights) if verify else None
+        checked = gptq_layout.verify_dequantized("GPTQModel", "GPTQModel's dequantize_weight()", tmp / "gptqmodel_dequant.safetensors", weights) if verify else None
     total_bytes = sum(s.stored_bytes for s in stored.values())
-    g_idx_bytes = sum(gptq_layout.stored_bytes_of(s.g_idx) for s in stored.values())
+    g_idx_bytes = sum(stored_bytes(s.g_idx) for s in stored.values())
     n_weights = sum(lin.weight.numel() for lin in layers.values())
     short = {lin.in_features: stored[n].scales.shape[0] for n, lin in layers.items() if lin.in_features % group_size}
     for lname, w in weights.items():
@@ -90,24 +90,3 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, bits: int = 4,
         parts.append(checked)
     parts.append(f"own venv (child: {run.wall_seconds:.1f}s wall, {run.cpu_seconds:.1f}s CPU, peak RSS {run.peak_rss_mb:.0f} MB)")
     return PeerResult(model, bpw_of(total_bytes, n_weights), "; ".join(parts))
-
-
-def _check_config(cfg: dict, bits: int, group_size: int, symmetric: bool) -> None:
-    got = (cfg.get("bits"), cfg.get("group_size"), cfg.get("sym"))
-    if got != (bits, group_size, symmetric):
-        raise RuntimeError(f"GPTQModel saved bits/group_size/sym {got}, asked for {(bits, group_size, symmetric)}")
-
-
-def _verify(path: Path, weights: dict[str, torch.Tensor]) -> str:
-    """Every layer's weight, rounded once to fp16, against GPTQModel's own fp16 dequantize_weight()."""
-    from safetensors.torch import load_file
-
-    ref = load_file(str(path))
-    missing = set(weights) - set(ref)
-    if missing:
-        raise RuntimeError(f"GPTQModel's reload has no quantized module for {sorted(missing)[:3]}")
-    bad = [n for n, w in weights.items() if not torch.equal(w.to(ref[n].dtype), ref[n])]
-    if bad:
-        worst = max(float((weights[n] - ref[n].float()).abs().max()) for n in bad)
-        raise RuntimeError(f"dequantization differs from GPTQModel's on {len(bad)}/{len(weights)} layers (max {worst:.3g})")
-    return f"{len(weights)}/{len(weights)} layers bit-exact (fp16) against GPTQModel's dequantize_weight()"

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import tempfile
 import warnings
@@ -53,11 +52,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .common import PeerResult, PeerUnavailable, bpw_of, decoder_linears, require, set_weight
+from .common import PeerResult, PeerUnavailable, bpw_of, decoder_linears, layer_tensors, require, set_weight
 
 METHODS = ("gptq", "awq", "awq-gptq")
 #: safetensors dtype -> bytes per element
-SIZES = {"I32": 4, "I64": 8, "F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1}
 
 
 def _quiet() -> None:
@@ -144,24 +142,13 @@ def effective_weights(model: nn.Module, layers: dict[str, nn.Linear]) -> dict[st
 def saved_bytes(model: nn.Module, layers: dict[str, nn.Linear]) -> tuple[int, int]:
     """Save the model in compressed-tensors' packed form (this compresses it in place) and count
     every tensor stored for `layers` but their biases: (all bytes, bytes of float32 scales)."""
-    from safetensors import safe_open
-
     total_bytes = scale_bytes = 0
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, save_compressed=True)
-        for fname in [f for f in os.listdir(tmp) if f.endswith(".safetensors")]:
-            with safe_open(os.path.join(tmp, fname), "pt") as f:
-                for key in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                    layer, _, leaf = key.rpartition(".")
-                    if layer not in layers or leaf == "bias":
-                        continue
-                    if leaf == "weight":
-                        raise RuntimeError(f"{layer} was saved unquantized")
-                    t = f.get_slice(key)
-                    nbytes = math.prod(t.get_shape()) * SIZES[t.get_dtype()]
-                    total_bytes += nbytes
-                    if leaf == "weight_scale" and t.get_dtype() == "F32":
-                        scale_bytes += nbytes
+        for _layer, leaf, dtype, nbytes, _load in layer_tensors(tmp, layers):
+            total_bytes += nbytes
+            if leaf == "weight_scale" and dtype == "F32":
+                scale_bytes += nbytes
     return total_bytes, scale_bytes
 
 

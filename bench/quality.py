@@ -62,7 +62,7 @@ GRID_GROUP = 64  # the grid zoo's rows: groups of 64 unless the format fixes its
 NESTED_PRECISIONS = (8, 6, 4, 3)  # one nested8 artifact, loaded at each
 
 BASELINE_ID = "lowbit:rtn-int8-g64"
-BUDGETS = (8.5, 6.5, 5.5, 4.5, 3.5, 2.5, 2.0)
+BUDGETS = (8.5, 6.5, 5.5, 4.5, 4.25, 3.5, 2.5, 2.0)
 ROW_KEYS = ("model", "tool", "method", "grid", "format", "bits", "group_size", "symmetric", "precision", "bpw", "metric",
             "kl", "ppl", "ppl_reference", "top1", "cosine", "cosine_min", "source_grid",
             "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "quant_cpu_ratio", "load_avg_1m",
@@ -126,7 +126,7 @@ def all_configs() -> list[dict]:
     out = lowbit_configs()
     for p in PEERS:
         out.append({"id": p.id, "tool": p.tool, "method": p.method, "bits": p.bits, "group_size": p.group_size,
-                    "symmetric": p.options.get("symmetric"), "grid": p.grid})
+                    "symmetric": p.symmetric if p.symmetric is not None else p.options.get("symmetric"), "grid": p.grid})
     return out
 
 
@@ -253,6 +253,19 @@ def _peer_source_grid(source_format: str | None, spec: dict) -> bool | None:
     return contains_source_grid(source_format, f"int{spec['bits']}", bool(spec.get("symmetric")), spec["group_size"])
 
 
+def refresh_peer_source_grid(rows: list[dict], model: str) -> None:
+    """Re-derive the source-grid flag of the peer rows from the configurations as they are now
+    (a row measured before its configuration said whether its grid has a zero point has None)."""
+    from lowbit.models.loading import _source_format
+
+    source_format = _source_format(model, model)
+    configs = {c["id"]: c for c in all_configs() if c["tool"] != "lowbit"}
+    for r in rows:
+        if r.get("status") == "ok" and r.get("id") in configs:
+            r["symmetric"] = configs[r["id"]]["symmetric"]
+            r["source_grid"] = _peer_source_grid(source_format, configs[r["id"]])
+
+
 def warm_up(module: str) -> None:
     """In a child process: let an adapter build what it builds once per install (quanto compiles its
     C++ extension on first use), so that no configuration's timing includes it."""
@@ -330,8 +343,11 @@ def _metric(rows: list[dict]) -> str:
 
 
 def best_at_budgets(rows: list[dict], budgets=BUDGETS) -> list[dict]:
-    """For each budget: the lowest-loss peer row and lowbit row with bpw at or below it."""
-    ok = [r for r in rows if r["status"] == "ok" and r.get("bpw") is not None and loss(r) is not None]
+    """For each budget: the lowest-loss peer row and lowbit row with bpw at or below it. Rows that
+    re-quantize onto a grid holding the source model's own (`source_grid` true) are left out, a
+    peer's as much as lowbit's: they reproduce the published weights and prove nothing."""
+    ok = [r for r in rows if r["status"] == "ok" and r.get("bpw") is not None and loss(r) is not None
+          and not r.get("source_grid")]
     out = []
     for b in budgets:
         fits = [r for r in ok if r["bpw"] <= b + 1e-9]
@@ -446,7 +462,8 @@ def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | No
         "## Best at each budget",
         "",
         (f"Lowest {'KL' if _metric(rows) == 'kl' else '1 - cosine'} among rows at or below the budget (bpw as stored: "
-        "a nested8 row loaded at fewer bits still stores 8-bit codes)."),
+        "a nested8 row loaded at fewer bits still stores 8-bit codes). Rows flagged `source_grid` are left out: their "
+        "grid holds the grid the source model was published in, so they give its weights back)."),
         "",
         budget_table(rows),
         "",
@@ -583,6 +600,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 "seq_len": args.seq_len, "max_tokens": args.max_tokens, "n_sentences": args.n_sentences}
     if args.render_only:
         rows = json.loads((Path(args.out) / "quality.json").read_text())
+        refresh_peer_source_grid(rows, args.model)
         finish_rows(rows, timed=set())
         paths = write_outputs(rows, settings, Path(args.out))
         print("rewrote: " + ", ".join(str(p) for p in paths.values()))

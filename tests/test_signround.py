@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from lowbit.algos.gptq import GPTQConfig, gptq_quantize
+from lowbit.algos.gptq import GPTQConfig, gptq_quantize, gptq_quantize_rounded
 from lowbit.algos.rtn import rtn_quantize
 from lowbit.algos.signround import RoundConfig, learn_block_rounding, level_spacing
 from lowbit.artifact import load, read_header
@@ -81,14 +81,29 @@ def test_learned_codes_beat_nearest_rounding_on_the_block_output(fmt):
         assert (q.codes.int() - rtn[n].codes.int()).abs().max() <= 1
 
 
+@pytest.mark.parametrize("act_order", [True, False, "auto"])
+def test_gptq_rounded_values_encode_to_gptqs_codes(act_order):
+    """The values GPTQ hands learned rounding are the ones it rounded: the grid's encoding of them
+    is GPTQ's codes, bit for bit, and they differ from the float weight (the error feedback)."""
+    g = torch.Generator().manual_seed(3)
+    w, x = torch.randn(48, 64, generator=g), torch.randn(256, 64, generator=g)
+    x[:, :4] *= 6
+    grid, layout = get_format("int3"), GroupLayout(48, 64, 16)
+    cfg = GPTQConfig(act_order=act_order, block_size=16)
+    qw, rounded = gptq_quantize_rounded(w, 2 * x.T @ x / 256, grid, layout, cfg)
+    assert torch.equal(qw.codes, gptq_quantize(w, 2 * x.T @ x / 256, grid, layout, cfg).codes)
+    assert torch.equal(grid.encode(rounded, layout.expand(qw.params)), qw.codes)
+    assert not torch.allclose(rounded, w)
+
+
 def test_never_worse_than_its_start_and_starts_from_gptq():
     block, inputs, targets = _block_problem(1)
     grid, layout = get_format("int3"), GroupLayout(96, 64, 32)
     w = block.up.weight
     h = sum(2 * a[0].reshape(-1, 64).T @ a[0].reshape(-1, 64) for a, _ in inputs) / 64
-    g = gptq_quantize(w, h + 1e-3 * torch.eye(64), grid, layout, GPTQConfig())
-    kept, record = learn_block_rounding(block, {"up": (g.dequantize(), g)}, inputs, targets, 0.75,
-                                        RoundConfig(steps=1, lr=0.75, batch_size=1))  # one wild step
+    g, rounded = gptq_quantize_rounded(w, h + 1e-3 * torch.eye(64), grid, layout, GPTQConfig())
+    kept, record = learn_block_rounding(block, {"up": (rounded, g)}, inputs, targets, 0.5,
+                                        RoundConfig(steps=1, lr=0.5, batch_size=1))  # one wild step
     start = _mse(block, {"up.weight": g.dequantize()}, inputs, targets)
     assert record.loss_before == pytest.approx(start, rel=1e-4)  # v = 0 is GPTQ's answer
     assert record.loss_after <= record.loss_before

@@ -8,6 +8,7 @@ package is missing or whose method cannot run on this machine yields a row with 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 
@@ -23,6 +24,7 @@ class PeerConfig:
     options: dict = field(default_factory=dict)
     needs_calib: bool = False
     variant: str = ""  # tells apart configurations of one method in the id
+    symmetric: bool | None = None  # integer grid without a zero point? (for the source-grid guard; None: not an integer grid)
 
     @property
     def id(self) -> str:
@@ -30,7 +32,10 @@ class PeerConfig:
 
 
 def _gguf(qtype: str, bits: int, block: int, grid: str) -> PeerConfig:
-    return PeerConfig("llama.cpp", qtype, "gguf_ref", "gguf", bits, block, grid, {"qtype": qtype})
+    # the legacy block types are plain integer grids: Qn_0 symmetric, Qn_1 with a min; the others are not
+    legacy = re.fullmatch(r"Q\d_([01])", qtype)
+    symmetric = None if legacy is None else legacy.group(1) == "0"
+    return PeerConfig("llama.cpp", qtype, "gguf_ref", "gguf", bits, block, grid, {"qtype": qtype}, symmetric=symmetric)
 
 
 PEERS: list[PeerConfig] = [
@@ -50,7 +55,8 @@ PEERS: list[PeerConfig] = [
     _gguf("TQ2_0", 2, 256, "ternary in 2 bits, fp16 scale / 256"),
     _gguf("TQ1_0", 2, 256, "ternary 1.6 bits, fp16 scale / 256"),
     # HQQ, no data
-    *[PeerConfig("hqq", "hqq", "hqq_peer", "hqq", b, g, f"int{b} asym, fp16 scale+zero / {g}", {"nbits": b, "group_size": g}, variant=f"int{b}-g{g}")
+    *[PeerConfig("hqq", "hqq", "hqq_peer", "hqq", b, g, f"int{b} asym, fp16 scale+zero / {g}", {"nbits": b, "group_size": g}, variant=f"int{b}-g{g}",
+                 symmetric=False)
       for b, g in ((8, 64), (4, 64), (4, 32), (3, 64), (3, 32), (2, 64), (2, 32))],
     # optimum-quanto, no data
     PeerConfig("optimum-quanto", "qint8", "quanto_peer", "optimum-quanto", 8, None, "int8 sym per channel", {"weights": "qint8"}),
@@ -58,9 +64,12 @@ PEERS: list[PeerConfig] = [
     PeerConfig("optimum-quanto", "qint2", "quanto_peer", "optimum-quanto", 2, None, "int2 asym, quanto groups (96/128)", {"weights": "qint2"}),
     # torchao on the CPU
     PeerConfig("torchao", "int8_weight_only", "torchao_peer", "torchao", 8, None, "int8 per channel", {"kind": "int8_weight_only"}),
-    PeerConfig("torchao", "int4_weight_only", "torchao_peer", "torchao", 4, 64, "int4 asym / 64", {"kind": "int4_weight_only", "group_size": 64}, variant="g64"),
-    PeerConfig("torchao", "int4_opaque", "torchao_peer", "torchao", 4, 64, "int4 asym / 64 (CPU int4pack)", {"kind": "int4_opaque", "group_size": 64}, variant="g64"),
-    PeerConfig("torchao", "int4_opaque", "torchao_peer", "torchao", 4, 32, "int4 asym / 32 (CPU int4pack)", {"kind": "int4_opaque", "group_size": 32}, variant="g32"),
+    PeerConfig("torchao", "int4_weight_only", "torchao_peer", "torchao", 4, 64, "int4 asym / 64", {"kind": "int4_weight_only", "group_size": 64}, variant="g64",
+               symmetric=False),
+    PeerConfig("torchao", "int4_opaque", "torchao_peer", "torchao", 4, 64, "int4 asym / 64 (CPU int4pack)", {"kind": "int4_opaque", "group_size": 64}, variant="g64",
+               symmetric=False),
+    PeerConfig("torchao", "int4_opaque", "torchao_peer", "torchao", 4, 32, "int4 asym / 32 (CPU int4pack)", {"kind": "int4_opaque", "group_size": 32}, variant="g32",
+               symmetric=False),
     PeerConfig("torchao", "intx_int4", "torchao_peer", "torchao", 4, 64, "int4 / 64, unpacked int8 storage",
                {"kind": "intx_weight_only", "group_size": 64, "bits": 4}, variant="g64"),
     # bitsandbytes on the CPU

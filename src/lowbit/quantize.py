@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from .algos import (
-    GPTQConfig, PTQ161Config, RestorativeConfig, TuneConfig, gptq_quantize, ptq161_quantize, restorative_lora, rtn_quantize,
+    GPTQConfig, PTQ161Config, RestorativeConfig, TuneConfig, gptq_quantize, gptq_quantize_rounded, ptq161_quantize, restorative_lora, rtn_quantize,
     search_format, tune_continuous,
 )
 from .algos.awq import AWQConfig, AWQError, awq_block
@@ -115,7 +115,10 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
     return plans, skipped
 
 
-def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch.Tensor | None, recipe: Recipe) -> dict:
+def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch.Tensor | None, recipe: Recipe,
+                    rounded: dict[str, torch.Tensor] | None = None) -> dict:
+    """Quantize one layer by its plan and swap it in; the entry for the artifact's header. `rounded`:
+    where GPTQ leaves the values it rounded ([out, in], by layer name), for learned rounding."""
     module = model.get_submodule(name)
     w = linear_weight(module).detach().float()
     if not torch.isfinite(w).all():
@@ -141,6 +144,8 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
         if isinstance(grid, SearchSpace):
             found = search_format(w, hessian, grid, plan.layout, method, gptq_cfg)
             qw, extra["search"] = found.qw, found.summary()
+        elif method == "gptq" and rounded is not None:
+            qw, rounded[name] = gptq_quantize_rounded(w, hessian, grid, plan.layout, gptq_cfg)
         elif method == "gptq":
             qw = gptq_quantize(w, hessian, grid, plan.layout, gptq_cfg)
         else:
@@ -196,7 +201,10 @@ class _LearnedRounding:
     """SignRound over the block walk (`algos.signround`): `observe` keeps each block's calls and runs
     the original float block on the original model's hidden states (the targets, and the next
     block's float inputs); `before` takes a float copy of the block as the method is about to
-    quantize it (after any AWQ scaling); `after` learns the block's offsets and stores the codes."""
+    quantize it (after any AWQ scaling); `after` learns the block's offsets and stores the codes.
+    The offsets start from the values the method rounded: the float weight for RTN, the error-fed
+    values GPTQ rounded (`rounded`, filled by the layer quantization) for GPTQ; either way v = 0 is
+    the method's own codes, and half a level in either direction reaches a neighbouring code."""
 
     def __init__(self, model: nn.Module, plans: dict[str, LayerPlan], recipe: Recipe, report: QuantizeReport) -> None:
         bad = sorted({f"{p.scheme.method} {p.scheme.format}" for p in plans.values()
@@ -205,15 +213,16 @@ class _LearnedRounding:
             raise QuantizeError(f"rounding: learned refines RTN or GPTQ codes on one grid; not {', '.join(bad)}")
         self.model, self.plans = model, plans
         o = recipe.signround
-        self.config = RoundConfig(o.steps, o.lr, o.batch_size, o.seed)
+        self.config = RoundConfig(o.steps, o.lr, o.batch_size, o.seed, o.amp)
         self.report = report
         report.rounding = {"method": "signround", "steps": o.steps, "lr": o.lr if o.lr is not None else 1 / o.steps,
-                           "batch_size": o.batch_size, "blocks": {}}
+                           "batch_size": o.batch_size, "amp": o.amp, "blocks": {}}
         self.float_hidden: list[torch.Tensor] | None = None
         self.inputs: BlockInputs = []
         self.targets: list[torch.Tensor] = []
         self.twin: nn.Module | None = None
         self.bases: dict[str, torch.Tensor] = {}
+        self.rounded: dict[str, torch.Tensor] = {}  # GPTQ's rounded values, by layer name
 
     def observe(self, _i: int, block: nn.Module, inputs: BlockInputs) -> None:
         if self.float_hidden is None:  # block 0: both models' inputs are the embeddings
@@ -228,17 +237,16 @@ class _LearnedRounding:
 
     def before(self, prefix: str, block: nn.Module, names: list[str]) -> None:
         self.twin = float_copy(block)
-        self.bases = {n: linear_weight(self.model.get_submodule(n)).detach().float().clone() for n in names}
+        self.bases = {n: linear_weight(self.model.get_submodule(n)).detach().float().clone() for n in names
+                      if self.plans[n].scheme.method == "rtn"}
 
     def after(self, prefix: str, names: list[str]) -> None:
         layers = {}
         for n in names:
             qw = self.model.get_submodule(n).quantized_weight()
-            base = self.bases[n] if self.plans[n].scheme.method == "rtn" else qw.dequantize()
+            base = self.rounded.pop(n) if self.plans[n].scheme.method == "gptq" else self.bases[n]
             layers[n.removeprefix(prefix + ".")] = (base, qw)
-        # from nearest rounding an offset of 1/2 reaches the next level; from GPTQ's grid point, 3/4 does
-        limit = 0.5 if all(self.plans[n].scheme.method == "rtn" for n in names) else 0.75
-        kept, record = learn_block_rounding(self.twin, layers, self.inputs, self.targets, limit, self.config)
+        kept, record = learn_block_rounding(self.twin, layers, self.inputs, self.targets, 0.5, self.config)
         for rel, qw in kept.items():
             name = f"{prefix}.{rel}"
             layer = self.model.get_submodule(name)
@@ -378,7 +386,8 @@ def _quantize_layers(
 
         def do(name: str, hessian: torch.Tensor | None) -> None:
             progress.update(task, layer=name)
-            report.modules[name] = _quantize_layer(model, name, plans[name], hessian, recipe)
+            report.modules[name] = _quantize_layer(model, name, plans[name], hessian, recipe,
+                                                   rounder.rounded if rounder is not None else None)
             progress.advance(task)
 
         blocks = find_blocks(model) if needs_hessian else None

@@ -195,6 +195,7 @@ class SignRoundOptions(_Strict):
     lr: float | None = Field(None, gt=0, le=1)  # None: 1 / steps, decaying linearly to 0
     batch_size: int = Field(4, ge=1)  # calibration windows per step
     seed: int = 0  # which windows each step sees
+    amp: bool = True  # training steps under bfloat16 autocast (faster); the keep-or-not loss stays float32
 
 
 class CalibOptions(_Strict):

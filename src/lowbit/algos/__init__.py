@@ -5,7 +5,7 @@ after them (codes frozen)."""
 
 from .e2e_tune import TuneConfig, TuneResult, tune_continuous
 from .format_search import SearchResult, search_format
-from .gptq import GPTQConfig, gptq_quantize, output_error
+from .gptq import GPTQConfig, gptq_quantize, gptq_quantize_rounded, output_error
 from .ptq161 import PTQ161Config, ptq161_quantize
 from .restorative_lora import LoRALinear, RestorativeConfig, RestorativeResult, restorative_lora
 from .rtn import rtn_quantize
@@ -14,6 +14,6 @@ METHODS = ("rtn", "gptq", "ptq161")
 
 __all__ = [
     "GPTQConfig", "LoRALinear", "METHODS", "PTQ161Config", "RestorativeConfig", "RestorativeResult", "SearchResult",
-    "TuneConfig", "TuneResult", "gptq_quantize", "output_error", "ptq161_quantize", "restorative_lora", "rtn_quantize",
+    "TuneConfig", "TuneResult", "gptq_quantize", "gptq_quantize_rounded", "output_error", "ptq161_quantize", "restorative_lora", "rtn_quantize",
     "search_format", "tune_continuous",
 ]

@@ -89,13 +89,30 @@ def gptq_quantize(
     layers), but for grids whose scale is a statistic of the group (ternary, binary: absmean) fitting
     a group when its first high-energy column comes up, before the other columns' error feedback
     has arrived, can double it. Measuring both is format-agnostic and costs a second pass."""
+    return _best_order(w, hessian, grid, layout, config, keep_rounded=False)[0]
+
+
+def gptq_quantize_rounded(
+    w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig = GPTQConfig()
+) -> tuple[QuantizedWeight, torch.Tensor]:
+    """GPTQ, and the values it rounded: `[out, in]`, each column as the error feedback of the columns
+    before it left it when its codes were chosen (the grid's `encode` of it gives the codes). Learned
+    rounding starts from them: their distance to a rounding boundary says how close a code was."""
+    qw, rounded = _best_order(w, hessian, grid, layout, config, keep_rounded=True)
+    assert rounded is not None
+    return qw, rounded
+
+
+def _best_order(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig,
+                keep_rounded: bool) -> tuple[QuantizedWeight, torch.Tensor | None]:
     if config.act_order == "auto":
-        tries = [_gptq(w, hessian, grid, layout, replace(config, act_order=ao)) for ao in (True, False)]
-        return min(tries, key=lambda q: output_error(w, q.dequantize(), hessian))
-    return _gptq(w, hessian, grid, layout, config)
+        tries = [_gptq(w, hessian, grid, layout, replace(config, act_order=ao), keep_rounded) for ao in (True, False)]
+        return min(tries, key=lambda t: output_error(w, t[0].dequantize(), hessian))
+    return _gptq(w, hessian, grid, layout, config, keep_rounded)
 
 
-def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig) -> QuantizedWeight:
+def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig,
+          keep_rounded: bool = False) -> tuple[QuantizedWeight, torch.Tensor | None]:
     n_cols = w.shape[1]
     layout.check_span(grid)
     if hessian.shape != (n_cols, n_cols):
@@ -118,6 +135,8 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayou
     params: Params = {}
     fitted = [False] * n_groups
     codes_t = torch.zeros(Wt.shape, dtype=torch.uint8)  # [in (visit order), out]
+    # [in (visit order), out]: each column as it was when encoded (only if asked: a layer's size more)
+    rounded_t = torch.empty(Wt.shape) if keep_rounded else None
 
     def fit_group(g: int, i1: int, i2: int, W1: torch.Tensor) -> None:
         # the group, or the span of groups the grid fits together (K-quant super-blocks)
@@ -146,6 +165,8 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayou
                     fit_group(g, i1, i2, W1)
                 col_params = {k: v[:, g : g + 1] for k, v in params.items()}
                 col = W1[i].unsqueeze(1)  # [out, 1]
+                if rounded_t is not None:
+                    rounded_t[i1 + i] = col[:, 0]
                 c = grid.encode(col, col_params)
                 codes_t[i1 + i] = c[:, 0]
                 err = (col - grid.decode(c, col_params))[:, 0] / hinv1[i, i]
@@ -153,4 +174,5 @@ def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayou
                 err1[i] = err
         Wt[i2:] -= hinv[i1:i2, i2:].T @ err1
 
-    return QuantizedWeight(codes_t[inv_perm].T.contiguous(), params, grid, layout)
+    qw = QuantizedWeight(codes_t[inv_perm].T.contiguous(), params, grid, layout)
+    return qw, None if rounded_t is None else rounded_t[inv_perm].T.contiguous()

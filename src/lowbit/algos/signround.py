@@ -3,9 +3,11 @@ Signed Gradient Descent for the Quantization of LLMs"; Intel's AutoRound).
 
 Each quantized layer of a transformer block gets one offset per weight, v in [-limit, limit] (in
 units of the grid's level spacing at that weight). The codes are the grid's rounding of
-`base + v * spacing`, where `base` is what the block's method started from: the float weight for
-RTN (SignRound proper: v starts at 0, nearest rounding), GPTQ's dequantized weight for GPTQ (v = 0
-is GPTQ's answer, and v can move a code by one level). All offsets of a block train together by
+`base + v * spacing`, where `base` is what the block's method rounded: the float weight for RTN
+(SignRound proper: v starts at 0, nearest rounding), the error-fed values GPTQ rounded for GPTQ
+(v = 0 is GPTQ's answer; starting from GPTQ's dequantized grid points instead, every weight sits
+half a level from a boundary and the first signed steps flip codes wholesale: on SmolLM2 that lost
+to GPTQ in every block). All offsets of a block train together by
 signed gradient descent (v -= lr * sign(grad), the learning rate decaying linearly to 0), with the
 straight-through estimator through the rounding, on the block's output error: the mean squared
 difference between the block with the candidate codes run on the inputs the already quantized
@@ -42,6 +44,7 @@ class RoundConfig:
     lr: float | None = None  # None: 1 / steps (AutoRound's default)
     batch_size: int = 4  # calibration windows per step
     seed: int = 0  # which windows each step sees
+    amp: bool = True  # the training steps' matmuls in bfloat16 (autocast); the before/after losses in float32
 
 
 @dataclass
@@ -145,7 +148,9 @@ def learn_block_rounding(
             k = int(torch.randint(len(inputs), (1,), generator=gen))
             n = targets[k].shape[0]
             idx = torch.randperm(n, generator=gen)[: config.batch_size].sort().values
-            loss = run(k, idx)
+            # only the sign of each gradient is used, which bfloat16 matmuls keep for all but the smallest
+            with torch.autocast(targets[k].device.type, dtype=torch.bfloat16, enabled=config.amp):
+                loss = run(k, idx)
             grads = torch.autograd.grad(loss, list(v.values()))
             step_lr = lr * (1 - step / config.steps)
             with torch.no_grad():

@@ -6,8 +6,8 @@ units of the grid's level spacing at that weight). The codes are the grid's roun
 `base + v * spacing`, where `base` is what the block's method rounded: the float weight for RTN
 (SignRound proper: v starts at 0, nearest rounding), the error-fed values GPTQ rounded for GPTQ
 (v = 0 is GPTQ's answer; starting from GPTQ's dequantized grid points instead, every weight sits
-half a level from a boundary and the first signed steps flip codes wholesale: on SmolLM2 that lost
-to GPTQ in every block). All offsets of a block train together by
+half a level from a boundary and the first signed steps flip codes wholesale: on SmolLM2's first two
+blocks, int3, that lost to GPTQ in both). All offsets of a block train together by
 signed gradient descent (v -= lr * sign(grad), the learning rate decaying linearly to 0), with the
 straight-through estimator through the rounding, on the block's output error: the mean squared
 difference between the block with the candidate codes run on the inputs the already quantized

@@ -379,6 +379,29 @@ def budget_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TIME_REFERENCE = "llm-compressor:gptq-int4-g64"  # what a lowbit method's quantization time is set against
+
+
+def time_against_peer(rows: list[dict], ref_id: str = TIME_REFERENCE) -> str | None:
+    """Each lowbit row's quantization time as a ratio to llm-compressor GPTQ's, for rows timed in the
+    same pass as it (the same baseline time recorded): None when no such pass holds both."""
+    ref = next((r for r in rows if r.get("id") == ref_id and r["status"] == "ok" and r.get("quant_seconds")), None)
+    if ref is None or ref.get("baseline_quant_seconds") is None:
+        return None
+    same = [r for r in rows if r["tool"] == "lowbit" and r["status"] == "ok" and r.get("quant_seconds")
+            and r.get("baseline_quant_seconds") == ref["baseline_quant_seconds"]]
+    if not same:
+        return None
+    lines = [f"| lowbit method | grid | bpw | {_metric(rows)} | quantize s | time / llm-compressor GPTQ int4 g64 |",
+             "|---|---|---|---|---|---|"]
+    for r in sorted(same, key=lambda r: r["quant_seconds"]):
+        lines.append(f"| {r['method']} | {r['grid']} | {r['bpw']:.3f} | {_fmt_loss(r)} | {r['quant_seconds']:.1f} | "
+                     f"{r['quant_seconds'] / ref['quant_seconds']:.2f} |")
+    lines.append(f"| (llm-compressor gptq) | {ref['grid']} | {ref['bpw']:.3f} | {_fmt_loss(ref)} | "
+                 f"{ref['quant_seconds']:.1f} | 1.00 |")
+    return "\n".join(lines)
+
+
 def rows_table(rows: list[dict]) -> str:
     shown = []
     for r in rows:
@@ -467,6 +490,9 @@ def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | No
         "",
         budget_table(rows),
         "",
+        *(["## Quantization time against llm-compressor GPTQ", "",
+           "Rows timed in one pass with llm-compressor's GPTQ int4 g64 (load + calibration + quantize, same windows).",
+           "", timing, ""] if (timing := time_against_peer(rows)) else []),
         f"## All rows ({len(ok)} ran, {len(bad)} unavailable or failed)",
         "",
         rows_table(rows),

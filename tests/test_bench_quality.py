@@ -108,6 +108,35 @@ def test_budget_table_picks_lowest_kl_at_or_below_each_budget():
     assert "| ≤ 4.5 | hqq, hqq" in quality.budget_table(rows)
 
 
+def test_source_grid_rows_are_left_out_on_both_sides():
+    """SmolLM2 was published as GGUF Q4_1: llama.cpp's Q4_1 (or lowbit int4 g32 asym) on it gives the
+    published weights back, and must not be the best at any budget."""
+    rows = [{"tool": "llama.cpp", "method": "Q4_1", "grid": "", "bpw": 5.0, "kl": 3e-5, "status": "ok", "source_grid": True},
+            {"tool": "llama.cpp", "method": "Q4_0", "grid": "", "bpw": 4.5, "kl": 0.29, "status": "ok", "source_grid": False},
+            {"tool": "lowbit", "method": "rtn", "grid": "", "bpw": 5.0, "kl": 4e-5, "status": "ok", "source_grid": True},
+            {"tool": "lowbit", "method": "gptq", "grid": "", "bpw": 4.3, "kl": 0.09, "status": "ok", "source_grid": False}]
+    best = quality.best_at_budgets(rows, (5.5,))[0]
+    assert best["peer"]["method"] == "Q4_0" and best["lowbit"]["method"] == "gptq"
+    # the guard knows which legacy gguf types carry a zero point
+    configs = {c["id"]: c for c in quality.all_configs()}
+    assert quality._peer_source_grid("gguf Q4_1", configs["llama.cpp:Q4_1"]) is True
+    assert quality._peer_source_grid("gguf Q4_1", configs["llama.cpp:Q4_0"]) is False  # no zero point
+    assert quality._peer_source_grid("gguf Q4_1", configs["llama.cpp:Q4_K"]) is None  # not a plain integer grid
+    assert quality._peer_source_grid("gguf Q4_1", configs["hqq:hqq-int4-g32"]) is True
+
+
+def test_time_against_llm_compressor_only_within_one_pass():
+    def row(i, tool, secs, base):
+        return {"id": i, "tool": tool, "method": i, "grid": "", "bpw": 4.3, "kl": 0.1, "status": "ok",
+                "quant_seconds": secs, "baseline_quant_seconds": base}
+
+    rows = [row(quality.TIME_REFERENCE, "llm-compressor", 100.0, 2.0), row("a", "lowbit", 50.0, 2.0),
+            row("b", "lowbit", 10.0, 3.0)]
+    table = quality.time_against_peer(rows)
+    assert "| 50.0 | 0.50 |" in table and "| 10.0 |" not in table  # b was timed in another pass
+    assert quality.time_against_peer(rows[1:]) is None
+
+
 def test_grid_zoo_rows_are_in_the_side_by_side_bench():
     """Every grid of the zoo (bench.grids' lists), PTQ1.61 and nested8 at each precision have lowbit
     rows in bench.quality, with RTN and GPTQ; formats with their own block keep it."""

@@ -57,6 +57,11 @@ AWQ_CONFIGS = [(method, bits, g) for bits in (4, 3) for g in (64, 128) for metho
 # learned rounding (SignRound), alone on RTN (AutoRound's recipe) and on AWQ + GPTQ; then end-to-end tuning on top
 LEARNED_CONFIGS = [("gptq", 3, 64, True, 0), ("gptq", 4, 64, True, 0), ("gptq", 4, 128, True, 0), ("rtn", 4, 64, False, 0),
                    ("rtn", 3, 64, False, 0), ("gptq", 3, 64, True, 40), ("gptq", 4, 64, True, 40)]
+# loss-aware Hessians (GuidedQuant's Fisher-weighted tokens) against GPTQ's plain H on the same settings,
+# alone and under AWQ; then end-to-end tuning on the best of them, and its ablation without the Fisher weights
+FISHER_CONFIGS = [("gptq", 4, 64, False, True, 0), ("gptq", 3, 64, False, True, 0), ("gptq", 4, 64, True, True, 0),
+                  ("gptq", 3, 64, True, True, 0), ("gptq", 4, 128, True, True, 0),
+                  ("gptq", 4, 64, True, True, 40), ("gptq", 3, 64, True, True, 40), ("gptq", 3, 64, True, False, 40)]
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)
 GRID_GROUP = 64  # the grid zoo's rows: groups of 64 unless the format fixes its own block (mxfp4, nvfp4)
 NESTED_PRECISIONS = (8, 6, 4, 3)  # one nested8 artifact, loaded at each
@@ -115,6 +120,14 @@ def lowbit_configs() -> list[dict]:
         label = f"int{b} g{g} asym, {'AWQ scales, ' if awq else ''}learned rounding{f', tuned {tune} steps' if tune else ''}"
         cid = f"{lowbit_id(m, b, g, False)}{'-awq' if awq else ''}-sr{f'-tune{tune}' if tune else ''}"
         out.append(_lowbit(cid, m, f"int{b}", b, g, label, recipe=recipe))
+    for m, b, g, awq, fisher, tune in FISHER_CONFIGS:  # (method, bits, group, AWQ scales, Fisher Hessians, tuning steps)
+        recipe = {**({"scaling": "awq"} if awq else {}), **({"hessian": "fisher"} if fisher else {}),
+                  **({"tune": {"steps": tune, **TUNE}} if tune else {})}
+        parts = [f"int{b} g{g} asym"] + (["AWQ scales"] if awq else []) + (["Fisher Hessians"] if fisher else []) + (
+            [f"tuned {tune} steps"] if tune else [])
+        cid = (f"{lowbit_id(m, b, g, False)}{'-awq' if awq else ''}{'-fisher' if fisher else ''}"
+               f"{f'-tune{tune}' if tune else ''}")
+        out.append(_lowbit(cid, m, f"int{b}", b, g, ", ".join(parts), recipe=recipe))
     for p in NESTED_PRECISIONS:
         out.append(_lowbit(f"lowbit:rtn-nested8-g{GRID_GROUP}@{p}", "rtn", "nested8", p, GRID_GROUP,
                            f"nested8 g{GRID_GROUP} loaded at {p} bits", precision=p))

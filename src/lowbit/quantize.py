@@ -23,6 +23,7 @@ from .algos import (
 )
 from .algos.awq import AWQConfig, AWQError, awq_block
 from .algos.signround import RoundConfig, float_copy, learn_block_rounding
+from .calib.fisher import FisherError, TokenWeights, fisher_token_weights
 from .calib.walker import BlockInputs, hidden_of, walk_blocks, whole_model_hessians, with_hidden
 from .errors import LowbitError
 from .formats import GroupLayout, SearchSpace
@@ -351,6 +352,25 @@ def preprocess_model(
 
 
 @torch.inference_mode()
+def _fisher_weights(model: nn.Module, recipe: Recipe, kind: str, calib_batches: list[torch.Tensor] | None,
+                    names: set[str], parallel: "Parallel | None") -> TokenWeights | None:
+    """The loss-aware token weights of `hessian: fisher` (`calib.fisher`), or None for GPTQ's plain
+    input Hessians."""
+    if recipe.hessian != "fisher":
+        return None
+    if not names:
+        raise QuantizeError("hessian: fisher weights the Hessians that GPTQ, AWQ and the searches read, and this "
+                            "recipe reads none (RTN): drop it, or use a calibrated method")
+    if kind != "causal-lm":
+        raise QuantizeError(f"hessian: fisher takes next-token loss gradients and needs a causal LM, not a {kind} model")
+    if parallel is not None:
+        raise QuantizeError("hessian: fisher does not run data-parallel yet: run one process")
+    try:
+        return fisher_token_weights(model, calib_batches or [], names)
+    except FisherError as exc:
+        raise QuantizeError(str(exc)) from None
+
+
 def _quantize_layers(
     model: nn.Module,
     recipe: Recipe,
@@ -376,6 +396,7 @@ def _quantize_layers(
     if needs_hessian and not calib_batches:
         what = sorted({f"{p.scheme.method} {p.scheme.format}" for n, p in plans.items() if n in needs_hessian})
         raise QuantizeError(f"{', '.join(what)} need(s) calibration data (layer Hessians): pass a text file with --calib")
+    token_weights = _fisher_weights(model, recipe, kind, calib_batches, needs_hessian, parallel)
 
     reduce = None
     if parallel is not None and needs_hessian:
@@ -413,9 +434,10 @@ def _quantize_layers(
                         report.modules[name] = parallel.share_module(model, name, parallel.owner(k), report.modules.get(name))
 
             walk_blocks(model, blocks_name, block_list, calib_batches, kind, needs_hessian, on_block, reduce=reduce,
-                        observe=rounder.observe if rounder is not None else None)
+                        observe=rounder.observe if rounder is not None else None, token_weights=token_weights)
         remaining_hessian = needs_hessian - set(report.modules)
-        hessians = whole_model_hessians(model, calib_batches, kind, remaining_hessian, reduce) if remaining_hessian else {}
+        hessians = (whole_model_hessians(model, calib_batches, kind, remaining_hessian, reduce, token_weights)
+                    if remaining_hessian else {})
         for name in plans:
             if name not in report.modules:
                 do(name, hessians.get(name))

@@ -273,6 +273,9 @@ class Recipe(Scheme):
     # nearest: the method's codes; learned: each block's codes refined by SignRound on its output error
     rounding: Literal["nearest", "learned"] = "nearest"
     signround: SignRoundOptions = SignRoundOptions()
+    # inputs: GPTQ's H = 2 X^T X / n; fisher: each token weighted by the loss gradient at the layer's
+    # output (GuidedQuant's loss-aware Hessian, `calib.fisher`), for every method that reads Hessians
+    hessian: Literal["inputs", "fisher"] = "inputs"
     calib: CalibOptions = CalibOptions()
     preprocess: PreprocessOptions = PreprocessOptions()
     tune: TuneOptions = TuneOptions()
@@ -339,7 +342,8 @@ class Recipe(Scheme):
         none, so artifacts read as they did before those existed."""
         exclude = (({"preprocess"} if self.preprocess.steps == 0 else set()) | ({"tune"} if self.tune.steps == 0 else set())
                    | ({"target"} if self.target is None else set()) | ({"scaling", "awq"} if self.scaling == "none" else set())
-                   | ({"rounding", "signround"} if self.rounding == "nearest" else set()))
+                   | ({"rounding", "signround"} if self.rounding == "nearest" else set())
+                   | ({"hessian"} if self.hessian == "inputs" else set()))
         return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod

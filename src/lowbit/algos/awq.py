@@ -127,23 +127,28 @@ def _reduce(x: torch.Tensor, heads: tuple[int, int, int] | None) -> torch.Tensor
     return x.view(kv, per_kv, hd).mean(dim=1).reshape(-1)
 
 
-def search_scales(weights: dict[str, torch.Tensor], hessian: torch.Tensor, quantize: QuantizeFn,
+def search_scales(weights: dict[str, torch.Tensor], hessian: torch.Tensor | dict[str, torch.Tensor], quantize: QuantizeFn,
                   heads: tuple[int, int, int] | None = None, config: AWQConfig = AWQConfig(),
                   group_size: int | None = None) -> tuple[torch.Tensor, float | None, float, float]:
     """The scales of one group: `weights` {name: [out, in]} read the same input, whose Hessian is
-    `hessian: [in, in]`. Returns (s over the producing channels, alpha or None for s = 1, the
-    unscaled loss, the kept loss). `group_size`: the weights' groups, for AWQ's per-group weight
-    magnitude (None: per row)."""
-    act = _reduce(torch.diag(hessian).clamp(min=0).sqrt(), heads)  # [channels] input RMS
+    `hessian: [in, in]` (or one per layer, {name: [in, in]}, when the layers weigh the input's
+    tokens differently: `hessian: fisher`). Returns (s over the producing channels, alpha or None
+    for s = 1, the unscaled loss, the kept loss). `group_size`: the weights' groups, for AWQ's
+    per-group weight magnitude (None: per row)."""
+    per_layer = hessian if isinstance(hessian, dict) else {n: hessian for n in weights}
+    diag = torch.stack([torch.diag(per_layer[n]) for n in weights]).mean(dim=0)
+    act = _reduce(diag.clamp(min=0).sqrt(), heads)  # [channels] input RMS
     act = act.clamp(min=act.max() * 1e-5 + 1e-12)
     mag = torch.cat([_relative_magnitude(w, group_size) for w in weights.values()]).mean(dim=0)  # [in]
     mag = _reduce(mag, heads).clamp(min=1e-8)
 
-    h32 = hessian.float()  # candidates are only ranked: float32 products, summed in float64
+    # candidates are only ranked: float32 products, summed in float64; one copy per distinct Hessian
+    by_id: dict[int, torch.Tensor] = {}
+    h32 = {n: by_id.setdefault(id(per_layer[n]), per_layer[n].float()) for n in weights}
 
     def loss(s: torch.Tensor) -> float:
         s_in = _expand(s, heads)
-        return sum(output_error(w, quantize(n, w * s_in) / s_in, h32, torch.float32) for n, w in weights.items())
+        return sum(output_error(w, quantize(n, w * s_in) / s_in, h32[n], torch.float32) for n, w in weights.items())
 
     ones = torch.ones_like(act)
     best_s, best_alpha, base = ones, None, loss(ones)
@@ -241,14 +246,15 @@ def awq_block(model: nn.Module, block: nn.Module, prefix: str, hessians: dict[st
         if missing:
             result.skipped[g.prev] = f"{missing[0]} is not quantized"
             continue
-        h = hessians[g.layers[0]]
+        hs = {n: hessians[n] for n in g.layers}  # one shared tensor unless `hessian: fisher`
         weights = {n: linear_weight(model.get_submodule(n)).detach().float() for n in g.layers}
-        s, alpha, before, after = search_scales(weights, h, quantize, g.heads, config, group_size)
+        s, alpha, before, after = search_scales(weights, hs, quantize, g.heads, config, group_size)
         if alpha is not None:
             s = fold_scales(model, g, s, dense_dtype)
             s_in = _expand(s, g.heads).float()
-            h_scaled = h / (s_in.unsqueeze(0) * s_in.unsqueeze(1))
+            outer = s_in.unsqueeze(0) * s_in.unsqueeze(1)
+            scaled: dict[int, torch.Tensor] = {}
             for n in g.layers:
-                out[n] = h_scaled
+                out[n] = scaled.setdefault(id(hs[n]), hs[n] / outer)
         result.groups.append(GroupResult(g, alpha, before, after))
     return out, result

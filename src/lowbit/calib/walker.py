@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..models import find_linears
+from .fisher import TokenWeights
 from .hessian import HessianAccumulator
 
 BlockInputs = list[tuple[tuple, dict]]  # (args, kwargs) of one block call, per calibration batch
@@ -58,18 +59,29 @@ def with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple,
 
 @torch.inference_mode()
 def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Callable[[], None],
-                        reduce: Callable[[HessianAccumulator], None] | None = None) -> dict[str, torch.Tensor]:
+                        reduce: Callable[[HessianAccumulator], None] | None = None,
+                        token_weights: TokenWeights | None = None) -> dict[str, torch.Tensor]:
     """Hessians of the linears of `root` whose full names are in `names`, over the inputs `run()` feeds.
     Layers fed the very same input tensor (q/k/v, gate/up) share one accumulator. `reduce(acc)`
     (data-parallel runs: `parallel.Parallel.reduce_hessian`) is applied to every accumulator, in
-    name order, before the Hessians are formed."""
+    name order, before the Hessians are formed. `token_weights` (`calib.fisher`): each layer's
+    tokens weighted by its own loss gradients, the k-th call of `root` being calibration batch k
+    (then no accumulator is shared: the weights differ per layer)."""
     linears = {n: m for n, m in find_linears(root, prefix).items() if n in names}
     accs: dict[str, HessianAccumulator] = {}
     leader_of: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
     # inputs seen within one call of `root`, held so that the identity test below stays sound
     seen: list[tuple[torch.Tensor, str]] = []
+    calls = [-1]  # the calibration batch `root` is running
+
+    def on_call(*_) -> None:
+        seen.clear()
+        calls[0] += 1
 
     def on_input(name: str, x: torch.Tensor) -> None:
+        if token_weights is not None:
+            accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x, token_weights[name][calls[0]])
+            return
         first = next((n for t, n in seen if t is x), None)
         if first is None:
             seen.append((x, name))
@@ -81,7 +93,7 @@ def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Call
             raise RuntimeError(f"{name}: its input changed identity between calibration batches")
         accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x)
 
-    handles = [root.register_forward_pre_hook(lambda *_: seen.clear())]
+    handles = [root.register_forward_pre_hook(on_call)]
     handles += [m.register_forward_pre_hook(lambda _m, args, n=n: on_input(n, args[0])) for n, m in linears.items()]
     try:
         run()
@@ -115,6 +127,7 @@ def walk_blocks(
     start_hidden: list[torch.Tensor] | None = None,
     reduce: Callable[[HessianAccumulator], None] | None = None,
     observe: Observe | None = None,
+    token_weights: TokenWeights | None = None,
 ) -> None:
     """Call `on_block(i, prefix, block, hessians)` for each block, in order, with the Hessians of
     the block's linears listed in `hessian_names`, computed from the outputs of the blocks before it
@@ -123,7 +136,8 @@ def walk_blocks(
     per batch; None after the last block) are computed (streaming: load it, then save and free it).
     `start` > 0 resumes at that block with `start_hidden` as its hidden-state inputs (the other
     inputs, masks and positions, are recaptured). `observe(i, block, inputs)` sees block i's calls
-    (one per batch, on the quantized blocks' outputs) before its Hessians are taken."""
+    (one per batch, on the quantized blocks' outputs) before its Hessians are taken. `token_weights`:
+    loss-aware Hessians (`accumulate_hessians`)."""
     inputs = capture_block_inputs(model, blocks[0], batches, kind)
     if start:
         if start_hidden is None or len(start_hidden) != len(inputs):
@@ -142,7 +156,8 @@ def walk_blocks(
             for args, kwargs in inputs:
                 block(*args, **kwargs)
 
-        hessians = accumulate_hessians(block, prefix, hessian_names, run_block, reduce) if hessian_names else {}
+        hessians = (accumulate_hessians(block, prefix, hessian_names, run_block, reduce, token_weights)
+                    if hessian_names else {})
         on_block(i, prefix, block, hessians)
         del hessians
         if i + 1 < len(blocks):
@@ -158,11 +173,12 @@ def walk_blocks(
 
 @torch.inference_mode()
 def whole_model_hessians(model: nn.Module, batches: list[torch.Tensor], kind: str, names: set[str],
-                         reduce: Callable[[HessianAccumulator], None] | None = None) -> dict[str, torch.Tensor]:
+                         reduce: Callable[[HessianAccumulator], None] | None = None,
+                         token_weights: TokenWeights | None = None) -> dict[str, torch.Tensor]:
     """Fallback for models without a recognisable block list: one pass of the whole model."""
 
     def run() -> None:
         for ids in batches:
             model(**_model_inputs(ids, kind))
 
-    return accumulate_hessians(model, "", names, run, reduce)
+    return accumulate_hessians(model, "", names, run, reduce, token_weights)

@@ -217,6 +217,9 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     if recipe.scaling != "none":
         raise StreamError("scaling: awq rescales the norms, which a streamed run copies from the checkpoint; it does not "
                           "stream yet (quantize without --stream, or drop scaling)")
+    if recipe.hessian == "fisher":
+        raise StreamError("hessian: fisher takes the loss gradients from a backward pass through the whole float model, "
+                          "which a streamed run never holds; quantize without --stream, or use hessian: inputs")
     if recipe.rounding != "nearest":
         raise StreamError("rounding: learned keeps a float copy of the original model's hidden states, which a streamed "
                           "run does not yet; quantize without --stream, or drop rounding")

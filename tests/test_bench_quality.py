@@ -197,3 +197,19 @@ def test_ratios_are_to_the_baseline_of_the_pass_that_timed_the_row():
     assert rows[1]["quant_seconds_ratio"] == 2.0 and rows[1]["quant_cpu_ratio"] == 3.0
     assert rows[1]["baseline_quant_seconds"] == 2.0
     assert rows[2]["quant_seconds_ratio"] == 3.0  # timed in an earlier pass: untouched
+
+
+def test_peers_with_float32_scales_are_budgeted_at_their_16_bit_size():
+    """A peer storing its scales in the model's dtype (float32 here) competes at the size it has on a
+    16-bit model: llm-compressor int3 g64 is 3.547 bpw as run, 3.297 on bf16, so it meets the 3.5 budget."""
+    def row(tool, bpw, kl, **kw):
+        return {"tool": tool, "method": "gptq", "grid": "", "bpw": bpw, "kl": kl, "status": "ok", **kw}
+
+    peer = row("llm-compressor", 3.547, 0.52, bpw_16bit=3.297)
+    old = row("optimum-quanto", 3.6, 0.4, notes="quanto qint4, scale/shift float32 (a 16-bit model would store 3.400 bpw)")
+    low = row("lowbit", 3.297, 0.37, notes="(16-bit: 1.000 bpw)")  # lowbit rows are taken as stored
+    assert quality.budget_bpw(peer) == 3.297 and quality.budget_bpw(old) == 3.4 and quality.budget_bpw(low) == 3.297
+    best = quality.best_at_budgets([peer, low], (3.5,))[0]
+    assert best["peer"] is peer and best["lowbit"] is low
+    assert "3.297 at 16 bits (3.547 as run)" in quality.budget_table([peer, low])
+    assert quality.best_at_budgets([peer], (3.25,))[0]["peer"] is None

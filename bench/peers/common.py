@@ -27,6 +27,8 @@ class PeerResult:
     model: nn.Module
     bpw: float
     notes: str = ""
+    # where the tool stores scales in the model's dtype (float32 here): its size on a 16-bit model
+    bpw_16bit: float | None = None
 
 
 def require(module: str, dist: str | None = None):

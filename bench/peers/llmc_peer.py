@@ -188,7 +188,8 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, bits: int = 4,
     total_bytes, scale_bytes = saved_bytes(model, layers)
     for name, w in weights.items():  # plain float layers computing with the quantized weights
         set_weight(model, name, w)
+    half = bpw_of(total_bytes - scale_bytes / 2, n_weights)
     notes = (f"{_method_notes(method, layers)}, int{bits} g{group_size} {'sym' if symmetric else 'asym'}, "
              f"{calib.shape[0]}x{calib.shape[1]} calib tokens, batch {batch_size}, float32 scales (16-bit: "
-             f"{bpw_of(total_bytes - scale_bytes / 2, n_weights):.3f} bpw); the quantized weights")
-    return PeerResult(model, bpw_of(total_bytes, n_weights), notes)
+             f"{half:.3f} bpw); the quantized weights")
+    return PeerResult(model, bpw_of(total_bytes, n_weights), notes, bpw_16bit=half)

@@ -44,7 +44,7 @@ def quantize(model: nn.Module, calib: torch.Tensor | None = None, weights: str =
     half = bpw_of(total_bytes - scale_bytes / 2, n_weights)
     gs = f"group sizes {sorted(groups)}" if groups else "per output channel"
     notes = f"quanto {weights}, {gs}, scale/shift float32 (a 16-bit model would store {half:.3f} bpw); dequantized weights"
-    return PeerResult(model, bpw, notes)
+    return PeerResult(model, bpw, notes, bpw_16bit=half)
 
 
 def warm_up() -> None:

@@ -139,13 +139,14 @@ def test_presets_lie_under_the_recipe_file_and_the_flags(tmp_path):
         return build_recipe(**{**args, **kw})
 
     q = build(preset_name="quality")
-    assert (q.method, q.scaling) == ("gptq", "awq")
-    assert build(preset_name="fast").method == "rtn" and build(preset_name="fast").scaling == "none"
-    assert build(preset_name="quality", method="rtn").scaling == "awq"  # a flag changes one key only
-    assert build(preset_name="quality", scaling="none").scaling == "none"
+    assert (q.method, q.hessian, q.scaling) == ("gptq", "fisher", "none")
+    assert build(preset_name="fast").method == "rtn" and build(preset_name="fast").hessian == "inputs"
+    assert build(preset_name="quality", method="rtn").hessian == "fisher"  # a flag changes one key only
+    assert build(preset_name="quality", scaling="awq").hessian == "fisher"
+    assert build(preset_name="quality", hessian="inputs").hessian == "inputs"
     f = tmp_path / "r.yaml"
-    f.write_text("method: rtn\ngroup_size: 64\n")
+    f.write_text("method: rtn\ngroup_size: 64\nhessian: inputs\n")
     r = build(preset_name="quality", recipe_file=f)
-    assert (r.method, r.scaling, r.group_size) == ("rtn", "awq", 64)
+    assert (r.method, r.hessian, r.group_size) == ("rtn", "inputs", 64)
     with pytest.raises(RecipeError, match="unknown preset 'best'; known presets: quality, fast"):
         build(preset_name="best")

@@ -165,3 +165,12 @@ def test_refused_where_it_cannot_work(tiny_llama, calib_text, tmp_path):
         quantize(str(tiny_llama), _recipe(calib_text, method="rtn", hessian="fisher"), show_progress=False)
     with pytest.raises(StreamError, match="hessian: fisher"):
         stream_quantize(str(tiny_llama), _recipe(calib_text, hessian="fisher"), tmp_path / "s")
+
+
+def test_cli_flag_sets_the_recipe_key():
+    from lowbit.cli import build_recipe
+
+    args = dict(recipe_file=None, method="gptq", fmt=None, bits=None, group_size=None, symmetric=None, calib=None,
+                n_samples=None, seq_len=None, act_order=None, damp=None, ignore=None)
+    assert build_recipe(**args, hessian="fisher").hessian == "fisher"
+    assert build_recipe(**args).hessian == "inputs"

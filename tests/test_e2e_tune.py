@@ -92,3 +92,25 @@ def test_tuning_lowers_kl_on_the_reference_model(calib_text, eval_text, tmp_path
         art = save_job(quantize(str(SHAKESPEARE), r, show_progress=False), r, tmp_path / f"s{steps}")
         kl[steps] = evaluate(art, str(eval_text), reference=ref, max_tokens=4096, seq_len=256)["kl"]
     assert kl[40] < 0.8 * kl[0], kl
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_holdout_keeps_a_gain_and_discards_a_loss(tiny_llama, calib_text):
+    """The held-out windows decide: a wild learning rate raises their KL and leaves the model exactly
+    as its method made it; a sane one lowers it and is kept, with the fp16 fields as stored."""
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
+    plain = quantize(str(tiny_llama), _recipe(calib_text, fmt="int2"), show_progress=False).loaded.model
+    wild = quantize(str(tiny_llama), _recipe(calib_text, fmt="int2", steps=4, lr=0.5, holdout=4), show_progress=False)
+    t = wild.report.tune
+    assert t["holdout_after"] >= t["holdout_before"] and t["kept"] is False
+    torch.testing.assert_close(_logits(wild.loaded.model, ids), _logits(plain, ids), rtol=0, atol=0)
+    sane = quantize(str(tiny_llama), _recipe(calib_text, fmt="int2", steps=4, lr=3e-3, holdout=4), show_progress=False)
+    t = sane.report.tune
+    assert t["holdout_after"] < t["holdout_before"] and t["kept"] is True
+    assert not torch.equal(_logits(sane.loaded.model, ids), _logits(plain, ids))
+    with pytest.raises(QuantizeError, match="holdout must leave windows to train on: 16 of 16"):
+        quantize(str(tiny_llama), _recipe(calib_text, steps=2, holdout=16), show_progress=False)

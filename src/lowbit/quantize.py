@@ -305,7 +305,7 @@ def tune_model(teacher: nn.Module, model: nn.Module, recipe: Recipe, calib_batch
     """End-to-end tuning of the quantized `model`'s scales, norms and biases against `teacher`
     (`algos.e2e_tune`), in place. Returns the summary that QuantizeReport.tune records."""
     opts = recipe.tune
-    cfg = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.norms, opts.seed)
+    cfg = TuneConfig(opts.steps, opts.lr, opts.batch_size, opts.norms, opts.seed, opts.holdout)
     with torch.inference_mode(False):
         try:
             result = tune_continuous(teacher, model, torch.cat(calib_batches), cfg, show_progress)

@@ -243,6 +243,8 @@ class TuneOptions(_Strict):
     batch_size: int = Field(4, ge=1)  # calibration windows per step
     norms: bool = True  # also the norm weights and the quantized layers' biases
     seed: int = 0  # the batch order
+    # calibration windows kept out of training; the tuned parameters are kept only if the KL on them drops
+    holdout: int = Field(0, ge=0)
 
 
 def _apply_target(data: Any) -> Any:

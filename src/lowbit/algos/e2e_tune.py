@@ -12,6 +12,11 @@ own could not see, the interaction of all layers' errors in the model's output.
 
 Training as restorative LoRA's: AdamW without weight decay, 5% warm-up then cosine decay, the
 gradient norm clipped at 1, seeded batch order, so the same inputs give the same artifact.
+
+With `holdout` > 0 the last calibration windows are kept out of training, and the KL on them is
+measured before and after: the tuned parameters are kept only if it dropped, so tuning never
+leaves a model worse than its method did on text it did not train on (on SmolLM2 it lowered GPTQ
+int3's KL by 29% but raised int4's by 9%, with the same settings).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class TuneConfig:
     batch_size: int = 4  # windows per step
     norms: bool = True  # also train the norm weights (and the quantized layers' biases)
     seed: int = 0
+    holdout: int = 0  # calibration windows kept out of training: tuned parameters kept only if their KL drops
 
 
 @dataclass
@@ -45,10 +51,16 @@ class TuneResult:
     seconds: float = 0.0
     layers: int = 0  # quantized layers whose parameters trained
     params: int = 0  # trained numbers in all
+    holdout_before: float | None = None  # KL on the held-out windows before and after (holdout > 0)
+    holdout_after: float | None = None
+    kept: bool = True  # False: the held-out KL did not drop, and the model was left as it was
 
     def summary(self) -> dict:
-        return {"steps": len(self.losses), "layers": self.layers, "params": self.params, "first_loss": self.losses[0],
-                "last_loss": self.losses[-1], "seconds": round(self.seconds, 3)}
+        out = {"steps": len(self.losses), "layers": self.layers, "params": self.params, "first_loss": self.losses[0],
+               "last_loss": self.losses[-1], "seconds": round(self.seconds, 3)}
+        if self.holdout_before is not None:
+            out |= {"holdout_before": self.holdout_before, "holdout_after": self.holdout_after, "kept": self.kept}
+        return out
 
 
 class TunableLinear(nn.Module):
@@ -90,12 +102,28 @@ def _is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, nn.LayerNorm)
 
 
+@torch.no_grad()
+def heldout_kl(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    """Mean KL(teacher || student) per position over `windows` ([n, seq] token ids)."""
+    total = 0.0
+    for ids in windows.split(batch_size):
+        kl = distill_loss(student(input_ids=ids, use_cache=False).logits, teacher(input_ids=ids, use_cache=False).logits)
+        total += float(kl) * ids.numel()
+    return total / windows.numel()
+
+
 def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, cfg: TuneConfig,
                     show_progress: bool = False) -> TuneResult:
     """Train `student`'s continuous quantization parameters (see the module docstring) in place.
-    `teacher`: the original model, only run forward. `windows`: [n, seq] token ids."""
+    `teacher`: the original model, only run forward. `windows`: [n, seq] token ids, the last
+    `cfg.holdout` of them held out for the keep-or-discard check."""
     if cfg.steps < 1:
         raise ValueError(f"steps must be >= 1 (got {cfg.steps})")
+    if cfg.holdout < 0 or cfg.holdout >= windows.shape[0]:
+        raise ValueError(f"holdout must leave windows to train on: {cfg.holdout} of {windows.shape[0]} calibration "
+                         "windows (lower holdout, or give more calibration samples)")
+    held = windows[windows.shape[0] - cfg.holdout:]
+    windows = windows[: windows.shape[0] - cfg.holdout]
     started = time.perf_counter()
     gen = torch.Generator().manual_seed(cfg.seed)
     student.eval()
@@ -120,6 +148,8 @@ def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tenso
         student.set_submodule(name, t)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     try:
+        if held.shape[0]:
+            result.holdout_before = heldout_kl(teacher, student, held, cfg.batch_size)
         with torch.enable_grad(), progress() as bar:
             task = bar.add_task("tuning scales and norms", total=cfg.steps, loss="", visible=show_progress)
             for step, idx in enumerate(batches(windows.shape[0], cfg.batch_size, cfg.steps, gen)):
@@ -129,8 +159,16 @@ def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tenso
                 loss = distill_loss(student(input_ids=ids, use_cache=False).logits, teacher_logits)
                 result.losses.append(optimizer_step(opt, params, loss, cfg.lr, step, cfg.steps))
                 bar.update(task, advance=1, loss=f"{result.losses[-1]:.4g}")
-    finally:  # the QuantLinear layers back, holding the tuned parameters (or untouched on an error)
-        done = len(result.losses) == cfg.steps
+        if held.shape[0]:
+            # the fp16 fields rounded as the artifact stores them (norms stay float32 until the end)
+            with torch.no_grad():
+                for t in tunable.values():
+                    for v in t.tuned.values():
+                        v.copy_(round_to_fp16(v))
+            result.holdout_after = heldout_kl(teacher, student, held, cfg.batch_size)
+            result.kept = result.holdout_after < result.holdout_before
+    finally:  # the QuantLinear layers back, holding the tuned parameters (or untouched on an error / no gain)
+        done = len(result.losses) == cfg.steps and result.kept
         with torch.inference_mode():  # the layers' buffers may be inference tensors: written in that mode
             for name, layer in layers.items():
                 if done:

@@ -353,7 +353,7 @@ def preprocess_model(
 
 @torch.inference_mode()
 def _fisher_weights(model: nn.Module, recipe: Recipe, kind: str, calib_batches: list[torch.Tensor] | None,
-                    names: set[str], parallel: "Parallel | None") -> TokenWeights | None:
+                    names: set[str], parallel: "Parallel | None", show_progress: bool) -> TokenWeights | None:
     """The loss-aware token weights of `hessian: fisher` (`calib.fisher`), or None for GPTQ's plain
     input Hessians."""
     if recipe.hessian != "fisher":
@@ -366,7 +366,7 @@ def _fisher_weights(model: nn.Module, recipe: Recipe, kind: str, calib_batches: 
     if parallel is not None:
         raise QuantizeError("hessian: fisher does not run data-parallel yet: run one process")
     try:
-        return fisher_token_weights(model, calib_batches or [], names)
+        return fisher_token_weights(model, calib_batches or [], names, show_progress)
     except FisherError as exc:
         raise QuantizeError(str(exc)) from None
 
@@ -396,7 +396,7 @@ def _quantize_layers(
     if needs_hessian and not calib_batches:
         what = sorted({f"{p.scheme.method} {p.scheme.format}" for n, p in plans.items() if n in needs_hessian})
         raise QuantizeError(f"{', '.join(what)} need(s) calibration data (layer Hessians): pass a text file with --calib")
-    token_weights = _fisher_weights(model, recipe, kind, calib_batches, needs_hessian, parallel)
+    token_weights = _fisher_weights(model, recipe, kind, calib_batches, needs_hessian, parallel, show_progress)
 
     reduce = None
     if parallel is not None and needs_hessian:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
 from ..models import find_linears
@@ -31,7 +32,8 @@ class FisherError(ValueError):
     pass
 
 
-def fisher_token_weights(model: nn.Module, batches: list[torch.Tensor], names: set[str]) -> TokenWeights:
+def fisher_token_weights(model: nn.Module, batches: list[torch.Tensor], names: set[str],
+                         show_progress: bool = False) -> TokenWeights:
     """||dL/dy_t||^2 for every token t of every calibration batch (`[batch, seq]` token ids each)
     at the output y of each linear in `names`, L the model's summed next-token cross-entropy.
     The model's parameters are left as they were (no parameter gradients are formed)."""
@@ -62,13 +64,17 @@ def fisher_token_weights(model: nn.Module, batches: list[torch.Tensor], names: s
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(False), torch.enable_grad():
+        with torch.inference_mode(False), torch.enable_grad(), Progress(
+                TextColumn("[bold]loss gradients (hessian: fisher)"), BarColumn(), MofNCompleteColumn(),
+                TimeElapsedColumn(), transient=True, disable=not show_progress) as bar:
+            task = bar.add_task("fisher", total=sum(ids.shape[0] for ids in batches))
             for ids in batches:
                 rows = {n: [] for n in linears}
                 for window in ids.split(1):  # one window at a time: the activations of one backward pass
                     logits = model(input_ids=window, use_cache=False).logits
                     loss = F.cross_entropy(logits[0, :-1].float(), window[0, 1:], reduction="sum")
                     torch.autograd.grad(loss, leaf.pop())
+                    bar.advance(task)
                 for n in linears:
                     if len(rows[n]) != ids.shape[0]:
                         raise FisherError(f"{n}: no gradient reached its output (is it used by the forward pass?)")

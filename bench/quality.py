@@ -63,6 +63,7 @@ LEARNED_CONFIGS = [("gptq", 3, 64, True, 0), ("gptq", 4, 64, True, 0), ("gptq", 
 FISHER_CONFIGS = [("gptq", 4, 64, False, True, 0), ("gptq", 3, 64, False, True, 0), ("gptq", 4, 64, True, True, 0),
                   ("gptq", 3, 64, True, True, 0), ("gptq", 4, 128, False, True, 0),
                   ("gptq", 4, 64, False, True, 40), ("gptq", 3, 64, False, True, 40)]
+HOLDOUT = 4  # the tuning rows again, with 4 of the calibration windows held out to keep or discard the tuning
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)
 GRID_GROUP = 64  # the grid zoo's rows: groups of 64 unless the format fixes its own block (mxfp4, nvfp4)
 NESTED_PRECISIONS = (8, 6, 4, 3)  # one nested8 artifact, loaded at each
@@ -129,6 +130,10 @@ def lowbit_configs() -> list[dict]:
         cid = (f"{lowbit_id(m, b, g, False)}{'-awq' if awq else ''}{'-fisher' if fisher else ''}"
                f"{f'-tune{tune}' if tune else ''}")
         out.append(_lowbit(cid, m, f"int{b}", b, g, ", ".join(parts), recipe=recipe))
+        if tune:
+            held = {**recipe, "tune": {**recipe["tune"], "holdout": HOLDOUT}}
+            out.append(_lowbit(f"{cid}-hold{HOLDOUT}", m, f"int{b}", b, g,
+                               ", ".join(parts) + f" (kept if {HOLDOUT} held-out windows agree)", recipe=held))
     for p in NESTED_PRECISIONS:
         out.append(_lowbit(f"lowbit:rtn-nested8-g{GRID_GROUP}@{p}", "rtn", "nested8", p, GRID_GROUP,
                            f"nested8 g{GRID_GROUP} loaded at {p} bits", precision=p))

@@ -144,7 +144,10 @@ def search_scales(weights: dict[str, torch.Tensor], hessian: torch.Tensor | dict
 
     # candidates are only ranked: float32 products, summed in float64; one copy per distinct Hessian
     by_id: dict[int, torch.Tensor] = {}
-    h32 = {n: by_id.setdefault(id(per_layer[n]), per_layer[n].float()) for n in weights}
+    for h in per_layer.values():
+        if id(h) not in by_id:
+            by_id[id(h)] = h.float()
+    h32 = {n: by_id[id(per_layer[n])] for n in weights}
 
     def loss(s: torch.Tensor) -> float:
         s_in = _expand(s, heads)
@@ -255,6 +258,8 @@ def awq_block(model: nn.Module, block: nn.Module, prefix: str, hessians: dict[st
             outer = s_in.unsqueeze(0) * s_in.unsqueeze(1)
             scaled: dict[int, torch.Tensor] = {}
             for n in g.layers:
-                out[n] = scaled.setdefault(id(hs[n]), hs[n] / outer)
+                if id(hs[n]) not in scaled:
+                    scaled[id(hs[n])] = hs[n] / outer
+                out[n] = scaled[id(hs[n])]
         result.groups.append(GroupResult(g, alpha, before, after))
     return out, result

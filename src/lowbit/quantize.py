@@ -24,6 +24,7 @@ from .algos import (
 from .algos.awq import AWQConfig, AWQError, awq_block
 from .algos.signround import RoundConfig, float_copy, learn_block_rounding
 from .calib.fisher import FisherError, TokenWeights, fisher_token_weights
+from .calib.hessian import pooled
 from .calib.walker import BlockInputs, hidden_of, walk_blocks, whole_model_hessians, with_hidden
 from .errors import LowbitError
 from .formats import GroupLayout, SearchSpace
@@ -136,7 +137,7 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
     if method == "ptq161":
         cfg = PTQ161Config(recipe.ptq161.salient_fraction, recipe.ptq161.iters, recipe.gptq.damp, gptq=gptq_cfg)
         try:
-            qw = ptq161_quantize(w, hessian, grid, plan.layout.group_size, cfg)
+            qw = ptq161_quantize(w, pooled(hessian), grid, plan.layout.group_size, cfg)
         except ValueError as exc:
             raise QuantizeError(f"{name}: {exc}") from None
         layer = PTQ161Linear.from_quantized(qw, bias)
@@ -366,7 +367,7 @@ def _fisher_weights(model: nn.Module, recipe: Recipe, kind: str, calib_batches: 
     if parallel is not None:
         raise QuantizeError("hessian: fisher does not run data-parallel yet: run one process")
     try:
-        return fisher_token_weights(model, calib_batches or [], names, show_progress)
+        return fisher_token_weights(model, calib_batches or [], names, show_progress, recipe.hessian_groups)
     except FisherError as exc:
         raise QuantizeError(str(exc)) from None
 

@@ -11,6 +11,8 @@
     calib: {seq_len: 512, n_samples: 128, seed: 0}
     preprocess: {steps: 0}  # PTQ1.61's quantization preprocessing (restorative LoRA), any method; 0: off
       # {steps: 100, rank: 64, alpha: 16, lr: 1e-3, loss: distill, targets: null, batch_size: 8, seed: 0}
+    hessian: inputs         # fisher: tokens weighted by the loss gradient at each layer's output (GuidedQuant)
+    hessian_groups: 1       # with fisher: one weighted Hessian per group of output channels
     scaling: none           # awq: activation-aware scales per input channel, folded into the norm / layer before
     awq: {grid: 20, duo: true}   # AWQ's search: alpha on a grid of [0, 1); duo: divide by the weight magnitude too
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
@@ -280,6 +282,9 @@ class Recipe(Scheme):
     # inputs: GPTQ's H = 2 X^T X / n; fisher: each token weighted by the loss gradient at the layer's
     # output (GuidedQuant's loss-aware Hessian, `calib.fisher`), for every method that reads Hessians
     hessian: Literal["inputs", "fisher"] = "inputs"
+    # hessian: fisher's output-channel groups (GuidedQuant): each group of a layer's rows gets its own
+    # loss-weighted Hessian; 1: one per layer
+    hessian_groups: int = Field(1, ge=1, le=4096)
     calib: CalibOptions = CalibOptions()
     preprocess: PreprocessOptions = PreprocessOptions()
     tune: TuneOptions = TuneOptions()
@@ -287,6 +292,13 @@ class Recipe(Scheme):
     overrides: list[Override] = []
 
     _target = model_validator(mode="before")(classmethod(lambda cls, data: _apply_target(_lift_symmetric(data))))
+
+    @model_validator(mode="after")
+    def _groups_need_fisher(self) -> "Recipe":
+        if self.hessian_groups > 1 and self.hessian != "fisher":
+            raise ValueError(f"hessian_groups: {self.hessian_groups} groups the loss gradients of hessian: fisher; "
+                             "set hessian: fisher, or drop hessian_groups")
+        return self
 
     @field_validator("ignore")
     @classmethod
@@ -347,7 +359,8 @@ class Recipe(Scheme):
         exclude = (({"preprocess"} if self.preprocess.steps == 0 else set()) | ({"tune"} if self.tune.steps == 0 else set())
                    | ({"target"} if self.target is None else set()) | ({"scaling", "awq"} if self.scaling == "none" else set())
                    | ({"rounding", "signround"} if self.rounding == "nearest" else set())
-                   | ({"hessian"} if self.hessian == "inputs" else set()))
+                   | ({"hessian"} if self.hessian == "inputs" else set())
+                   | ({"hessian_groups"} if self.hessian_groups == 1 else set()))
         return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod

@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ..calib.hessian import pooled
 from ..models import linear_weight
 from .gptq import output_error
 
@@ -136,7 +137,7 @@ def search_scales(weights: dict[str, torch.Tensor], hessian: torch.Tensor | dict
     for s = 1, the unscaled loss, the kept loss). `group_size`: the weights' groups, for AWQ's
     per-group weight magnitude (None: per row)."""
     per_layer = hessian if isinstance(hessian, dict) else {n: hessian for n in weights}
-    diag = torch.stack([torch.diag(per_layer[n]) for n in weights]).mean(dim=0)
+    diag = torch.stack([torch.diag(pooled(per_layer[n])) for n in weights]).mean(dim=0)
     act = _reduce(diag.clamp(min=0).sqrt(), heads)  # [channels] input RMS
     act = act.clamp(min=act.max() * 1e-5 + 1e-12)
     mag = torch.cat([_relative_magnitude(w, group_size) for w in weights.values()]).mean(dim=0)  # [in]

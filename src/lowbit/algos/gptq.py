@@ -21,6 +21,7 @@ from typing import Literal
 
 import torch
 
+from ..calib.hessian import row_groups
 from ..formats import Grid, GroupLayout, Params
 from ..qtensor import QuantizedWeight
 
@@ -95,9 +96,14 @@ def _one_thread():
 
 
 def output_error(w: torch.Tensor, w_hat: torch.Tensor, hessian: torch.Tensor, dtype: torch.dtype = torch.float64) -> float:
-    """The layer's reconstruction loss up to a constant: tr((W - Q) H (W - Q)^T). w, w_hat: [out, in].
-    `dtype`: of the product; float64 by default, float32 where only candidates are ranked (AWQ).
-    H is converted a column chunk at a time, so no full float64 copy of a wide layer's H is made."""
+    """The layer's reconstruction loss up to a constant: tr((W - Q) H (W - Q)^T). w, w_hat: [out, in];
+    hessian [in, in], or [groups, in, in] for groups of rows (`calib.hessian.row_groups`), each
+    group's rows then weighed by its own. `dtype`: of the product; float64 by default, float32 where
+    only candidates are ranked (AWQ). H is converted a column chunk at a time, so no full float64
+    copy of a wide layer's H is made."""
+    if hessian.dim() == 3:
+        return sum(output_error(w[rows], w_hat[rows], h, dtype)
+                   for rows, h in zip(row_groups(w.shape[0], hessian.shape[0]), hessian, strict=True))
     d = (w.float() - w_hat.float()).to(dtype)  # [out, in]
     total = torch.zeros((), dtype=torch.float64)
     for j in range(0, hessian.shape[1], _ROW_CHUNK):
@@ -133,10 +139,27 @@ def gptq_quantize_rounded(
 
 def _best_order(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig,
                 keep_rounded: bool) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    if hessian.dim() == 3:
+        return _by_row_groups(w, hessian, grid, layout, config, keep_rounded)
     if config.act_order == "auto":
         tries = [_gptq(w, hessian, grid, layout, replace(config, act_order=ao), keep_rounded) for ao in (True, False)]
         return min(tries, key=lambda t: output_error(w, t[0].dequantize(), hessian))
     return _gptq(w, hessian, grid, layout, config, keep_rounded)
+
+
+def _by_row_groups(w: torch.Tensor, hessians: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig,
+                   keep_rounded: bool) -> tuple[QuantizedWeight, torch.Tensor | None]:
+    """GPTQ with one Hessian per group of output rows (`hessians: [groups, in, in]`, GuidedQuant's
+    grouped Fisher, rows split by `calib.hessian.row_groups`): GPTQ's solve is separable over rows,
+    so each group is solved on its own Hessian and the codes and per-row parameters are stacked.
+    A per-tensor layout shares one parameter set across rows and takes the groups' mean Hessian."""
+    if layout.per_tensor:
+        return _best_order(w, hessians.mean(0), grid, layout, config, keep_rounded)
+    parts = [_best_order(w[rows], h, grid, replace(layout, out_features=rows.stop - rows.start), config, keep_rounded)
+             for rows, h in zip(row_groups(w.shape[0], hessians.shape[0]), hessians, strict=True)]
+    params = {k: torch.cat([qw.params[k] for qw, _ in parts]) for k in parts[0][0].params}
+    qw = QuantizedWeight(torch.cat([qw.codes for qw, _ in parts]), params, grid, layout)
+    return qw, torch.cat([r for _, r in parts]) if keep_rounded else None
 
 
 def _gptq(w: torch.Tensor, hessian: torch.Tensor, grid: Grid, layout: GroupLayout, config: GPTQConfig,

@@ -24,8 +24,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn
 
 from ..models import find_linears
+from .hessian import row_groups
 
-TokenWeights = dict[str, list[torch.Tensor]]  # layer name -> per calibration batch, [batch, seq]
+TokenWeights = dict[str, list[torch.Tensor]]  # layer name -> per calibration batch, [batch, seq] (or [batch, seq, groups])
 
 
 class FisherError(ValueError):
@@ -33,10 +34,12 @@ class FisherError(ValueError):
 
 
 def fisher_token_weights(model: nn.Module, batches: list[torch.Tensor], names: set[str],
-                         show_progress: bool = False) -> TokenWeights:
+                         show_progress: bool = False, groups: int = 1) -> TokenWeights:
     """||dL/dy_t||^2 for every token t of every calibration batch (`[batch, seq]` token ids each)
     at the output y of each linear in `names`, L the model's summed next-token cross-entropy.
-    The model's parameters are left as they were (no parameter gradients are formed)."""
+    With `groups` > 1, the squared gradient summed over each of GuidedQuant's output-channel groups
+    (`hessian.row_groups`) instead: `[batch, seq, groups]`. The model's parameters are left as they
+    were (no parameter gradients are formed)."""
     linears = {n: m for n, m in find_linears(model).items() if n in names}
     if not linears:
         raise FisherError("hessian: fisher found none of the layers to quantize in the model")
@@ -46,9 +49,15 @@ def fisher_token_weights(model: nn.Module, batches: list[torch.Tensor], names: s
     weights: TokenWeights = {n: [] for n in linears}
     rows: dict[str, list[torch.Tensor]] = {}
 
+    def squared(g: torch.Tensor) -> torch.Tensor:  # g: [1, seq, out] -> [1, seq] or [1, seq, groups]
+        g2 = g.detach().float().pow(2)
+        if groups == 1:
+            return g2.sum(-1)
+        return torch.stack([g2[..., rows_k].sum(-1) for rows_k in row_groups(g2.shape[-1], groups)], dim=-1)
+
     def keep_grad(name: str):
         def hook(_m: nn.Module, _args, out: torch.Tensor) -> None:
-            out.register_hook(lambda g: rows[name].append(g.detach().float().pow(2).sum(-1)))
+            out.register_hook(lambda g: rows[name].append(squared(g)))
         return hook
 
     leaf: list[torch.Tensor] = []

@@ -5,29 +5,62 @@ from __future__ import annotations
 import torch
 
 
+def row_groups(out_features: int, groups: int) -> list[slice]:
+    """GuidedQuant's output-channel groups: `groups` contiguous row ranges of a layer's weight,
+    their sizes differing by at most one. Each group's rows share one loss-weighted Hessian."""
+    if groups < 1:
+        raise ValueError(f"{groups} output-channel groups: use 1 or more")
+    groups = min(groups, out_features)
+    bounds = [round(k * out_features / groups) for k in range(groups + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
+
+
+def pooled(h: torch.Tensor) -> torch.Tensor:
+    """One [in, in] Hessian for a layer: `h` itself, or the mean of its row groups' ([groups, in, in])
+    for the methods that weigh all rows by one (PTQ1.61's salient channels, AWQ's input statistics)."""
+    return h if h.dim() == 2 else h.mean(0)
+
+
 class HessianAccumulator:
     """Running H over calibration tokens; inputs `x: [..., in]`. With token weights (`calib.fisher`),
-    H = 2 sum_t w_t x_t x_t^T / sum_t w_t, `count` then the sum of the weights."""
+    H = 2 sum_t w_t x_t x_t^T / sum_t w_t, `count` then the sum of the weights. With `groups` > 1 the
+    weights are one per token and output-channel group (`[..., groups]`) and H is `[groups, in, in]`,
+    one weighted Hessian per group of rows (`row_groups`)."""
 
-    def __init__(self, in_features: int) -> None:
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
-        self.count: float = 0
+    def __init__(self, in_features: int, groups: int = 1) -> None:
+        self.groups = groups
+        shape = (in_features, in_features) if groups == 1 else (groups, in_features, in_features)
+        self.sum = torch.zeros(shape, dtype=torch.float64)
+        self.count: float | torch.Tensor = 0 if groups == 1 else torch.zeros(groups, dtype=torch.float64)
 
     @torch.inference_mode()
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
-        """`weight`: one per token of `x` (`x.shape[:-1]`), or None for all 1."""
+        """`weight`: one per token of `x` (`x.shape[:-1]`; with groups, `x.shape[:-1] + (groups,)`),
+        or None for all 1."""
         x = x.reshape(-1, x.shape[-1]).float()
         if weight is None:
+            if self.groups != 1:
+                raise ValueError("grouped Hessians need token weights per group")
             self.sum += (x.T @ x).double()  # float32 products per batch, float64 running sum
             self.count += x.shape[0]
             return
-        w = weight.reshape(-1).float()
-        if w.shape[0] != x.shape[0]:
-            raise ValueError(f"{w.shape[0]} token weights for {x.shape[0]} tokens")
-        self.sum += (x.T @ (x * w[:, None])).double()
-        self.count += float(w.double().sum())
+        w = weight.reshape(x.shape[0], -1).float() if weight.numel() == x.shape[0] * self.groups else None
+        if w is None or w.shape[1] != self.groups:
+            raise ValueError(f"{weight.numel()} token weights for {x.shape[0]} tokens and {self.groups} group(s)")
+        if self.groups == 1:
+            self.sum += (x.T @ (x * w)).double()
+            self.count += float(w.double().sum())
+            return
+        for k in range(self.groups):
+            self.sum[k] += (x.T @ (x * w[:, k : k + 1])).double()
+        self.count += w.double().sum(0)
 
     def hessian(self) -> torch.Tensor:
-        if self.count == 0:
-            raise RuntimeError("no calibration inputs reached this layer")
-        return (2.0 * self.sum / self.count).float()
+        """[in, in], or [groups, in, in]."""
+        if self.groups == 1:
+            if self.count == 0:
+                raise RuntimeError("no calibration inputs reached this layer")
+            return (2.0 * self.sum / self.count).float()
+        if bool((self.count == 0).any()):
+            raise RuntimeError("no calibration inputs (or no loss gradient) reached a group of this layer")
+        return (2.0 * self.sum / self.count[:, None, None]).float()

@@ -80,7 +80,9 @@ def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Call
 
     def on_input(name: str, x: torch.Tensor) -> None:
         if token_weights is not None:
-            accs.setdefault(name, HessianAccumulator(x.shape[-1])).add(x, token_weights[name][calls[0]])
+            w = token_weights[name][calls[0]]  # [batch, seq] or [batch, seq, groups]
+            groups = w.shape[-1] if w.dim() == x.dim() else 1
+            accs.setdefault(name, HessianAccumulator(x.shape[-1], groups)).add(x, w)
             return
         first = next((n for t, n in seen if t is x), None)
         if first is None:

@@ -29,8 +29,9 @@ from .calib.walker import BlockInputs, hidden_of, walk_blocks, whole_model_hessi
 from .errors import LowbitError
 from .formats import GroupLayout, SearchSpace
 from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
-from .nn import PTQ161Linear, QuantLinear
+from .nn import PTQ161Linear, QuantLinear, RotatedQuantLinear
 from .recipe import PreprocessOptions, Recipe, Scheme
+from .rotate import HadamardRotation, RotateError
 
 if TYPE_CHECKING:
     from .parallel import Parallel
@@ -131,6 +132,14 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
     if plan.scheme.needs_calibration and hessian is None:
         raise QuantizeError(f"{name}: {method} {plan.scheme.format} needs calibration inputs but none reached this layer")
     gptq_cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
+    rotation = None
+    if recipe.rotate == "hadamard":  # quantize W T^T on the rotated inputs' Hessian T H T^T
+        try:
+            rotation = HadamardRotation.for_layer(w.shape[1], name, recipe.calib.seed)
+        except RotateError as exc:
+            raise QuantizeError(f"{exc}; or quantize without --rotate") from None
+        w = rotation.weight(w)
+        hessian = None if hessian is None else rotation.hessian(hessian)
     bias = getattr(module, "bias", None)
     bias = None if bias is None else bias.detach()
     extra: dict = {}
@@ -152,15 +161,17 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
             qw = gptq_quantize(w, hessian, grid, plan.layout, gptq_cfg)
         else:
             qw = rtn_quantize(w, grid, plan.layout)
-        layer = QuantLinear.from_quantized(qw, bias)
+        layer = (QuantLinear.from_quantized(qw, bias) if rotation is None
+                 else RotatedQuantLinear.from_rotated(qw, bias, rotation))
     model.set_submodule(name, layer)
     return {
         "method": method,
         "grid": layer.entry()["grid"],
         "group_size": plan.layout.group_size,
         "shape": list(qw.shape),
-        "bpw": qw.bits_per_weight(),
+        "bpw": layer.bits_per_weight(),  # everything stored: with a rotation, its signs too
         "seconds": time.perf_counter() - start,
+        **({"rotation": f"hadamard/{rotation.block}"} if rotation is not None else {}),
         **({"target": plan.target} if plan.target else {}),
         **({"target_note": plan.note} if plan.note else {}),
         **extra,

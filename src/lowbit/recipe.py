@@ -13,6 +13,7 @@
       # {steps: 100, rank: 64, alpha: 16, lr: 1e-3, loss: distill, targets: null, batch_size: 8, seed: 0}
     hessian: inputs         # fisher: tokens weighted by the loss gradient at each layer's output (GuidedQuant)
     hessian_groups: 1       # with fisher: one weighted Hessian per group of output channels
+    rotate: none            # hadamard: randomized Hadamard rotation of each layer's inputs (QuIP#/QuaRot incoherence)
     scaling: none           # awq: activation-aware scales per input channel, folded into the norm / layer before
     awq: {grid: 20, duo: true}   # AWQ's search: alpha on a grid of [0, 1); duo: divide by the weight magnitude too
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
@@ -278,6 +279,9 @@ class Recipe(Scheme):
     awq: AWQOptions = AWQOptions()
     # nearest: the method's codes; learned: each block's codes refined by SignRound on its output error
     rounding: Literal["nearest", "learned"] = "nearest"
+    # hadamard: every quantized layer's input side rotated by a randomized Hadamard transform first
+    # (incoherence processing, `lowbit.rotate`); the runtime rotates the activations
+    rotate: Literal["none", "hadamard"] = "none"
     signround: SignRoundOptions = SignRoundOptions()
     # inputs: GPTQ's H = 2 X^T X / n; fisher: each token weighted by the loss gradient at the layer's
     # output (GuidedQuant's loss-aware Hessian, `calib.fisher`), for every method that reads Hessians
@@ -292,6 +296,19 @@ class Recipe(Scheme):
     overrides: list[Override] = []
 
     _target = model_validator(mode="before")(classmethod(lambda cls, data: _apply_target(_lift_symmetric(data))))
+
+    @model_validator(mode="after")
+    def _rotate_combines(self) -> "Recipe":
+        if self.rotate == "none":
+            return self
+        clash = [what for what, on in (("method: ptq161", self.method == "ptq161"
+                                         or any(o.method == "ptq161" for o in self.overrides)),
+                                        ("scaling: awq", self.scaling != "none"), ("rounding: learned", self.rounding != "nearest"),
+                                        (f"target: {self.target}", self.target is not None)) if on]
+        if clash:
+            raise ValueError(f"rotate: {self.rotate} does not combine with {', '.join(clash)} yet (an export target "
+                             "has no rotated layout); drop one of them")
+        return self
 
     @model_validator(mode="after")
     def _groups_need_fisher(self) -> "Recipe":
@@ -360,7 +377,8 @@ class Recipe(Scheme):
                    | ({"target"} if self.target is None else set()) | ({"scaling", "awq"} if self.scaling == "none" else set())
                    | ({"rounding", "signround"} if self.rounding == "nearest" else set())
                    | ({"hessian"} if self.hessian == "inputs" else set())
-                   | ({"hessian_groups"} if self.hessian_groups == 1 else set()))
+                   | ({"hessian_groups"} if self.hessian_groups == 1 else set())
+                   | ({"rotate"} if self.rotate == "none" else set()))
         return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod

@@ -29,9 +29,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import GroupLayout, Grid, round_to_fp16
-from ..nn import QuantLinear
+from ..nn import QuantLinear, RotatedQuantLinear
 from ..nn.base import store_weight
 from ..qtensor import QuantizedWeight
+from ..rotate import HadamardRotation
 from .distill import batches, distill_loss, optimizer_step, progress
 
 
@@ -80,6 +81,9 @@ class TunableLinear(nn.Module):
                                        for k, v in qw.params.items() if k in self.shared})
         self.fixed = {k: v.clone() for k, v in qw.params.items() if k not in self.shared}  # integer zero points, coded scales
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
+        # a Hadamard-rotated layer's stored weight acts on rotated inputs (`nn.rotated_linear`)
+        self.rotation = (HadamardRotation(layer.rotation.signs.clone(), layer.rotation.block)  # out of inference mode
+                         if isinstance(layer, RotatedQuantLinear) else None)
 
     def _expanded(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.repeat_interleave(self.shared[k], dim=1) if self.shared[k] > 1 else v for k, v in values.items()}
@@ -89,7 +93,7 @@ class TunableLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.layout.decode(self.grid, self.codes, self.params())
-        return F.linear(x, w, self.bias)
+        return F.linear(x if self.rotation is None else self.rotation.apply(x), w, self.bias)
 
     def quantized_weight(self) -> QuantizedWeight:
         """The tuned weight as stored: fp16 fields rounded to fp16, codes and other fields unchanged."""
@@ -129,7 +133,7 @@ def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tenso
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    layers = {n: m for n, m in student.named_modules() if type(m) is QuantLinear}
+    layers = {n: m for n, m in student.named_modules() if type(m) in (QuantLinear, RotatedQuantLinear)}
     tunable = {n: TunableLinear(m) for n, m in layers.items()}
     params = [p for t in tunable.values() for p in t.tuned.values()]
     norms: list[nn.Parameter] = []

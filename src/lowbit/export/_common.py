@@ -57,9 +57,12 @@ def read_artifact(artifact_dir: str | Path) -> ArtifactContents:
     for name, entry in header["modules"].items():
         kind = entry.get("kind", "linear")
         if kind != "linear":
+            what = {"ptq161": "salient channels plus binary weights",
+                    "rotated-linear": "a Hadamard-rotated weight, which needs the rotation applied to its inputs at run time"}
             raise ExportError(
-                f"module {name} is a {kind!r} module (salient channels plus binary weights); only plain quantized "
+                f"module {name} is a {kind!r} module ({what.get(kind, 'not a plain quantized linear')}); only plain quantized "
                 f"linears (kind 'linear') map onto an integer checkpoint format: re-quantize without that method"
+                + (" (drop --rotate)" if kind == "rotated-linear" else "")
             )
         layer = module_from_entry(entry)
         own = {k.removeprefix(name + "."): v for k, v in quantized.items() if k.startswith(name + ".")}

@@ -308,7 +308,7 @@ def write_model_gguf(model: torch.nn.Module, tokenizer_dir: Path, out: Path, typ
     tied = bool(getattr(config, "tie_word_embeddings", False))
     for mname, module in model.named_modules():
         if mname in qnames:
-            if not isinstance(module, QuantLinear):
+            if type(module) is not QuantLinear:  # a rotated layer needs its inputs rotated: no GGUF type holds it
                 raise ExportError(f"{mname} is not a QuantLinear; it cannot be written as {types[mname]}")
             raw = head_permute(mname + ".weight", pack_blocks(module.quantized_weight(), types[mname], mname))
             tensors.append((gguf_name(mname + ".weight"), raw, getattr(gguf.GGMLQuantizationType, types[mname])))

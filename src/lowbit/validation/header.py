@@ -45,7 +45,7 @@ class _Open(_Checked):
 
 
 class ModuleEntry(_Open):
-    kind: Literal["linear", "ptq161"] = "linear"
+    kind: Literal["linear", "ptq161", "rotated-linear"] = "linear"
     grid: dict[str, Any]
     shape: Annotated[list[Dim], Field(min_length=2, max_length=2)]
     group_size: Annotated[int, Field(ge=-1, le=MAX_DIM)]

@@ -29,6 +29,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -36,7 +37,9 @@ from torch import nn
 
 from . import __version__
 from .checksum import sha256_file
+from .coding import CodedSymbols, CodingError, decode_symbols, encode_symbols
 from .errors import ArtifactError  # noqa: F401  (re-exported: callers catch lowbit.artifact.ArtifactError)
+from .formats import grid_from_spec
 from .models import auto_class, is_linear, linear_weight
 from .nn import QuantModule, module_from_entry
 from .runtime.dense import keep_half_precision
@@ -82,10 +85,55 @@ def dense_state(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tenso
     return dense, aliases
 
 
-def _module_entry(name: str, module: QuantModule, info: dict) -> dict:
+def _module_entry(name: str, module: QuantModule, info: dict, coded: CodedSymbols | None = None) -> dict:
     stored = module.storage_bytes()
     numel = module.in_features * module.out_features
-    return {**info, **module.entry(), "numel": numel, "stored_bytes": stored, "bpw": 8 * sum(stored.values()) / numel}
+    extra: dict = {}
+    if coded is not None:  # the codes are stored as an ANS stream and its model (`coding.ans`)
+        extra = {"coding": {"codes": {"kind": "ans", "n": coded.n, "words": int(coded.words.size),
+                                      "alphabet": int(coded.counts.size)}},
+                 "bpw_packed": 8 * sum(stored.values()) / numel}
+        stored = {**stored, "codes": coded.nbytes}
+    return {**info, **module.entry(), "numel": numel, "stored_bytes": stored, "bpw": 8 * sum(stored.values()) / numel,
+            **extra}
+
+
+#: module kinds whose main codes (the `codes` buffer of one QuantizedWeight) can be stored entropy-coded
+CODED_KINDS = ("linear", "rotated-linear")
+
+
+def _entropy_code(module: QuantModule) -> CodedSymbols | None:
+    """The module's codes as an ANS stream, or None where that would not be smaller than packed."""
+    if module.kind not in CODED_KINDS:
+        return None
+    qw = module.quantized_weight()
+    coded = encode_symbols(qw.codes.numpy(), 2**qw.grid.bits)
+    return coded if coded.nbytes < qw.grid.packed_nbytes(qw.codes.numel()) else None
+
+
+def _coded_tensors(coded: CodedSymbols) -> dict[str, torch.Tensor]:
+    words = np.ascontiguousarray(coded.words, dtype="<u4").view(np.uint8)
+    return {"codes_ans": torch.from_numpy(words.copy()), "codes_ans_counts": torch.from_numpy(coded.counts.astype(np.int32))}
+
+
+def decode_coded_modules(header: dict, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Replace every entropy-coded module's stream in `tensors` by its packed `codes`, in place."""
+    for name, entry in header["modules"].items():
+        spec = (entry.get("coding") or {}).get("codes")
+        if spec is None:
+            continue
+        words = tensors.pop(f"{name}.codes_ans")
+        counts = tensors.pop(f"{name}.codes_ans_counts")
+        grid = grid_from_spec(entry["grid"])
+        coded = CodedSymbols(np.frombuffer(words.numpy().tobytes(), dtype="<u4"), counts.numpy(), int(spec["n"]))
+        try:
+            codes = decode_symbols(coded)
+        except CodingError as exc:
+            raise ArtifactError(f"{where}: module {name}: {exc}") from None
+        out_f, in_f = entry["shape"]
+        if coded.n != out_f * in_f or codes.size and int(codes.max()) >= 2**grid.bits:
+            raise ArtifactError(f"{where}: module {name}: its coded codes do not fit its {out_f}x{in_f} {grid.bits}-bit grid")
+        tensors[f"{name}.codes"] = grid.pack(torch.from_numpy(codes.astype(np.uint8)).reshape(out_f, in_f))
 
 
 class ArtifactWriter:
@@ -95,10 +143,12 @@ class ArtifactWriter:
     the same pieces give the same bytes, whatever order they came in."""
 
     def __init__(self, out: str | Path, *, force: bool = False, sources: tuple[Path, ...] = (), work: Path | None = None,
-                 state: dict | None = None, max_shard_bytes: int | None = None) -> None:
+                 state: dict | None = None, max_shard_bytes: int | None = None, entropy_code: bool = False) -> None:
         """`work`: a work directory of the caller's choosing (one a resumed run finds again) instead
-        of a fresh one; `state` (from `state()`): continue what a previous writer there recorded."""
+        of a fresh one; `state` (from `state()`): continue what a previous writer there recorded.
+        `entropy_code`: store each linear's codes as an ANS stream where that is smaller (`coding`)."""
         self.out = Path(out)
+        self.entropy_code = entropy_code
         self.max_shard_bytes = max_shard_bytes
         check_output(self.out, force=force, sources=sources)
         clean_stale_work_dirs(self.out)
@@ -119,9 +169,14 @@ class ArtifactWriter:
         return {"quantized": self.quantized.state(), "modules": self.modules}
 
     def add_module(self, name: str, module: QuantModule, info: dict | None = None) -> None:
-        for key, value in module.state_dict().items():
+        coded = _entropy_code(module) if self.entropy_code else None
+        state = module.state_dict()
+        if coded is not None:
+            del state["codes"]
+            state.update(_coded_tensors(coded))
+        for key, value in state.items():
             self.quantized.add(f"{name}.{key}", value)
-        self.modules[name] = _module_entry(name, module, info or {})
+        self.modules[name] = _module_entry(name, module, info or {}, coded)
 
     def add_dense(self, key: str, value: torch.Tensor, dtype: torch.dtype) -> None:
         """A dense tensor, floating ones stored in `dtype` (the source checkpoint's)."""
@@ -199,6 +254,7 @@ def save(
     dense_dtype: torch.dtype = torch.float32,
     force: bool = False,
     max_shard_bytes: int | None = None,
+    entropy_code: bool = False,
 ) -> Path:
     """Write `model` (with quantized modules) as an artifact directory; returns its path.
     `force` replaces an existing artifact, never anything else. `max_shard_bytes`: split the
@@ -206,7 +262,7 @@ def save(
     out = Path(out_dir)
     sources = tuple(Path(p) for p in [(source or {}).get("path")] if p and Path(p).exists())
     qmods = quantized_modules(model)
-    writer = ArtifactWriter(out, force=force, sources=sources, max_shard_bytes=max_shard_bytes)
+    writer = ArtifactWriter(out, force=force, sources=sources, max_shard_bytes=max_shard_bytes, entropy_code=entropy_code)
     with writer:
         if not qmods:
             raise ArtifactError("the model holds no quantized module; quantize it before saving")
@@ -279,10 +335,12 @@ def quantized_files(header: dict) -> list[str]:
 
 
 def load_quantized(root: Path, header: dict) -> dict[str, torch.Tensor]:
-    """Every quantized tensor of the artifact, from its one file or all its shards (memory-mapped)."""
+    """Every quantized tensor of the artifact, from its one file or all its shards (memory-mapped);
+    entropy-coded codes come back decoded and packed, as an uncoded artifact stores them."""
     tensors: dict[str, torch.Tensor] = {}
     for name in quantized_files(header):
         tensors.update(_load_tensors(root / name))
+    decode_coded_modules(header, tensors, str(root))
     return tensors
 
 

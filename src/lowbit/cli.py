@@ -123,6 +123,7 @@ def build_recipe(
     hessian: str | None = None,
     hessian_groups: int | None = None,
     rotate: str | None = None,
+    entropy_code: bool | None = None,
 ) -> Recipe:
     """A preset (if any), the recipe file (if any) laid over it, then the flags that were given."""
     data = preset(preset_name) if preset_name else {}
@@ -138,7 +139,7 @@ def build_recipe(
         data["format_options"] = {**data.get("format_options", {}), **parse_format_options(format_options)}
     flat = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric, "target": target,
             "scaling": scaling, "rounding": rounding, "hessian": hessian, "hessian_groups": hessian_groups,
-            "rotate": rotate}
+            "rotate": rotate, "entropy_code": entropy_code}
     data.update({k: v for k, v in flat.items() if v is not None})
     calib_opts = {"path": str(calib) if calib else None, "n_samples": n_samples, "seq_len": seq_len}
     data["calib"] = {**data.get("calib", {}), **{k: v for k, v in calib_opts.items() if v is not None}}
@@ -192,6 +193,7 @@ def quantize(
     hessian: Optional[str] = typer.Option(None, help="inputs | fisher: what GPTQ (and AWQ, the searches) weigh a layer's error by. inputs: H = 2 X^T X / n over the calibration tokens; fisher: each token weighted by how much the model's next-token loss reacts to the layer's output there (squared output gradient, from one backward pass of the float model: GuidedQuant's loss-aware Hessian; SmolLM2-135M GPTQ int4 g64: KL 0.114 -> 0.077). Causal LMs; not with --stream. (default: inputs)"),
     hessian_groups: Optional[int] = typer.Option(None, min=1, help="With --hessian fisher: split each layer's output channels into this many groups, each with its own loss-weighted Hessian (GuidedQuant's grouped Fisher blocks; 1 = one per layer); more groups follow the loss more closely and cost one Hessian and one GPTQ solve per group. (default: 1)"),
     rotate: Optional[str] = typer.Option(None, help="none | hadamard: rotate each quantized layer's inputs by a randomized Hadamard transform before quantizing (incoherence processing, QuIP#/QuaRot): the weight's outliers and the Hessian's are spread over blocks of the largest power of two dividing the width, which helps low-bit grids; the signs are stored (1 bit per input, counted in bpw) and the runtime rotates the activations (one fast Walsh-Hadamard transform). Any method but ptq161; no export target holds it. (default: none)"),
+    entropy_code: Optional[bool] = typer.Option(None, "--entropy-code", show_default=False, help="Store each quantized layer's codes ANS-coded under their own histogram (constriction): a smaller artifact, decoded exactly when loaded (the header gives both sizes: bpw and bpw_packed). Exports and the runtime see the same codes."),
     preset_name: Optional[str] = typer.Option(None, "--preset", help="Starting point, under --recipe and the flags: quality = GPTQ on loss-aware (Fisher) Hessians, causal LMs (SmolLM2-135M int4 g64: KL 0.077, about 260 s on 2 cores, 2.2x llm-compressor GPTQ's time); fast = RTN, no calibration (KL 0.305, seconds)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
@@ -209,7 +211,7 @@ def quantize(
     with _guard():
         r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
                          format_option, preprocess_steps, tune_steps, target, scaling, preset_name, rounding,
-                         hessian, hessian_groups, rotate)
+                         hessian, hessian_groups, rotate, entropy_code)
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
         shard_bytes = parse_size(max_shard_size, "--max-shard-size")

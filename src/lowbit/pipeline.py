@@ -85,6 +85,7 @@ def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = Fa
         loaded.model, out, tokenizer=loaded.tokenizer, source=source, recipe=recipe.to_dict(),
         module_info={n: {k: m[k] for k in ("method", "target", "target_note") if k in m} for n, m in job.report.modules.items()},
         skipped=job.report.skipped, dense_dtype=loaded.dtype, force=force, max_shard_bytes=max_shard_bytes,
+        entropy_code=recipe.entropy_code,
     )
 
 

@@ -13,6 +13,7 @@
       # {steps: 100, rank: 64, alpha: 16, lr: 1e-3, loss: distill, targets: null, batch_size: 8, seed: 0}
     hessian: inputs         # fisher: tokens weighted by the loss gradient at each layer's output (GuidedQuant)
     hessian_groups: 1       # with fisher: one weighted Hessian per group of output channels
+    entropy_code: false     # true: codes stored ANS-coded (smaller file, same weights after loading)
     rotate: none            # hadamard: randomized Hadamard rotation of each layer's inputs (QuIP#/QuaRot incoherence)
     scaling: none           # awq: activation-aware scales per input channel, folded into the norm / layer before
     awq: {grid: 20, duo: true}   # AWQ's search: alpha on a grid of [0, 1); duo: divide by the weight magnitude too
@@ -282,6 +283,9 @@ class Recipe(Scheme):
     # hadamard: every quantized layer's input side rotated by a randomized Hadamard transform first
     # (incoherence processing, `lowbit.rotate`); the runtime rotates the activations
     rotate: Literal["none", "hadamard"] = "none"
+    # store each quantized linear's codes ANS-coded under their histogram (`lowbit.coding`): a
+    # smaller file, the same codes after loading
+    entropy_code: bool = False
     signround: SignRoundOptions = SignRoundOptions()
     # inputs: GPTQ's H = 2 X^T X / n; fisher: each token weighted by the loss gradient at the layer's
     # output (GuidedQuant's loss-aware Hessian, `calib.fisher`), for every method that reads Hessians
@@ -378,7 +382,8 @@ class Recipe(Scheme):
                    | ({"rounding", "signround"} if self.rounding == "nearest" else set())
                    | ({"hessian"} if self.hessian == "inputs" else set())
                    | ({"hessian_groups"} if self.hessian_groups == 1 else set())
-                   | ({"rotate"} if self.rotate == "none" else set()))
+                   | ({"rotate"} if self.rotate == "none" else set())
+                   | ({"entropy_code"} if not self.entropy_code else set()))
         return self.model_dump(mode="json", exclude=exclude or None)
 
     @classmethod

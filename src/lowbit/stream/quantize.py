@@ -275,7 +275,7 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
         report.modules.update(saved["modules"])
         start_hidden = record.hidden(start) if start and needs_hessian else None
     writer = ArtifactWriter(out, force=force, sources=(root,), work=work / ARTIFACT, state=state,
-                            max_shard_bytes=max_shard_bytes)
+                            max_shard_bytes=max_shard_bytes, entropy_code=recipe.entropy_code)
     try:
         job = _Job(model, src, plans, recipe, report, writer, record, done, start)
         _run(job, blocks, batches, kind, needs_hessian, start_hidden, show_progress)

@@ -44,6 +44,15 @@ class _Open(_Checked):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, frozen=True, extra="allow")
 
 
+class CodedStream(_Checked):
+    """An entropy-coded tensor (`lowbit.coding`): n symbols below `alphabet` in `words` uint32 words."""
+
+    kind: Literal["ans"]
+    n: Count
+    words: Count
+    alphabet: Annotated[int, Field(ge=2, le=256)]
+
+
 class ModuleEntry(_Open):
     kind: Literal["linear", "ptq161", "rotated-linear"] = "linear"
     grid: dict[str, Any]
@@ -57,6 +66,7 @@ class ModuleEntry(_Open):
     method: str | None = None
     n_salient: Dim | None = None
     block_size: Dim | None = None
+    coding: dict[Literal["codes"], CodedStream] | None = None
 
     @field_validator("grid")
     @classmethod

@@ -59,6 +59,13 @@ def module_specs(header: Header, where: str) -> dict[str, dict[str, TensorSpec]]
             out[name] = module_class(raw).state_specs(raw)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise StoredTensorError(f"{where}: module {name} cannot be rebuilt: {exc}") from None
+        coded = (entry.coding or {}).get("codes")
+        if coded is not None:  # stored as an ANS stream and its model instead of packed codes
+            if "codes" not in out[name] or coded.n != entry.numel:
+                raise StoredTensorError(f"{where}: module {name} claims coded codes that its kind or shape does not have")
+            del out[name]["codes"]
+            out[name]["codes_ans"] = ((4 * coded.words,), torch.uint8)
+            out[name]["codes_ans_counts"] = ((coded.alphabet,), torch.int32)
         claimed = sum(entry.stored_bytes.values())
         counted = sum(_nbytes(s) for k, s in out[name].items() if k != "bias")
         if claimed != counted:

@@ -63,6 +63,21 @@ LEARNED_CONFIGS = [("gptq", 3, 64, True, 0), ("gptq", 4, 64, True, 0), ("gptq", 
 FISHER_CONFIGS = [("gptq", 4, 64, False, True, 0), ("gptq", 3, 64, False, True, 0), ("gptq", 4, 64, True, True, 0),
                   ("gptq", 3, 64, True, True, 0), ("gptq", 4, 128, False, True, 0),
                   ("gptq", 4, 64, False, True, 40), ("gptq", 3, 64, False, True, 40)]
+# GuidedQuant's output-channel groups, Hadamard rotation (incoherence processing) and entropy-coded
+# storage, each on the settings it is meant for: (id suffix, method, bits, group, label, recipe keys)
+MORE_CONFIGS = [
+    ("fisher-g4", "gptq", 4, 64, "Fisher Hessians, 4 channel groups", {"hessian": "fisher", "hessian_groups": 4}),
+    ("fisher-ans", "gptq", 4, 64, "Fisher Hessians, ANS-coded codes", {"hessian": "fisher", "entropy_code": True}),
+    ("fisher-ans", "gptq", 3, 64, "Fisher Hessians, ANS-coded codes", {"hessian": "fisher", "entropy_code": True}),
+    ("fisher-tune40-ans", "gptq", 3, 64, "Fisher Hessians, tuned 40 steps, ANS-coded codes",
+     {"hessian": "fisher", "tune": {"steps": 40, "batch_size": 2, "lr": 2e-4}, "entropy_code": True}),
+    ("rot", "gptq", 3, 64, "Hadamard-rotated inputs", {"rotate": "hadamard"}),
+    ("rot", "gptq", 2, 64, "Hadamard-rotated inputs", {"rotate": "hadamard"}),
+    ("rot", "rtn", 3, 64, "Hadamard-rotated inputs", {"rotate": "hadamard"}),
+    ("fisher-rot", "gptq", 4, 64, "Fisher Hessians, Hadamard-rotated inputs", {"hessian": "fisher", "rotate": "hadamard"}),
+    ("fisher-rot", "gptq", 3, 64, "Fisher Hessians, Hadamard-rotated inputs", {"hessian": "fisher", "rotate": "hadamard"}),
+    ("fisher-rot", "gptq", 2, 64, "Fisher Hessians, Hadamard-rotated inputs", {"hessian": "fisher", "rotate": "hadamard"}),
+]
 HOLDOUT = 4  # the tuning rows again, with 4 of the calibration windows held out to keep or discard the tuning
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)
 GRID_GROUP = 64  # the grid zoo's rows: groups of 64 unless the format fixes its own block (mxfp4, nvfp4)
@@ -134,6 +149,9 @@ def lowbit_configs() -> list[dict]:
             held = {**recipe, "tune": {**recipe["tune"], "holdout": HOLDOUT}}
             out.append(_lowbit(f"{cid}-hold{HOLDOUT}", m, f"int{b}", b, g,
                                ", ".join(parts) + f" (kept if {HOLDOUT} held-out windows agree)", recipe=held))
+    for suffix, m, b, g, label, recipe in MORE_CONFIGS:
+        out.append(_lowbit(f"{lowbit_id(m, b, g, False)}-{suffix}", m, f"int{b}", b, g, f"int{b} g{g} asym, {label}",
+                           recipe=recipe))
     for p in NESTED_PRECISIONS:
         out.append(_lowbit(f"lowbit:rtn-nested8-g{GRID_GROUP}@{p}", "rtn", "nested8", p, GRID_GROUP,
                            f"nested8 g{GRID_GROUP} loaded at {p} bits", precision=p))

@@ -63,20 +63,27 @@ LEARNED_CONFIGS = [("gptq", 3, 64, True, 0), ("gptq", 4, 64, True, 0), ("gptq", 
 FISHER_CONFIGS = [("gptq", 4, 64, False, True, 0), ("gptq", 3, 64, False, True, 0), ("gptq", 4, 64, True, True, 0),
                   ("gptq", 3, 64, True, True, 0), ("gptq", 4, 128, False, True, 0),
                   ("gptq", 4, 64, False, True, 40), ("gptq", 3, 64, False, True, 40)]
-# GuidedQuant's output-channel groups, Hadamard rotation (incoherence processing) and entropy-coded
-# storage, each on the settings it is meant for: (id suffix, method, bits, group, label, recipe keys)
+# `--preset quality` (GPTQ, Fisher Hessians, each group's parameters searched for the least rounding
+# error: mse_fit), then on top of it GuidedQuant's output-channel groups, Hadamard rotation
+# (incoherence processing), end-to-end tuning and entropy-coded storage; rotation alone on plain
+# GPTQ/RTN at 3 and 2 bits. (id suffix, method, bits, group, label, recipe keys)
+QUALITY = {"hessian": "fisher", "format_options": {"mse_fit": True}}
+TUNE40 = {"tune": {"steps": 40, "batch_size": 2, "lr": 2e-4}}
 MORE_CONFIGS = [
-    ("fisher-g4", "gptq", 4, 64, "Fisher Hessians, 4 channel groups", {"hessian": "fisher", "hessian_groups": 4}),
-    ("fisher-ans", "gptq", 4, 64, "Fisher Hessians, ANS-coded codes", {"hessian": "fisher", "entropy_code": True}),
-    ("fisher-ans", "gptq", 3, 64, "Fisher Hessians, ANS-coded codes", {"hessian": "fisher", "entropy_code": True}),
-    ("fisher-tune40-ans", "gptq", 3, 64, "Fisher Hessians, tuned 40 steps, ANS-coded codes",
-     {"hessian": "fisher", "tune": {"steps": 40, "batch_size": 2, "lr": 2e-4}, "entropy_code": True}),
+    ("fisher-mse", "gptq", 4, 64, "Fisher Hessians, MSE-fitted groups", QUALITY),
+    ("fisher-mse-ans", "gptq", 4, 64, "Fisher Hessians, MSE-fitted groups, ANS-coded codes", {**QUALITY, "entropy_code": True}),
+    ("fisher-mse-g4", "gptq", 4, 64, "Fisher Hessians (4 channel groups), MSE-fitted groups", {**QUALITY, "hessian_groups": 4}),
+    ("fisher-mse-rot", "gptq", 4, 64, "Fisher Hessians, MSE-fitted groups, Hadamard-rotated inputs", {**QUALITY, "rotate": "hadamard"}),
+    ("fisher-mse", "gptq", 3, 64, "Fisher Hessians, MSE-fitted groups", QUALITY),
+    ("fisher-mse-rot", "gptq", 3, 64, "Fisher Hessians, MSE-fitted groups, Hadamard-rotated inputs", {**QUALITY, "rotate": "hadamard"}),
     ("rot", "gptq", 3, 64, "Hadamard-rotated inputs", {"rotate": "hadamard"}),
     ("rot", "gptq", 2, 64, "Hadamard-rotated inputs", {"rotate": "hadamard"}),
+    ("fisher-mse-rot", "gptq", 2, 64, "Fisher Hessians, MSE-fitted groups, Hadamard-rotated inputs", {**QUALITY, "rotate": "hadamard"}),
     ("rot", "rtn", 3, 64, "Hadamard-rotated inputs", {"rotate": "hadamard"}),
-    ("fisher-rot", "gptq", 4, 64, "Fisher Hessians, Hadamard-rotated inputs", {"hessian": "fisher", "rotate": "hadamard"}),
-    ("fisher-rot", "gptq", 3, 64, "Fisher Hessians, Hadamard-rotated inputs", {"hessian": "fisher", "rotate": "hadamard"}),
-    ("fisher-rot", "gptq", 2, 64, "Fisher Hessians, Hadamard-rotated inputs", {"hessian": "fisher", "rotate": "hadamard"}),
+    ("fisher-mse", "gptq", 4, 128, "Fisher Hessians, MSE-fitted groups", QUALITY),
+    ("fisher-mse-tune40", "gptq", 3, 64, "Fisher Hessians, MSE-fitted groups, tuned 40 steps", {**QUALITY, **TUNE40}),
+    ("fisher-mse-tune40-ans", "gptq", 3, 64, "Fisher Hessians, MSE-fitted groups, tuned 40 steps, ANS-coded codes",
+     {**QUALITY, **TUNE40, "entropy_code": True}),
 ]
 HOLDOUT = 4  # the tuning rows again, with 4 of the calibration windows held out to keep or discard the tuning
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)

@@ -139,7 +139,12 @@ def test_presets_lie_under_the_recipe_file_and_the_flags(tmp_path):
         return build_recipe(**{**args, **kw})
 
     q = build(preset_name="quality")
-    assert (q.method, q.hessian, q.scaling) == ("gptq", "fisher", "none")
+    assert (q.method, q.hessian, q.scaling, q.format_options) == ("gptq", "fisher", "none", {"mse_fit": True})
+    # the grid-wide mse_fit follows a change of format wherever the new one takes it
+    assert build(preset_name="quality", bits=3).format_options == {"mse_fit": True}
+    assert build(preset_name="quality", fmt="nf4").grid().spec()["mse_fit"] is True
+    assert build(preset_name="quality", fmt="fp4_search").format_options == {}
+    assert build(preset_name="quality", format_options=["mse_fit=false"]).format_options == {"mse_fit": False}
     assert build(preset_name="fast").method == "rtn" and build(preset_name="fast").hessian == "inputs"
     assert build(preset_name="quality", method="rtn").hessian == "fisher"  # a flag changes one key only
     assert build(preset_name="quality", scaling="awq").hessian == "fisher"

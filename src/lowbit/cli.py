@@ -21,7 +21,7 @@ from rich.table import Table
 from . import __version__
 from .errors import LowbitError
 from .formats import describe_formats
-from .recipe import Recipe, RecipeError, preset
+from .recipe import GRID_WIDE_OPTIONS, Recipe, RecipeError, preset
 
 app = typer.Typer(
     help="lowbit: quantize a model to a bit budget, store it packed, load it and measure what it cost.",
@@ -100,6 +100,16 @@ def _main(
     _state["debug"] = debug
 
 
+def _format_takes(fmt: str, options: dict) -> bool:
+    from .formats import get_format
+
+    try:
+        get_format(fmt, **options)
+    except LowbitError:
+        return False
+    return True
+
+
 def build_recipe(
     recipe_file: Path | None,
     method: str | None,
@@ -134,7 +144,11 @@ def build_recipe(
             raise RecipeError(f"--format {fmt} and --bits {bits} disagree; give one of them")
         fmt = f"int{bits}"
     if fmt is not None and fmt.lower() != str(data.get("format", Recipe.model_fields["format"].default)).lower():
-        data.pop("format_options", None)  # the file's options belong to the file's format
+        # the file's options belong to the file's format; the grid-wide ones (a preset's mse_fit) stay
+        # where the new format takes them
+        wide = {k: v for k, v in data.pop("format_options", {}).items() if k in GRID_WIDE_OPTIONS}
+        if wide and _format_takes(fmt, wide):
+            data["format_options"] = wide
     if format_options:
         data["format_options"] = {**data.get("format_options", {}), **parse_format_options(format_options)}
     flat = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric, "target": target,

@@ -52,13 +52,17 @@ class RecipeError(LowbitError):
 
 # Named starting points (`lowbit quantize --preset`); a recipe file and flags are laid over them.
 # Measured on SmolLM2-135M, int4 g64, 32 x 512 calibration tokens, 4,096 eval tokens
-# (bench/results/smollm2): quality KL 0.087 in about 200 s on 2 cores; fast (RTN) KL 0.305 in seconds.
+# (bench/results/smollm2): see the README's table; fast (RTN) KL 0.305 in seconds.
 PRESETS: dict[str, dict[str, Any]] = {
-    # GPTQ on loss-aware (Fisher) Hessians: the lowest KL per bit measured on SmolLM2 (bench/results/smollm2);
-    # AWQ scales and end-to-end tuning both raised its KL there, so neither is in it
-    "quality": {"method": "gptq", "hessian": "fisher"},
+    # GPTQ on loss-aware (Fisher) Hessians with every group's parameters searched for the least
+    # rounding error (mse_fit): the lowest KL per bit measured on SmolLM2 (bench/results/smollm2);
+    # AWQ scales and end-to-end tuning both raised its KL at 4 bits there, so neither is in it
+    "quality": {"method": "gptq", "hessian": "fisher", "format_options": {"mse_fit": True}},
     "fast": {"method": "rtn"},  # round to nearest: no calibration
 }
+
+#: format options every grid takes (`formats.get_format`): they outlive a change of format
+GRID_WIDE_OPTIONS = ("mse_fit",)
 
 
 def preset(name: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats.vq import VQFormat
 from .formats import Grid, GroupLayout, Params
 from .pack import packed_nbytes
 
@@ -97,6 +98,37 @@ class PTQ161Weight:
         sizes.update({f"salient_{k}": v for k, v in self.salient.storage_bytes().items()})
         sizes.update({"signs": packed_nbytes(self.signs.numel(), 1), "alpha": 2 * self.alpha.numel(), "beta": 2 * self.beta.numel()})
         return sizes
+
+    def bits_per_weight(self) -> float:
+        return 8 * sum(self.storage_bytes().values()) / self.numel
+
+
+@dataclass
+class VQWeight:
+    """A vector-codebook weight (`formats.vq`): `codes: [out, in / dim]` indices into
+    `codebook: [2^bits, dim]` (fp16-exact float32), times `scales: [out]` (fp16-exact) per row:
+    W[i, d*j : d*(j+1)] = scales[i] * codebook[codes[i, j]]."""
+
+    codes: torch.Tensor
+    codebook: torch.Tensor
+    scales: torch.Tensor
+    fmt: "VQFormat"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.codes.shape[0], self.codes.shape[1] * self.fmt.dim)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] float32 weights."""
+        out, n_vec = self.codes.shape
+        return self.codebook[self.codes.long()].reshape(out, n_vec * self.fmt.dim) * self.scales[:, None]
+
+    def storage_bytes(self) -> dict[str, int]:
+        return self.fmt.storage_bytes(*self.shape)
 
     def bits_per_weight(self) -> float:
         return 8 * sum(self.storage_bytes().values()) / self.numel

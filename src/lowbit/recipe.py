@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from .algos import METHODS
 from .errors import LowbitError
 from .formats import Grid, MissingFormatOptionError, SearchSpace, UnknownFormatError, get_format
+from .formats.vq import VQFormat
 
 # methods that need calibration inputs (layer Hessians)
 CALIBRATED_METHODS = ("gptq", "ptq161")
@@ -304,6 +305,21 @@ class Recipe(Scheme):
     overrides: list[Override] = []
 
     _target = model_validator(mode="before")(classmethod(lambda cls, data: _apply_target(_lift_symmetric(data))))
+
+    @model_validator(mode="after")
+    def _codebooks_combine(self) -> "Recipe":
+        schemes = [self._base(), *(_apply(self._base(), o) for o in self.overrides if not o.skip)]
+        vq = [s for s in schemes if isinstance(s.grid(), VQFormat)]
+        if not vq:
+            return self
+        clash = [what for what, on in (("method ptq161", any(s.method == "ptq161" for s in vq)),
+                                        ("scaling: awq", self.scaling != "none"), ("rounding: learned", self.rounding != "nearest"),
+                                        (f"rotate: {self.rotate}", self.rotate != "none"),
+                                        (f"target: {self.target}", self.target is not None)) if on]
+        if clash:
+            raise ValueError(f"vector codebook formats ({vq[0].format}) do not combine with {', '.join(clash)} yet: "
+                             "use a scalar format for that, or drop it")
+        return self
 
     @model_validator(mode="after")
     def _rotate_combines(self) -> "Recipe":

@@ -11,6 +11,8 @@ from .base import Grid
 from .binary import BinaryGrid
 from .clip import ClippedGrid
 from .mse_fit import MSEFitGrid
+from .vq import NAMED as NAMED_VQ
+from .vq import VQFormat
 from .int import IntGrid, IntMinGrid
 from .kquant import KQuantGrid
 from .log import LogGrid
@@ -193,7 +195,7 @@ EXAMPLE_NAMES = [
     "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp5_e2m2", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "mxfp4", "nvfp4",
     "nf4", "nf3", "lut", "power4", "post4", "log4", "ternary", "ternary2", "binary", "nested8",
 ]
-SEARCH_NAMES = ["fp4_search", "fp3_search", "power4_search", "power3_search"]
+SEARCH_NAMES = ["fp4_search", "fp3_search", "power4_search", "power3_search", "vq2", "vq3", "vq4x8"]
 
 
 def _build(fmt: _Format, match: re.Match[str], name: str, options: dict[str, Any]) -> Any:
@@ -234,14 +236,32 @@ def get_grid(name: str, **options: Any) -> Grid:
     raise UnknownFormatError(
         f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES + SEARCH_NAMES)} "
         "(see `lowbit formats` for the patterns: int2-8, int2-8_min, int4-6_k, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
-        "fpN_search, powerN_search)"
+        "fpN_search, powerN_search, vqDxK)"
     )
 
 
-def get_format(name: str, **options: Any) -> Grid | SearchSpace:
-    """A grid (`get_grid`) or, for a search name (`fp4_search`, `power3_search`), the search space
-    that `algos.format_search` chooses from per layer."""
+_CODEBOOKS: list[_Format] = [
+    _Format(
+        re.compile(r"vq([1-8])x([1-8])"),
+        lambda m, o: (_options(m.group(0), o, ()), VQFormat(int(m.group(1)), int(m.group(2))))[1],
+        "vector codebook: every d consecutive weights of a row -> one of 2^k codewords (vqDxK; vq2 = vq4x8, "
+        "vq3 = vq2x6), one fp16 codebook per layer, fp16 row scales; k-means + GPTQ-style error feedback "
+        "(VPTQ/GPTVQ) with method gptq, nearest codeword with rtn",
+        "k per d weights", "fp16 codebook per layer, fp16 scale per row",
+    ),
+]
+
+
+def get_format(name: str, **options: Any) -> Grid | SearchSpace | VQFormat:
+    """A grid (`get_grid`), for a search name (`fp4_search`, `power3_search`) the search space that
+    `algos.format_search` chooses from per layer, or for a codebook name (`vq4x8`, `vq2`) the
+    vector codebook format that `algos.vq` quantizes onto."""
     key = name.strip().lower()
+    key = "vq{}x{}".format(*NAMED_VQ[key]) if key in NAMED_VQ else key
+    for fmt in _CODEBOOKS:
+        match = fmt.pattern.fullmatch(key)
+        if match:
+            return _build(fmt, match, name, options)
     for fmt in _SEARCHES:
         match = fmt.pattern.fullmatch(key)
         if match:
@@ -259,5 +279,5 @@ def describe_formats() -> list[dict[str, str]]:
     """One row per format pattern: pattern, description, bits (code width), params (per block)."""
     return [
         {"pattern": f.pattern.pattern, "description": f.description, "bits": f.bits, "params": f.params}
-        for f in _FORMATS + _SEARCHES
+        for f in _FORMATS + _SEARCHES + _CODEBOOKS
     ]

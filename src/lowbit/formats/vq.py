@@ -1,0 +1,59 @@
+"""Vector codebook formats (`vq{d}x{k}`): every run of d consecutive weights of a row (along
+in_features) is replaced by the nearest of 2^k codewords of one codebook per layer, times one
+scale per row. A codeword index costs k bits for d weights: vq4x8 stores 2 bits per weight in
+codes, plus the codebook (2^k x d fp16 values per layer) and the row scales (fp16), all counted.
+
+At 2 bits per dimension a vector codebook sits closer to the rate-distortion bound than any
+scalar grid can (Lloyd-Max scalar: 2.74 dB from Shannon on a Gaussian, an 8-dim codebook about
+1.7 dB): the reason VPTQ, GPTVQ, AQLM and QuIP# reach ~2 bits where scalar GPTQ breaks. The
+quantizer (k-means for the codebook, then nearest codewords or GPTQ-style error feedback) is in
+`algos.vq`; this module says what is stored.
+
+These are not scalar grids (`base.Grid`): GPTQ's column loop, the scalar searches, AWQ and the
+export layouts do not take them; `algos.vq` quantizes them and `nn.VQLinear` runs them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..pack import packed_nbytes
+
+MAX_INDEX_BITS = 8  # codeword indices are packed like codes (1-8 bits); larger codebooks are not stored yet
+NAMED = {"vq2": (4, 8), "vq3": (2, 6)}  # ~2 and ~3 bits per weight in codes
+
+
+@dataclass(frozen=True)
+class VQFormat:
+    """d-dim codewords (`dim`), 2^`bits` of them, one codebook per layer, one fp16 scale per row."""
+
+    dim: int
+    bits: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.dim <= 8:
+            raise ValueError(f"vector dimension {self.dim}: use 1 to 8")
+        if not 1 <= self.bits <= MAX_INDEX_BITS:
+            raise ValueError(f"a codebook of 2^{self.bits} entries: use 2^1 to 2^{MAX_INDEX_BITS} (indices of 1-8 bits)")
+
+    @property
+    def name(self) -> str:
+        return f"vq{self.dim}x{self.bits}"
+
+    @property
+    def codebook_size(self) -> int:
+        return 2**self.bits
+
+    def spec(self) -> dict[str, Any]:
+        return {"format": self.name}
+
+    def check_width(self, in_features: int) -> None:
+        if in_features % self.dim:
+            raise ValueError(f"{self.name} cuts rows into vectors of {self.dim}, which do not tile width {in_features}")
+
+    def storage_bytes(self, out_features: int, in_features: int) -> dict[str, int]:
+        """Exact bytes stored for an [out, in] weight: packed indices, the fp16 codebook, fp16 row scales."""
+        self.check_width(in_features)
+        return {"codes": packed_nbytes(out_features * in_features // self.dim, self.bits),
+                "codebook": 2 * self.codebook_size * self.dim, "scales": 2 * out_features}

@@ -44,8 +44,8 @@ def _plusplus(x: torch.Tensor, w: torch.Tensor, k: int, gen: torch.Generator) ->
     return torch.stack(centroids)
 
 
-def kmeans(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, iters: int = 15, seed: int = 0,
-           init_sample: int = 1 << 13, sample: int = 1 << 16) -> torch.Tensor:
+def kmeans(x: torch.Tensor, k: int, weights: torch.Tensor | None = None, iters: int = 12, seed: int = 0,
+           init_sample: int = 1 << 12, sample: int = 1 << 15) -> torch.Tensor:
     """Centroids [k, d] of points `x: [n, d]` (float32), dimensions weighted by `weights: [n, d]`
     (None: all 1). The seeding runs on a random subset of at most `init_sample` points, Lloyd's
     iterations on one of at most `sample` points (a few hundred points per centroid fix it as well

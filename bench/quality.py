@@ -91,6 +91,8 @@ VQ_CONFIGS = [
     ("lowbit:gptq-vq2-fisher", "gptq", "vq2", 2, "vq4x8, Fisher Hessians", {"hessian": "fisher"}),
     ("lowbit:rtn-vq2", "rtn", "vq2", 2, "vq4x8, nearest codeword", {}),
     ("lowbit:gptq-vq3", "gptq", "vq3", 3, "vq2x6: 2-dim codewords, 64 per layer, GPTQ-style error feedback", {}),
+    ("lowbit:gptq-vq2-tune40", "gptq", "vq2", 2, "vq4x8, codebooks and scales tuned 40 steps (PV-Tuning's continuous step)",
+     TUNE40),
 ]
 HOLDOUT = 4  # the tuning rows again, with 4 of the calibration windows held out to keep or discard the tuning
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)

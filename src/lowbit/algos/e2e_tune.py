@@ -4,7 +4,7 @@ Large Language Models") and the continuous half of PV-Tuning (Malinovskii et al.
 
 After any post-training method has chosen the codes, every quantized layer's fp16 grid parameters
 (scales, and an fp16 min where the grid has one; integer zero points and coded block scales stay
-as they are), the norm weights and the biases are trained together against the original model's
+as they are; for vector codebooks the codebook and the row scales), the norm weights and the biases are trained together against the original model's
 next-token distributions (KL, `algos.distill`) on the calibration windows, then rounded back to
 what the artifact stores (fp16 parameters; norms in the artifact's dense dtype). The codes do not
 move, so the bits per weight do not change: the step only repairs what rounding each layer on its
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import GroupLayout, Grid, round_to_fp16
-from ..nn import QuantLinear, RotatedQuantLinear
+from ..nn import QuantLinear, RotatedQuantLinear, VQLinear
 from ..nn.base import store_weight
-from ..qtensor import QuantizedWeight
+from ..qtensor import QuantizedWeight, VQWeight
 from ..rotate import HadamardRotation
 from .distill import batches, distill_loss, optimizer_step, progress
 
@@ -102,6 +102,29 @@ class TunableLinear(nn.Module):
         return QuantizedWeight(self.codes, params, self.grid, self.layout)
 
 
+class TunableVQ(nn.Module):
+    """A VQLinear's weight as frozen codeword indices and a trainable codebook and row scales
+    (PV-Tuning's continuous step for vector codebooks): W = scales * codebook[codes]."""
+
+    def __init__(self, layer: VQLinear) -> None:
+        super().__init__()
+        qw = layer.quantized_weight()
+        self.fmt = qw.fmt
+        self.register_buffer("codes", qw.codes.clone())  # [out, in / dim], frozen
+        self.tuned = nn.ParameterDict({"codebook": nn.Parameter(qw.codebook.float().clone()),
+                                       "scales": nn.Parameter(qw.scales.float().clone())})
+        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = VQWeight(self.codes, self.tuned["codebook"], self.tuned["scales"], self.fmt).dequantize()
+        return F.linear(x, w, self.bias)
+
+    def quantized_weight(self) -> VQWeight:
+        with torch.no_grad():
+            return VQWeight(self.codes, round_to_fp16(self.tuned["codebook"].detach()),
+                            round_to_fp16(self.tuned["scales"].detach()), self.fmt)
+
+
 def _is_norm(module: nn.Module) -> bool:
     return type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, nn.LayerNorm)
 
@@ -133,8 +156,8 @@ def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tenso
     student.eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    layers = {n: m for n, m in student.named_modules() if type(m) in (QuantLinear, RotatedQuantLinear)}
-    tunable = {n: TunableLinear(m) for n, m in layers.items()}
+    layers = {n: m for n, m in student.named_modules() if type(m) in (QuantLinear, RotatedQuantLinear, VQLinear)}
+    tunable = {n: TunableVQ(m) if isinstance(m, VQLinear) else TunableLinear(m) for n, m in layers.items()}
     params = [p for t in tunable.values() for p in t.tuned.values()]
     norms: list[nn.Parameter] = []
     if cfg.norms:
@@ -175,7 +198,14 @@ def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tenso
         done = len(result.losses) == cfg.steps and result.kept
         with torch.inference_mode():  # the layers' buffers may be inference tensors: written in that mode
             for name, layer in layers.items():
-                if done:
+                if done and isinstance(layer, VQLinear):
+                    tuned = tunable[name].quantized_weight()
+                    layer.codebook.copy_(tuned.codebook.to(torch.float16))
+                    layer.scales.copy_(tuned.scales.to(torch.float16))
+                    if layer.bias is not None:
+                        layer.bias = nn.Parameter(tunable[name].bias.detach().clone(), requires_grad=False)
+                    layer._cached = None
+                elif done:
                     store_weight(layer, "", tunable[name].quantized_weight())
                     if layer.bias is not None:
                         layer.bias = nn.Parameter(tunable[name].bias.detach().clone(), requires_grad=False)

@@ -282,3 +282,21 @@ def test_two_process_gloo_run_equals_one_process(tiny_llama, calib_text, tmp_pat
             qwa, qwb = qa.quantized_weight(), quantized_modules(mb)[name].quantized_weight()
             differ = (qwa.codes.int() - qwb.codes.int()).abs()
             assert differ.max() <= 1 and (differ > 0).float().mean() < 0.01, (name, differ.max(), (differ > 0).float().mean())
+
+
+@pytest.mark.slow
+def test_two_process_streamed_run_equals_one_process(tiny_llama, calib_text, tmp_path):
+    """`torchrun --nproc-per-node 2 -m lowbit quantize --stream`: each rank reads the checkpoint
+    block by block, the Hessians of its share of the batches are all-reduced, the solves shared,
+    and rank 0 writes: with two batches the same bytes as one streamed process; --resume is refused
+    (a data-parallel streamed run keeps no progress)."""
+    args = ["quantize", tiny_llama, "--method", "gptq", "--bits", "4", "--group-size", "32", "--calib", calib_text,
+            "--seq-len", "32", "--n-samples", "16", "--stream"]
+    one = _lowbit(*args, "-o", tmp_path / "one")
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(*args, "-o", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert_same_artifact(tmp_path / "one", tmp_path / "two")
+    again = _torchrun(*args, "--resume", "-o", tmp_path / "three")
+    assert again.returncode != 0 and "keeps no progress to resume" in again.stderr
+    assert not (tmp_path / "three").exists()

@@ -234,15 +234,18 @@ def quantize(
         from .parallel import Parallel
 
         par = Parallel.from_env()  # under torchrun: data-parallel calibration, rank 0 writes
-        if par is not None and stream:
-            raise LowbitError("--stream does not run data-parallel yet: run one process (without torchrun)")
-        if par is not None and not par.is_main:
-            run_quantize(model, r, allow_pickle=allow_pickle, parallel=par, show_progress=False)
-            return
         if stream:
             from .stream.quantize import stream_quantize
-
-            path, report = stream_quantize(model, r, output, force=force, resume=resume, max_shard_bytes=shard_bytes)
+        if par is not None and not par.is_main:
+            if stream:
+                stream_quantize(model, r, output, force=force, resume=resume, max_shard_bytes=shard_bytes,
+                                show_progress=False, parallel=par)
+            else:
+                run_quantize(model, r, allow_pickle=allow_pickle, parallel=par, show_progress=False)
+            return
+        if stream:
+            path, report = stream_quantize(model, r, output, force=force, resume=resume, max_shard_bytes=shard_bytes,
+                                           parallel=par)
         else:
             job = run_quantize(model, r, allow_pickle=allow_pickle, parallel=par)
             path, report = save_job(job, r, output, force=force, max_shard_bytes=shard_bytes), job.report

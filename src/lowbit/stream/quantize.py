@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -52,6 +53,9 @@ from ..recipe import Recipe
 from ..runtime.dense import HALF, HalfEmbedding
 from ..validation.finite import NonFiniteError
 from .safetensors_io import CheckpointReader
+
+if TYPE_CHECKING:
+    from ..parallel import Parallel
 
 PROGRESS = "progress.json"
 ARTIFACT = "artifact"
@@ -201,10 +205,16 @@ class _Progress:
 
 
 def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool = False, resume: bool = False,
-                    show_progress: bool = True, max_shard_bytes: int | None = None) -> tuple[Path, QuantizeReport]:
+                    show_progress: bool = True, max_shard_bytes: int | None = None,
+                    parallel: "Parallel | None" = None) -> tuple[Path, QuantizeReport]:
     """Quantize the safetensors model `source` by `recipe` into the artifact `out`, holding one
     block (RTN: one layer) in float32 at a time. `resume`: continue an interrupted run of the same
-    arguments from its last finished block. Returns (artifact path, report)."""
+    arguments from its last finished block. `parallel`: this process's rank in a data-parallel run
+    (every rank calls this with the same arguments): the calibration batches are split, each
+    block's Hessians all-reduced and its layers solved round-robin and shared, as the in-memory
+    path does (`lowbit.parallel`); rank 0 alone writes the artifact. A data-parallel streamed run
+    keeps no progress record (each rank would need its own hidden states): it is not resumable.
+    Returns (artifact path, report)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoTokenizer
 
@@ -223,6 +233,9 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     if recipe.rounding != "nearest":
         raise StreamError("rounding: learned keeps a float copy of the original model's hidden states, which a streamed "
                           "run does not yet; quantize without --stream, or drop rounding")
+    if parallel is not None and resume:
+        raise StreamError("a data-parallel streamed run keeps no progress to resume: run --resume in one process, "
+                          "or start over without --resume")
     if recipe.calib.path:
         read_text(recipe.calib.path)
     path = resolve(source)
@@ -261,6 +274,10 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
 
     report = QuantizeReport(skipped=skipped)
     out = Path(out)
+    if parallel is not None:
+        return _stream_parallel(parallel, model, ckpt, src, plans, recipe, report, out, force, max_shard_bytes, blocks,
+                                batches, kind, needs_hessian, dense_keys, aliases, dtype, source, path, root, loaded,
+                                calib, tokenizer, started, show_progress)
     work = work_dir(out)
     record = _Progress(work, _fingerprint(str(source), root, ckpt, recipe))
     state, done, start, start_hidden = None, set(), 0, None
@@ -300,6 +317,39 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     return result, report
 
 
+class _NoRecord:
+    """A data-parallel run's stand-in for `_Progress`: it records nothing (not resumable)."""
+
+    def save(self, *_args, **_kwargs) -> None:
+        pass
+
+
+def _stream_parallel(parallel: "Parallel", model, ckpt, src, plans, recipe, report, out, force, max_shard_bytes, blocks,
+                     batches, kind, needs_hessian, dense_keys, aliases, dtype, source, path, root, loaded, calib, tokenizer,
+                     started, show_progress) -> tuple[Path, QuantizeReport]:
+    """`stream_quantize` under torchrun: every rank walks the blocks on its share of the batches;
+    rank 0 writes (its writer's work directory is an ordinary fresh one, removed on failure)."""
+    writer = (ArtifactWriter(out, force=force, sources=(root,), max_shard_bytes=max_shard_bytes,
+                             entropy_code=recipe.entropy_code) if parallel.is_main else None)
+    try:
+        job = _Job(model, src, plans, recipe, report, writer, _NoRecord(), set(), 0, parallel)
+        _run(job, blocks, parallel.shard(batches) if batches else batches, kind, needs_hessian, None,
+             show_progress and parallel.is_main)
+        if writer is None:
+            return out, report
+        _write_dense(job, dense_keys, aliases, dtype, str(source))
+        source_info = {"model": str(source), "path": path, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
+                       "source_format": loaded.source_format, "calibration": calib}
+        report.seconds = time.perf_counter() - started
+        result = writer.finish(config=model.config, tokenizer=tokenizer, source=source_info, recipe=recipe.to_dict(),
+                               skipped=report.skipped, dense_dtype=dtype)
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        raise
+    return result, report
+
+
 @dataclass
 class _Job:
     """One streamed run's state: the meta model, where tensors come from and go to, what is done."""
@@ -309,21 +359,23 @@ class _Job:
     plans: dict[str, LayerPlan]
     recipe: Recipe
     report: QuantizeReport
-    writer: ArtifactWriter
-    record: _Progress
+    writer: ArtifactWriter | None
+    record: "_Progress | _NoRecord"
     done: set[str]
     next_block: int  # the first block not finished (a resumed run starts there)
+    parallel: "Parallel | None" = None  # a data-parallel run: this rank (rank 0 holds the writer)
 
     def quantize(self, name: str, hessian: torch.Tensor | None) -> None:
         """Quantize one (loaded) layer in place."""
         self.report.modules[name] = _quantize_layer(self.model, name, self.plans[name], hessian, self.recipe)
 
     def store(self, name: str) -> None:
-        """Write a quantized layer to the artifact and free it."""
+        """Write a quantized layer to the artifact (rank 0 of a data-parallel run) and free it."""
         layer = self.model.get_submodule(name)
         assert isinstance(layer, QuantModule)
         m = self.report.modules[name]
-        self.writer.add_module(name, layer, {k: m[k] for k in ("method", "target", "target_note") if k in m})
+        if self.writer is not None:
+            self.writer.add_module(name, layer, {k: m[k] for k in ("method", "target", "target_note") if k in m})
         _free(layer)
         self.done.add(name)
 
@@ -352,9 +404,18 @@ def _run(job: _Job, blocks, batches, kind: str, needs_hessian: set[str], start_h
             def prepare(i: int, block: nn.Module) -> None:
                 job.src.load_into(model, f"{blocks_name}.{i}", block)
 
+            par = job.parallel
+
             def on_block(_i: int, prefix: str, _block: nn.Module, hessians: dict[str, torch.Tensor]) -> None:
-                for name in [n for n in plans if n.startswith(prefix + ".")]:
-                    quantize(name, hessians.get(name))
+                names = [n for n in plans if n.startswith(prefix + ".")]
+                for k, name in enumerate(names):
+                    if par is None or par.owner(k) == par.rank:
+                        quantize(name, hessians.get(name))
+                    else:
+                        progress.advance(task)
+                if par is not None:  # every rank needs the whole quantized block for the next one's inputs
+                    for k, name in enumerate(names):
+                        job.report.modules[name] = par.share_module(model, name, par.owner(k), job.report.modules.get(name))
 
             def release(i: int, block: nn.Module, next_hidden: list[torch.Tensor] | None) -> None:
                 for name in [n for n in plans if n.startswith(f"{blocks_name}.{i}.")]:
@@ -365,7 +426,9 @@ def _run(job: _Job, blocks, batches, kind: str, needs_hessian: set[str], start_h
 
             if job.next_block < len(block_list):
                 walk_blocks(model, blocks_name, block_list, batches, kind, needs_hessian, on_block, prepare, release,
-                            job.next_block, start_hidden)
+                            job.next_block, start_hidden, reduce=None if par is None else par.reduce_hessian)
+        if job.writer is None:  # a data-parallel rank other than 0: the rest is rank 0's to write
+            return
         for name in plans:  # RTN layers (all of them without calibration): one at a time
             if name not in job.done:
                 job.src.load_into(model, name, model.get_submodule(name))

@@ -17,7 +17,7 @@ from ..formats import Grid, GroupLayout
 from ..pack import pack_codes, unpack_codes
 from ..qtensor import QuantizedWeight
 from ..rotate import HadamardRotation, hadamard_block
-from .base import TensorSpec, register_kind
+from .base import TensorSpec, register_kind, store_weight
 from .quant_linear import QuantLinear
 
 
@@ -37,8 +37,6 @@ class RotatedQuantLinear(QuantLinear):
     def from_rotated(cls, qw: QuantizedWeight, bias: torch.Tensor | None, rotation: HadamardRotation) -> "RotatedQuantLinear":
         """A layer from the quantized rotated weight `qw` (of W T^T) and the rotation T."""
         layer = cls(qw.grid, qw.layout, bias is not None, rotation.block)
-        from .base import store_weight
-
         store_weight(layer, "", qw)
         layer._copy_bias(bias)
         layer.signs.copy_(pack_codes((rotation.signs > 0).to(torch.uint8), 1))

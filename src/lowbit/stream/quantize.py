@@ -296,12 +296,7 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     try:
         job = _Job(model, src, plans, recipe, report, writer, record, done, start)
         _run(job, blocks, batches, kind, needs_hessian, start_hidden, show_progress)
-        _write_dense(job, dense_keys, aliases, dtype, str(source))
-        source_info = {"model": str(source), "path": path, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
-                       "source_format": loaded.source_format, "calibration": calib}
-        report.seconds = time.perf_counter() - started
-        result = writer.finish(config=model.config, tokenizer=tokenizer, source=source_info, recipe=recipe.to_dict(),
-                               skipped=report.skipped, dense_dtype=dtype)
+        result = _finish(job, writer, dense_keys, aliases, dtype, source, path, kind, loaded, calib, tokenizer, started)
     except BaseException as exc:
         kept = (work / PROGRESS).exists()
         if kept:
@@ -315,6 +310,17 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
         raise
     shutil.rmtree(work, ignore_errors=True)
     return result, report
+
+
+def _finish(job: "_Job", writer: ArtifactWriter, dense_keys: dict, aliases: dict, dtype: torch.dtype, source: str,
+            path: str, kind: str, loaded: LoadedModel, calib: dict, tokenizer, started: float) -> Path:
+    """The unquantized tensors, then the header: the artifact complete and in place."""
+    _write_dense(job, dense_keys, aliases, dtype, str(source))
+    source_info = {"model": str(source), "path": path, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
+                   "source_format": loaded.source_format, "calibration": calib}
+    job.report.seconds = time.perf_counter() - started
+    return writer.finish(config=job.model.config, tokenizer=tokenizer, source=source_info, recipe=job.recipe.to_dict(),
+                         skipped=job.report.skipped, dense_dtype=dtype)
 
 
 class _NoRecord:
@@ -337,12 +343,7 @@ def _stream_parallel(parallel: "Parallel", model, ckpt, src, plans, recipe, repo
              show_progress and parallel.is_main)
         if writer is None:
             return out, report
-        _write_dense(job, dense_keys, aliases, dtype, str(source))
-        source_info = {"model": str(source), "path": path, "kind": kind, "dtype": str(dtype).removeprefix("torch."),
-                       "source_format": loaded.source_format, "calibration": calib}
-        report.seconds = time.perf_counter() - started
-        result = writer.finish(config=model.config, tokenizer=tokenizer, source=source_info, recipe=recipe.to_dict(),
-                               skipped=report.skipped, dense_dtype=dtype)
+        result = _finish(job, writer, dense_keys, aliases, dtype, source, path, kind, loaded, calib, tokenizer, started)
     except BaseException:
         if writer is not None:
             writer.abort()

@@ -306,16 +306,20 @@ class Recipe(Scheme):
 
     _target = model_validator(mode="before")(classmethod(lambda cls, data: _apply_target(_lift_symmetric(data))))
 
+    def _layer_rewrites(self) -> list[str]:
+        """The steps set in this recipe that read or rewrite a layer as a scalar grid's plain weight
+        (AWQ, learned rounding, an export layout): what rotated and codebook layers do not take yet."""
+        return [what for what, on in (("scaling: awq", self.scaling != "none"), ("rounding: learned", self.rounding != "nearest"),
+                                      (f"target: {self.target}", self.target is not None)) if on]
+
     @model_validator(mode="after")
     def _codebooks_combine(self) -> "Recipe":
         schemes = [self._base(), *(_apply(self._base(), o) for o in self.overrides if not o.skip)]
         vq = [s for s in schemes if isinstance(s.grid(), VQFormat)]
         if not vq:
             return self
-        clash = [what for what, on in (("method ptq161", any(s.method == "ptq161" for s in vq)),
-                                        ("scaling: awq", self.scaling != "none"), ("rounding: learned", self.rounding != "nearest"),
-                                        (f"rotate: {self.rotate}", self.rotate != "none"),
-                                        (f"target: {self.target}", self.target is not None)) if on]
+        clash = (["method ptq161"] if any(s.method == "ptq161" for s in vq) else []) + (
+            [f"rotate: {self.rotate}"] if self.rotate != "none" else []) + self._layer_rewrites()
         if clash:
             raise ValueError(f"vector codebook formats ({vq[0].format}) do not combine with {', '.join(clash)} yet: "
                              "use a scalar format for that, or drop it")
@@ -325,10 +329,8 @@ class Recipe(Scheme):
     def _rotate_combines(self) -> "Recipe":
         if self.rotate == "none":
             return self
-        clash = [what for what, on in (("method: ptq161", self.method == "ptq161"
-                                         or any(o.method == "ptq161" for o in self.overrides)),
-                                        ("scaling: awq", self.scaling != "none"), ("rounding: learned", self.rounding != "nearest"),
-                                        (f"target: {self.target}", self.target is not None)) if on]
+        ptq161 = self.method == "ptq161" or any(o.method == "ptq161" for o in self.overrides)
+        clash = (["method: ptq161"] if ptq161 else []) + self._layer_rewrites()
         if clash:
             raise ValueError(f"rotate: {self.rotate} does not combine with {', '.join(clash)} yet (an export target "
                              "has no rotated layout); drop one of them")

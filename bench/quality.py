@@ -85,14 +85,20 @@ MORE_CONFIGS = [
     ("fisher-mse-tune40-ans", "gptq", 3, 64, "Fisher Hessians, MSE-fitted groups, tuned 40 steps, ANS-coded codes",
      {**QUALITY, **TUNE40, "entropy_code": True}),
 ]
-# vector codebooks (VPTQ/GPTVQ-style): (id, method, format, bits per weight in codes, label, recipe keys)
+# vector codebooks (VPTQ/GPTVQ-style): (id, method, format, bits per weight in codes, scale group size, label,
+# recipe keys)
 VQ_CONFIGS = [
-    ("lowbit:gptq-vq2", "gptq", "vq2", 2, "vq4x8: 4-dim codewords, 256 per layer, GPTQ-style error feedback", {}),
-    ("lowbit:gptq-vq2-fisher", "gptq", "vq2", 2, "vq4x8, Fisher Hessians", {"hessian": "fisher"}),
-    ("lowbit:rtn-vq2", "rtn", "vq2", 2, "vq4x8, nearest codeword", {}),
-    ("lowbit:gptq-vq3", "gptq", "vq3", 3, "vq2x6: 2-dim codewords, 64 per layer, GPTQ-style error feedback", {}),
-    ("lowbit:gptq-vq2-tune40", "gptq", "vq2", 2, "vq4x8, codebooks and scales tuned 40 steps (PV-Tuning's continuous step)",
-     TUNE40),
+    ("lowbit:gptq-vq2", "gptq", "vq2", 2, -1, "vq4x8: 4-dim codewords, 256 per layer, row scales, GPTQ-style error feedback", {}),
+    ("lowbit:gptq-vq2-g128", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns", {}),
+    ("lowbit:gptq-vq2-g64", "gptq", "vq2", 2, 64, "vq4x8, scales per 64 columns", {}),
+    ("lowbit:gptq-vq2-g128-fisher", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns, Fisher Hessians", {"hessian": "fisher"}),
+    ("lowbit:gptq-vq2-fisher", "gptq", "vq2", 2, -1, "vq4x8, row scales, Fisher Hessians", {"hessian": "fisher"}),
+    ("lowbit:rtn-vq2", "rtn", "vq2", 2, -1, "vq4x8, row scales, nearest codeword", {}),
+    ("lowbit:gptq-vq3", "gptq", "vq3", 3, -1, "vq2x6: 2-dim codewords, 64 per layer, row scales, GPTQ-style error feedback", {}),
+    ("lowbit:gptq-vq2-tune40", "gptq", "vq2", 2, -1, "vq4x8, row scales, codebooks and scales tuned 40 steps (PV-Tuning's "
+     "continuous step)", TUNE40),
+    ("lowbit:gptq-vq2-g128-tune40", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns, codebooks and scales tuned "
+     "40 steps", TUNE40),
 ]
 HOLDOUT = 4  # the tuning rows again, with 4 of the calibration windows held out to keep or discard the tuning
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)
@@ -168,8 +174,8 @@ def lowbit_configs() -> list[dict]:
     for suffix, m, b, g, label, recipe in MORE_CONFIGS:
         out.append(_lowbit(f"{lowbit_id(m, b, g, False)}-{suffix}", m, f"int{b}", b, g, f"int{b} g{g} asym, {label}",
                            recipe=recipe))
-    for cid, m, fmt, b, label, recipe in VQ_CONFIGS:
-        out.append(_lowbit(cid, m, fmt, b, -1, label, recipe=recipe))
+    for cid, m, fmt, b, g, label, recipe in VQ_CONFIGS:
+        out.append(_lowbit(cid, m, fmt, b, g, label, recipe=recipe))
     for p in NESTED_PRECISIONS:
         out.append(_lowbit(f"lowbit:rtn-nested8-g{GRID_GROUP}@{p}", "rtn", "nested8", p, GRID_GROUP,
                            f"nested8 g{GRID_GROUP} loaded at {p} bits", precision=p))

@@ -106,13 +106,15 @@ class PTQ161Weight:
 @dataclass
 class VQWeight:
     """A vector-codebook weight (`formats.vq`): `codes: [out, in / dim]` indices into
-    `codebook: [2^bits, dim]` (fp16-exact float32), times `scales: [out]` (fp16-exact) per row:
-    W[i, d*j : d*(j+1)] = scales[i] * codebook[codes[i, j]]."""
+    `codebook: [2^bits, dim]` (fp16-exact float32), times `scales: [out, n_groups]` (fp16-exact),
+    one per `group_size` input columns (-1: one per row, `[out]` accepted):
+    W[i, d*j : d*(j+1)] = scales[i, group of column d*j] * codebook[codes[i, j]]."""
 
     codes: torch.Tensor
     codebook: torch.Tensor
     scales: torch.Tensor
     fmt: "VQFormat"
+    group_size: int = -1
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,11 +126,15 @@ class VQWeight:
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32 weights."""
-        out, n_vec = self.codes.shape
-        return self.codebook[self.codes.long()].reshape(out, n_vec * self.fmt.dim) * self.scales[:, None]
+        out, in_f = self.shape
+        w = self.codebook[self.codes.long()].reshape(out, in_f)
+        scales = self.scales.reshape(out, -1)  # [out, n_groups]
+        if scales.shape[1] == 1:
+            return w * scales
+        return w * scales[:, torch.arange(in_f, device=w.device) // self.group_size]
 
     def storage_bytes(self) -> dict[str, int]:
-        return self.fmt.storage_bytes(*self.shape)
+        return self.fmt.storage_bytes(*self.shape, self.group_size)
 
     def bits_per_weight(self) -> float:
         return 8 * sum(self.storage_bytes().values()) / self.numel

@@ -102,9 +102,10 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
                 continue
         grid = scheme.grid()
         try:
-            if isinstance(grid, VQFormat):  # a codebook per layer, a scale per row: no groups
+            if isinstance(grid, VQFormat):  # a codebook per layer, a scale per group of whole vectors
                 grid.check_width(in_f)
-                layout = GroupLayout(out_f, in_f, -1, recipe.ragged)
+                grid.check_group_size(scheme.group_size)
+                layout = GroupLayout(out_f, in_f, scheme.group_size, recipe.ragged)
             else:
                 fixed = grid.fixed_group_size  # a format with its own block size (MXFP4) sets the groups
                 layout = GroupLayout(out_f, in_f, fixed or scheme.group_size, recipe.ragged)
@@ -160,7 +161,8 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
         layer = PTQ161Linear.from_quantized(qw, bias)
         extra["n_salient"] = qw.salient.layout.in_features
     elif isinstance(grid, VQFormat):
-        qw = vq_quantize(w, grid, None if hessian is None else pooled(hessian), method, gptq_cfg, recipe.calib.seed)
+        qw = vq_quantize(w, grid, None if hessian is None else pooled(hessian), method, gptq_cfg, recipe.calib.seed,
+                         plan.layout.group_size)
         layer = VQLinear.from_quantized(qw, bias)
     else:
         if isinstance(grid, SearchSpace):

@@ -103,26 +103,26 @@ class TunableLinear(nn.Module):
 
 
 class TunableVQ(nn.Module):
-    """A VQLinear's weight as frozen codeword indices and a trainable codebook and row scales
+    """A VQLinear's weight as frozen codeword indices and a trainable codebook and scales
     (PV-Tuning's continuous step for vector codebooks): W = scales * codebook[codes]."""
 
     def __init__(self, layer: VQLinear) -> None:
         super().__init__()
         qw = layer.quantized_weight()
-        self.fmt = qw.fmt
+        self.fmt, self.group_size = qw.fmt, qw.group_size
         self.register_buffer("codes", qw.codes.clone())  # [out, in / dim], frozen
         self.tuned = nn.ParameterDict({"codebook": nn.Parameter(qw.codebook.float().clone()),
                                        "scales": nn.Parameter(qw.scales.float().clone())})
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = VQWeight(self.codes, self.tuned["codebook"], self.tuned["scales"], self.fmt).dequantize()
+        w = VQWeight(self.codes, self.tuned["codebook"], self.tuned["scales"], self.fmt, self.group_size).dequantize()
         return F.linear(x, w, self.bias)
 
     def quantized_weight(self) -> VQWeight:
         with torch.no_grad():
             return VQWeight(self.codes, round_to_fp16(self.tuned["codebook"].detach()),
-                            round_to_fp16(self.tuned["scales"].detach()), self.fmt)
+                            round_to_fp16(self.tuned["scales"].detach()), self.fmt, self.group_size)
 
 
 def _is_norm(module: nn.Module) -> bool:

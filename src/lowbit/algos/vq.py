@@ -1,9 +1,12 @@
 """Vector quantization of a layer onto a codebook format (`formats.vq`).
 
-1. Row scales: each row of W divided by its RMS (fp16), so one codebook serves rows of any size.
-2. Codebook: weighted k-means (`algos.kmeans`) of the scaled rows' d-vectors, each entry weighted
-   by the Hessian diagonal of its input channel (VPTQ, Liu et al., 2024, "VPTQ: Extreme Low-bit
-   Vector Post-Training Quantization for Large Language Models"), k-means++ seeded; fp16.
+1. Scales: each group of `group_size` input columns of a row (or the whole row) divided by its
+   RMS (fp16), so one codebook serves groups of any size.
+2. Codebook: weighted k-means (`algos.kmeans`) of the scaled d-vectors, each entry weighted by
+   the Hessian diagonal of its input channel times its group's squared scale (the vector's weight
+   in the layer's output error; VPTQ, Liu et al., 2024, "VPTQ: Extreme Low-bit Vector
+   Post-Training Quantization for Large Language Models", weighs by the Hessian diagonal),
+   k-means++ seeded; fp16.
 3. Assignment:
    - `rtn`: every vector to its nearest codeword (plain weighted distance);
    - `gptq`: GPTQ's error feedback with d columns at a time (GPTVQ, van Baalen et al., 2024;
@@ -12,9 +15,12 @@
      H^-1, as GPTQ weighs a column), then each of its columns pushes its error onto the columns
      not yet quantized, lazily in blocks of 128 columns, as GPTQ does. Columns stay in their
      order (a vector is d consecutive inputs), so there is no act-order.
-4. Codebook refit (`gptq`): with the indices fixed, each codeword is re-solved as the weighted
-   mean of the error-corrected vectors assigned to it, and the assignment redone once, which can
-   only lower the k-means objective on those vectors.
+
+The codes GPTQ chose are kept as they are. Re-fitting the codebook to the error-corrected vectors
+and re-assigning them afterwards (tried: it lowers the k-means objective on those vectors) undoes
+the error feedback, whose corrections were made for the codewords first chosen: on SmolLM2's
+layers it raised the output error tr((W-Q) H (W-Q)^T) by 40-70%. Codebooks and scales are
+instead trained against the model's own output by `tune` (PV-Tuning's continuous step).
 """
 
 from __future__ import annotations
@@ -28,58 +34,67 @@ from .gptq import GPTQConfig, _one_thread, inverse_hessian_cholesky
 from .kmeans import assign, kmeans
 
 
-def _row_scales(w: torch.Tensor) -> torch.Tensor:
-    """[out] fp16-exact RMS of every row (a zero row gets 1)."""
-    rms = w.pow(2).mean(1).sqrt()
+def group_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """`w: [out, in]` -> [out, n_groups] fp16-exact RMS of every group of `group_size` columns
+    (-1: of every row; the last group may be shorter); an all-zero group gets 1."""
+    out_f, in_f = w.shape
+    g = in_f if group_size == -1 else group_size
+    sq = w.pow(2)
+    n_full = in_f // g
+    parts = [sq[:, : n_full * g].reshape(out_f, n_full, g).mean(-1)] if n_full else []
+    if n_full * g < in_f:
+        parts.append(sq[:, n_full * g :].mean(-1, keepdim=True))
+    rms = torch.cat(parts, dim=1).sqrt()
     return round_to_fp16(torch.where(rms > 0, rms, torch.ones_like(rms)))
 
 
+def column_scales(scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """[out, n_groups] -> [out, in]: every column's scale."""
+    g = in_features if group_size == -1 else group_size
+    return scales[:, torch.arange(in_features) // g]
+
+
 def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = None, method: str = "gptq",
-                config: GPTQConfig = GPTQConfig(), seed: int = 0) -> VQWeight:
-    """`w: [out, in]`, `hessian: [in, in]` (2 X^T X / n; None: plain distances, method rtn only)."""
+                config: GPTQConfig = GPTQConfig(), seed: int = 0, group_size: int = -1) -> VQWeight:
+    """`w: [out, in]`, `hessian: [in, in]` (2 X^T X / n; None: plain distances, method rtn only);
+    one scale per `group_size` columns (-1: per row)."""
     out_f, in_f = w.shape
     fmt.check_width(in_f)
+    fmt.check_group_size(group_size)
     d = fmt.dim
+    if method not in ("rtn", "gptq"):
+        raise ValueError(f"method {method!r} does not quantize onto a vector codebook (rtn or gptq)")
     if method == "gptq" and hessian is None:
         raise ValueError("gptq onto a vector codebook needs the layer's Hessian")
     w = w.float()
-    scales = _row_scales(w)
-    wn = w / scales[:, None]  # [out, in]
+    scales = group_scales(w, group_size)  # [out, n_groups]
+    col_s = column_scales(scales, in_f, group_size)  # [out, in]
+    wn = w / col_s
     diag = torch.ones(in_f) if hessian is None else torch.diag(hessian).float().clamp(min=0)
     diag = diag / diag.mean().clamp(min=1e-30) + 1e-6  # only the relative weights matter
-    vec_w = diag.reshape(1, -1, d).expand(out_f, -1, -1).reshape(-1, d)  # [out * in/d, d]
+    importance = diag * col_s.pow(2)  # [out, in]: each entry's weight in the output error
+    vec_w = (importance / importance.mean()).reshape(-1, d)  # [out * in/d, d]
     codebook = round_to_fp16(kmeans(wn.reshape(-1, d), fmt.codebook_size, vec_w, seed=seed))
     if method == "rtn":
         codes = assign(wn.reshape(-1, d), vec_w, codebook).reshape(out_f, in_f // d)
-    elif method == "gptq":
-        codes, targets = _vq_gptq(wn, hessian, codebook, d, config)
-        codebook = round_to_fp16(_refit(targets.reshape(-1, d), vec_w, codes.reshape(-1), codebook))
-        codes = assign(targets.reshape(-1, d), vec_w, codebook).reshape(out_f, in_f // d)
     else:
-        raise ValueError(f"method {method!r} does not quantize onto a vector codebook (rtn or gptq)")
-    return VQWeight(codes.to(torch.uint8), codebook, scales, fmt)
-
-
-def _refit(x: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """Each codeword as the weighted mean of the points assigned to it (unused ones stay)."""
-    num = torch.zeros_like(codebook).index_add_(0, labels, w * x)
-    den = torch.zeros_like(codebook).index_add_(0, labels, w)
-    return torch.where(den > 0, num / den.clamp(min=1e-30), codebook)
+        codes = _vq_gptq(w, col_s, hessian, codebook, d, config)
+    return VQWeight(codes.to(torch.uint8), codebook, scales, fmt, group_size)
 
 
 @torch.inference_mode()
-def _vq_gptq(wn: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor, d: int,
-             config: GPTQConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ's loop, d columns per step, onto `codebook`. Returns (codes [out, in/d] int64, the
-    error-corrected values each vector had when it was assigned [out, in])."""
-    out_f, in_f = wn.shape
+def _vq_gptq(w: torch.Tensor, col_s: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor, d: int,
+             config: GPTQConfig) -> torch.Tensor:
+    """GPTQ's loop, d columns per step, onto `codebook` times the columns' scales `col_s: [out, in]`
+    (a vector lies inside one scale group, so its scale does not change which codeword is
+    nearest). Returns the codes [out, in/d] int64."""
+    out_f, in_f = w.shape
     diag = torch.diag(hessian)
     dead = diag == 0
-    W = wn.clone()
+    W = w.clone()
     W[:, dead] = 0.0
     hinv = inverse_hessian_cholesky(hessian, config.damp, None, dead)  # [in, in] upper
     codes = torch.empty(out_f, in_f // d, dtype=torch.int64)
-    targets = torch.empty_like(W)
     block = max(d, config.block_size // d * d)
     for i1 in range(0, in_f, block):
         i2 = min(i1 + block, in_f)
@@ -88,16 +103,15 @@ def _vq_gptq(wn: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor, d:
         hinv1 = hinv[i1:i2, i1:i2]
         with _one_thread():
             for j in range(0, i2 - i1, d):
-                sub = W1[:, j : j + d]  # [out, d]
+                s = col_s[:, i1 + j : i1 + j + d]  # [out, d], equal along d
                 weights = (1.0 / torch.diag(hinv1)[j : j + d].pow(2)).expand(out_f, d)
-                idx = assign(sub, weights, codebook)
+                idx = assign(W1[:, j : j + d] / s, weights, codebook)
                 codes[:, (i1 + j) // d] = idx
-                targets[:, i1 + j : i1 + j + d] = sub
-                q = codebook[idx]  # [out, d]
+                q = codebook[idx] * s  # [out, d]
                 for t in range(d):  # each column's error onto the later columns, GPTQ's update
                     col = j + t
                     err = (W1[:, col] - q[:, t]) / hinv1[col, col]
                     W1[:, col:].addr_(err, hinv1[col, col:], alpha=-1.0)
                     err1[:, col] = err
         W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    return codes, targets
+    return codes

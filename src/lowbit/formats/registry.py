@@ -245,9 +245,9 @@ _CODEBOOKS: list[_Format] = [
         re.compile(r"vq([1-8])x([1-8])"),
         lambda m, o: (_options(m.group(0), o, ()), VQFormat(int(m.group(1)), int(m.group(2))))[1],
         "vector codebook: every d consecutive weights of a row -> one of 2^k codewords (vqDxK; vq2 = vq4x8, "
-        "vq3 = vq2x6), one fp16 codebook per layer, fp16 row scales; k-means + GPTQ-style error feedback "
-        "(VPTQ/GPTVQ) with method gptq, nearest codeword with rtn",
-        "k per d weights", "fp16 codebook per layer, fp16 scale per row",
+        "vq3 = vq2x6), one fp16 codebook per layer, fp16 scales per --group-size columns (a multiple of d; -1: "
+        "per row); k-means + GPTQ-style error feedback (VPTQ/GPTVQ) with method gptq, nearest codeword with rtn",
+        "k per d weights", "fp16 codebook per layer, fp16 scale per group (or row)",
     ),
 ]
 

@@ -126,12 +126,11 @@ class VQWeight:
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32 weights."""
-        out, in_f = self.shape
-        w = self.codebook[self.codes.long()].reshape(out, in_f)
-        scales = self.scales.reshape(out, -1)  # [out, n_groups]
-        if scales.shape[1] == 1:
-            return w * scales
-        return w * scales[:, torch.arange(in_f, device=w.device) // self.group_size]
+        return self.codebook[self.codes.long()].reshape(self.shape) * self.column_scales()
+
+    def column_scales(self) -> torch.Tensor:
+        """[out, in]: the scale each weight is multiplied by."""
+        return self.fmt.column_scales(self.scales, self.shape[1], self.group_size)
 
     def storage_bytes(self) -> dict[str, int]:
         return self.fmt.storage_bytes(*self.shape, self.group_size)

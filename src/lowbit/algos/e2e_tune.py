@@ -13,6 +13,14 @@ own could not see, the interaction of all layers' errors in the model's output.
 Training as restorative LoRA's: AdamW without weight decay, 5% warm-up then cosine decay, the
 gradient norm clipped at 1, seeded batch order, so the same inputs give the same artifact.
 
+The codes stay frozen. PV-Tuning's discrete step (Malinovskii et al., 2024: codes re-encoded at a
+linearized target Q - step * G for the entries with the largest gradient) was tried on the
+reference model's vq4x8 g64 (40 steps, codes moved every 2 or 4 steps, 1-5% of them, a signed or
+Adam-normalized step, kept only where <G, Q' - Q> < 0): it changed nearly nothing (178 codes,
+KL 0.0147 as without it) or made the model worse (0.038 to 0.86 with 39k-161k codes moved): at 2
+bits a codeword jump is too long for the first-order model to judge, and the paper's many small
+steps on a GPU are out of reach of a 40-step CPU budget.
+
 With `holdout` > 0 the last calibration windows are kept out of training, and the KL on them is
 measured before and after: the tuned parameters are kept only if it dropped, so tuning never
 leaves a model worse than its method did on text it did not train on (on SmolLM2 it lowered GPTQ

@@ -48,12 +48,6 @@ def group_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
     return round_to_fp16(torch.where(rms > 0, rms, torch.ones_like(rms)))
 
 
-def column_scales(scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """[out, n_groups] -> [out, in]: every column's scale."""
-    g = in_features if group_size == -1 else group_size
-    return scales[:, torch.arange(in_features) // g]
-
-
 def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = None, method: str = "gptq",
                 config: GPTQConfig = GPTQConfig(), seed: int = 0, group_size: int = -1) -> VQWeight:
     """`w: [out, in]`, `hessian: [in, in]` (2 X^T X / n; None: plain distances, method rtn only);
@@ -68,7 +62,7 @@ def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = N
         raise ValueError("gptq onto a vector codebook needs the layer's Hessian")
     w = w.float()
     scales = group_scales(w, group_size)  # [out, n_groups]
-    col_s = column_scales(scales, in_f, group_size)  # [out, in]
+    col_s = fmt.column_scales(scales, in_f, group_size)  # [out, in]
     wn = w / col_s
     diag = torch.ones(in_f) if hessian is None else torch.diag(hessian).float().clamp(min=0)
     diag = diag / diag.mean().clamp(min=1e-30) + 1e-6  # only the relative weights matter

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from ..pack import packed_nbytes
 
 MAX_INDEX_BITS = 8  # codeword indices are packed like codes (1-8 bits); larger codebooks are not stored yet
@@ -66,6 +68,14 @@ class VQFormat:
         """Scales per row: ceil(in / group_size) (the last group may be shorter), 1 per row for -1."""
         self.check_group_size(group_size)
         return 1 if group_size == -1 else -(-in_features // group_size)
+
+    @staticmethod
+    def column_scales(scales: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+        """`scales: [out, n_groups]` (or `[out]` for one per row) -> [out, in]: every column's scale."""
+        s = scales.reshape(scales.shape[0], -1)
+        if s.shape[1] == 1:
+            return s.expand(-1, in_features)
+        return s[:, torch.arange(in_features, device=s.device) // group_size]
 
     def storage_bytes(self, out_features: int, in_features: int, group_size: int = -1) -> dict[str, int]:
         """Exact bytes stored for an [out, in] weight: packed indices, the fp16 codebook, fp16 scales."""

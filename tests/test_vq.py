@@ -69,8 +69,29 @@ def test_group_scales_follow_column_groups_of_different_size():
         vq_quantize(w, fmt, h, "gptq", group_size=66)
 
 
+def test_codebooks_beyond_256_entries_store_wide_indices_exactly():
+    """vq3x9 (512 codewords, 3 bits per weight): 9-bit indices packed and read back bit-exactly
+    through VQLinear; a larger codebook at the same dimension lowers the error."""
+    from lowbit.nn import VQLinear
+
+    w, h = _layer()
+    w = w[:, :510]
+    h = h[:510, :510]
+    wide = vq_quantize(w, VQFormat(3, 9), h, "gptq")
+    assert int(wide.codes.max()) > 255
+    layer = VQLinear.from_quantized(wide, None)
+    assert layer.codes.numel() == -(-256 * 170 * 9 // 8)
+    assert torch.equal(layer.quantized_weight().codes, wide.codes)
+    assert torch.equal(layer.quantized_weight().dequantize(), wide.dequantize())
+    narrow = vq_quantize(w, VQFormat(3, 6), h, "gptq")
+    assert output_error(w, wide.dequantize(), h) < 0.5 * output_error(w, narrow.dequantize(), h)
+
+
 def test_formats_and_refusals():
     assert get_format("vq2") == VQFormat(4, 8) and get_format("vq3") == VQFormat(2, 6)
+    assert get_format("vq3x9") == VQFormat(3, 9)
+    with pytest.raises(ValueError, match="2\\^12"):
+        VQFormat(4, 13)
     with pytest.raises(ValueError, match="do not tile"):
         VQFormat(4, 8).check_width(66)
     for bad in ({"rotate": "hadamard"}, {"method": "ptq161"}, {"scaling": "awq"}):

@@ -29,6 +29,7 @@ import torch
 
 from ..formats import round_to_fp16
 from ..formats.vq import VQFormat
+from ..pack import code_dtype
 from ..qtensor import VQWeight
 from .gptq import GPTQConfig, _one_thread, inverse_hessian_cholesky
 from .kmeans import assign, kmeans
@@ -73,7 +74,7 @@ def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = N
         codes = assign(wn.reshape(-1, d), vec_w, codebook).reshape(out_f, in_f // d)
     else:
         codes = _vq_gptq(w, col_s, hessian, codebook, d, config)
-    return VQWeight(codes.to(torch.uint8), codebook, scales, fmt, group_size)
+    return VQWeight(codes.to(code_dtype(fmt.bits)), codebook, scales, fmt, group_size)
 
 
 @torch.inference_mode()

@@ -242,7 +242,7 @@ def get_grid(name: str, **options: Any) -> Grid:
 
 _CODEBOOKS: list[_Format] = [
     _Format(
-        re.compile(r"vq([1-8])x([1-8])"),
+        re.compile(r"vq([1-8])x([1-9]|1[0-2])"),
         lambda m, o: (_options(m.group(0), o, ()), VQFormat(int(m.group(1)), int(m.group(2))))[1],
         "vector codebook: every d consecutive weights of a row -> one of 2^k codewords (vqDxK; vq2 = vq4x8, "
         "vq3 = vq2x6), one fp16 codebook per layer, fp16 scales per --group-size columns (a multiple of d; -1: "

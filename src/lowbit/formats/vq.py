@@ -26,7 +26,7 @@ import torch
 
 from ..pack import packed_nbytes
 
-MAX_INDEX_BITS = 8  # codeword indices are packed like codes (1-8 bits); larger codebooks are not stored yet
+MAX_INDEX_BITS = 12  # 4096 codewords: beyond, k-means++ seeding on its 4096-point sample cannot place them
 NAMED = {"vq2": (4, 8), "vq3": (2, 6)}  # ~2 and ~3 bits per weight in codes
 
 
@@ -41,7 +41,7 @@ class VQFormat:
         if not 1 <= self.dim <= 8:
             raise ValueError(f"vector dimension {self.dim}: use 1 to 8")
         if not 1 <= self.bits <= MAX_INDEX_BITS:
-            raise ValueError(f"a codebook of 2^{self.bits} entries: use 2^1 to 2^{MAX_INDEX_BITS} (indices of 1-8 bits)")
+            raise ValueError(f"a codebook of 2^{self.bits} entries: use 2^1 to 2^{MAX_INDEX_BITS} (indices of 1-{MAX_INDEX_BITS} bits)")
 
     @property
     def name(self) -> str:

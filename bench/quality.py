@@ -99,6 +99,10 @@ VQ_CONFIGS = [
      "continuous step)", TUNE40),
     ("lowbit:gptq-vq2-g128-tune40", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns, codebooks and scales tuned "
      "40 steps", TUNE40),
+    ("lowbit:gptq-vq2-g128-fisher-tune40", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns, Fisher Hessians, "
+     "codebooks and scales tuned 40 steps", {"hessian": "fisher", **TUNE40}),
+    ("lowbit:gptq-vq3x9", "gptq", "vq3x9", 3, -1, "vq3x9: 3-dim codewords, 512 per layer, row scales, GPTQ-style error "
+     "feedback", {}),
 ]
 HOLDOUT = 4  # the tuning rows again, with 4 of the calibration windows held out to keep or discard the tuning
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)

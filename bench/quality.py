@@ -85,8 +85,8 @@ MORE_CONFIGS = [
     ("fisher-mse-tune40-ans", "gptq", 3, 64, "Fisher Hessians, MSE-fitted groups, tuned 40 steps, ANS-coded codes",
      {**QUALITY, **TUNE40, "entropy_code": True}),
 ]
-# vector codebooks (VPTQ/GPTVQ-style): (id, method, format, bits per weight in codes, scale group size, label,
-# recipe keys)
+# vector codebooks (VPTQ/GPTVQ-style) and pyramid vectors (PVQ): (id, method, format, bits per weight in codes,
+# scale group size, label, recipe keys)
 VQ_CONFIGS = [
     ("lowbit:gptq-vq2", "gptq", "vq2", 2, -1, "vq4x8: 4-dim codewords, 256 per layer, row scales, GPTQ-style error feedback", {}),
     ("lowbit:gptq-vq2-g128", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns", {}),
@@ -102,7 +102,10 @@ VQ_CONFIGS = [
     ("lowbit:gptq-vq2-g128-fisher-tune40", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns, Fisher Hessians, "
      "codebooks and scales tuned 40 steps", {"hessian": "fisher", **TUNE40}),
     ("lowbit:gptq-vq3x9", "gptq", "vq3x9", 3, -1, "vq3x9: 3-dim codewords, 512 per layer, row scales, GPTQ-style error "
-     "feedback", {}),
+     "feedback", {}),    ("lowbit:gptq-pvq2", "gptq", "pvq2", 2, -1, "pvq16k9a4: 16-dim pyramid directions (9 pulses, 27-bit index), 4-bit "
+     "amplitudes, row scales, GPTQ-style error feedback", {}),
+    ("lowbit:gptq-pvq3", "gptq", "pvq3", 3, -1, "pvq8k10a4: 8-dim pyramid directions (10 pulses, 20-bit index), 4-bit "
+     "amplitudes, row scales, GPTQ-style error feedback", {}),
 ]
 HOLDOUT = 4  # the tuning rows again, with 4 of the calibration windows held out to keep or discard the tuning
 TUNE = {"batch_size": 2, "lr": 2e-4}  # the settings measured before on SmolLM2 (about 11 s a step there)

@@ -95,7 +95,7 @@ def test_formats_and_refusals():
     with pytest.raises(ValueError, match="do not tile"):
         VQFormat(4, 8).check_width(66)
     for bad in ({"rotate": "hadamard"}, {"method": "ptq161"}, {"scaling": "awq"}):
-        with pytest.raises(RecipeError, match="vector codebook"):
+        with pytest.raises(RecipeError, match="vector formats"):
             Recipe.from_dict({"format": "vq2", **bad})
 
 

@@ -1,4 +1,4 @@
-"""Codes of any width from 1 to 16 bits packed into bytes, and back, bit-exact.
+"""Codes of any width from 1 to 32 bits packed into bytes, and back, bit-exact.
 
 Layout, 1 to 8 bits: the codes are taken in row-major order and their bits laid down least
 significant first, one after the other, into a little-endian bit stream; the stream is cut into
@@ -7,9 +7,9 @@ bytes and its last byte padded with zero bits. n codes of b bits take ceil(n * b
 Eight b-bit codes fill exactly b bytes, so both directions work on groups of eight codes held in
 one int64 (at most 64 bits), with shifts only.
 
-9 to 16 bits (codebook indices): two planes, the low byte of every code (n bytes), then the
-remaining b - 8 high bits of every code packed as above: n + ceil(n * (b - 8) / 8) =
-ceil(n * b / 8) bytes, the same count. Such codes come and go as int32.
+9 to 32 bits (codebook and pyramid indices): the low byte of every code (n bytes), then the
+remaining b - 8 high bits of every code packed the same way (recursively): n + ceil(n * (b - 8) / 8)
+= ceil(n * b / 8) bytes, the same count. Such codes come and go as int32 (up to 16 bits) or int64.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def packed_nbytes(n_codes: int, bits: int) -> int:
     return -(-n_codes * bits // 8)
 
 
-MAX_BITS = 16
+MAX_BITS = 32
 
 
 def _check_bits(bits: int) -> None:
@@ -30,15 +30,15 @@ def _check_bits(bits: int) -> None:
 
 
 def code_dtype(bits: int) -> torch.dtype:
-    """The dtype codes of `bits` bits are held in: uint8 up to 8 bits, int32 above."""
-    return torch.uint8 if bits <= 8 else torch.int32
+    """The dtype codes of `bits` bits are held in: uint8 up to 8 bits, int32 up to 16, int64 above."""
+    return torch.uint8 if bits <= 8 else torch.int32 if bits <= 16 else torch.int64
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer `codes` (any shape, each in [0, 2**bits)) into a flat uint8 tensor."""
     _check_bits(bits)
     if bits > 8:
-        return _pack_wide(codes.reshape(-1).to(torch.int32), bits)
+        return _pack_wide(codes.reshape(-1).to(torch.int64), bits)
     flat = codes.reshape(-1).to(torch.uint8)
     n = flat.numel()
     if n and int(flat.max()) >= 2**bits:
@@ -59,11 +59,11 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _pack_wide(flat: torch.Tensor, bits: int) -> torch.Tensor:
-    """9-16-bit codes: the low-byte plane, then the high bits packed at bits - 8."""
+    """9-32-bit codes: the low-byte plane, then the high bits packed at bits - 8."""
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2**bits):
         raise ValueError(f"a code is outside the {bits}-bit range ({int(flat.min())} to {int(flat.max())})")
     low = (flat & 0xFF).to(torch.uint8)
-    return torch.cat([low, pack_codes((flat >> 8).to(torch.uint8), bits - 8)])
+    return torch.cat([low, pack_codes(flat >> 8, bits - 8)])
 
 
 def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
@@ -75,8 +75,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
             f"{packed_nbytes(n_codes, bits)}"
         )
     if bits > 8:
-        high = unpack_codes(packed[n_codes:], bits - 8, n_codes).to(torch.int32)
-        return packed[:n_codes].to(torch.int32) | (high << 8)
+        dtype = code_dtype(bits)
+        high = unpack_codes(packed[n_codes:], bits - 8, n_codes).to(dtype)
+        return packed[:n_codes].to(dtype) | (high << 8)
     if bits == 8:
         return packed.clone()
     if 8 % bits == 0:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .formats.pvq import PVQFormat
 from .formats.vq import VQFormat
 from .formats import Grid, GroupLayout, Params
 from .pack import packed_nbytes
@@ -134,6 +135,39 @@ class VQWeight:
 
     def storage_bytes(self) -> dict[str, int]:
         return self.fmt.storage_bytes(*self.shape, self.group_size)
+
+    def bits_per_weight(self) -> float:
+        return 8 * sum(self.storage_bytes().values()) / self.numel
+
+
+@dataclass
+class PVQWeight:
+    """A pyramid-vector weight (`formats.pvq`): `index: [out, in / N]` int64 pyramid-point indices,
+    `amps: [out, in / N]` uint8 amplitude codes, `scales: [out]` fp16-exact row scales:
+    W[i, N*j : N*(j+1)] = amps[i, j] * scales[i] * y / ||y||_2, y the point `index[i, j]` names."""
+
+    index: torch.Tensor
+    amps: torch.Tensor
+    scales: torch.Tensor
+    fmt: "PVQFormat"
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.index.shape[0], self.index.shape[1] * self.fmt.dim)
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def dequantize(self) -> torch.Tensor:
+        """[out, in] float32 weights."""
+        out, n_vec = self.index.shape
+        u = self.fmt.directions(self.fmt.decode(self.index.reshape(-1)))  # [out * n_vec, N]
+        gain = self.amps.reshape(-1).float() * self.scales.repeat_interleave(n_vec)
+        return (u * gain[:, None]).reshape(self.shape)
+
+    def storage_bytes(self) -> dict[str, int]:
+        return self.fmt.storage_bytes(*self.shape)
 
     def bits_per_weight(self) -> float:
         return 8 * sum(self.storage_bytes().values()) / self.numel

@@ -22,6 +22,7 @@ from .algos import (
     search_format, tune_continuous,
 )
 from .algos.awq import AWQConfig, AWQError, awq_block
+from .algos.pvq import pvq_quantize
 from .algos.vq import vq_quantize
 from .algos.signround import RoundConfig, float_copy, learn_block_rounding
 from .calib.fisher import FisherError, TokenWeights, fisher_token_weights
@@ -29,9 +30,10 @@ from .calib.hessian import pooled
 from .calib.walker import BlockInputs, hidden_of, walk_blocks, whole_model_hessians, with_hidden
 from .errors import LowbitError
 from .formats import GroupLayout, SearchSpace
+from .formats.pvq import PVQFormat
 from .formats.vq import VQFormat
 from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
-from .nn import PTQ161Linear, QuantLinear, RotatedQuantLinear, VQLinear
+from .nn import PTQ161Linear, PVQLinear, QuantLinear, RotatedQuantLinear, VQLinear
 from .recipe import PreprocessOptions, Recipe, Scheme
 from .rotate import HadamardRotation, RotateError
 
@@ -106,6 +108,9 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
                 grid.check_width(in_f)
                 grid.check_group_size(scheme.group_size)
                 layout = GroupLayout(out_f, in_f, scheme.group_size, recipe.ragged)
+            elif isinstance(grid, PVQFormat):  # an amplitude scale per row: the group size does not apply
+                grid.check_width(in_f)
+                layout = GroupLayout(out_f, in_f, -1, recipe.ragged)
             else:
                 fixed = grid.fixed_group_size  # a format with its own block size (MXFP4) sets the groups
                 layout = GroupLayout(out_f, in_f, fixed or scheme.group_size, recipe.ragged)
@@ -117,7 +122,7 @@ def plan_layers(model: nn.Module, recipe: Recipe) -> tuple[dict[str, LayerPlan],
         raise QuantizeError("no linear layer to quantize: check the recipe's ignore patterns and overrides")
     widest = max(p.layout.in_features for p in plans.values())
     too_wide = sorted({p.scheme.group_size for p in plans.values() if p.scheme.group_size > widest
-                       and not isinstance(p.scheme.grid(), VQFormat) and not p.scheme.grid().fixed_group_size})
+                       and not isinstance(p.scheme.grid(), (VQFormat, PVQFormat)) and not p.scheme.grid().fixed_group_size})
     if too_wide and "group_size" in recipe.model_fields_set:  # asked for, not the default
         raise QuantizeError(
             f"group size {too_wide[0]} is wider than every layer (the widest takes {widest} inputs): it would mean one "
@@ -164,6 +169,9 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
         qw = vq_quantize(w, grid, None if hessian is None else pooled(hessian), method, gptq_cfg, recipe.calib.seed,
                          plan.layout.group_size)
         layer = VQLinear.from_quantized(qw, bias)
+    elif isinstance(grid, PVQFormat):
+        qw = pvq_quantize(w, grid, None if hessian is None else pooled(hessian), method, gptq_cfg)
+        layer = PVQLinear.from_quantized(qw, bias)
     else:
         if isinstance(grid, SearchSpace):
             found = search_format(w, hessian, grid, plan.layout, method, gptq_cfg)

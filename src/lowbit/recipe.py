@@ -41,6 +41,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from .algos import METHODS
 from .errors import LowbitError
 from .formats import Grid, MissingFormatOptionError, SearchSpace, UnknownFormatError, get_format
+from .formats.pvq import PVQFormat
 from .formats.vq import VQFormat
 
 # methods that need calibration inputs (layer Hessians)
@@ -315,13 +316,13 @@ class Recipe(Scheme):
     @model_validator(mode="after")
     def _codebooks_combine(self) -> "Recipe":
         schemes = [self._base(), *(_apply(self._base(), o) for o in self.overrides if not o.skip)]
-        vq = [s for s in schemes if isinstance(s.grid(), VQFormat)]
+        vq = [s for s in schemes if isinstance(s.grid(), (VQFormat, PVQFormat))]
         if not vq:
             return self
         clash = (["method ptq161"] if any(s.method == "ptq161" for s in vq) else []) + (
             [f"rotate: {self.rotate}"] if self.rotate != "none" else []) + self._layer_rewrites()
         if clash:
-            raise ValueError(f"vector codebook formats ({vq[0].format}) do not combine with {', '.join(clash)} yet: "
+            raise ValueError(f"vector formats ({vq[0].format}) do not combine with {', '.join(clash)} yet: "
                              "use a scalar format for that, or drop it")
         return self
 

@@ -9,12 +9,9 @@
    k-means++ seeded; fp16.
 3. Assignment:
    - `rtn`: every vector to its nearest codeword (plain weighted distance);
-   - `gptq`: GPTQ's error feedback with d columns at a time (GPTVQ, van Baalen et al., 2024;
-     VPTQ's channel-independent second-order step): a vector goes to the codeword nearest under
-     the inverse-Hessian metric (entry j weighted by 1 / [U]_jj^2, U the upper Cholesky factor of
-     H^-1, as GPTQ weighs a column), then each of its columns pushes its error onto the columns
-     not yet quantized, lazily in blocks of 128 columns, as GPTQ does. Columns stay in their
-     order (a vector is d consecutive inputs), so there is no act-order.
+   - `gptq`: GPTQ's error feedback with d columns at a time (`algos.vector_gptq`: GPTVQ, VPTQ):
+     a vector goes to the codeword nearest under the inverse-Hessian metric, then its columns'
+     errors are pushed onto the columns not yet quantized.
 
 The codes GPTQ chose are kept as they are. Re-fitting the codebook to the error-corrected vectors
 and re-assigning them afterwards (tried: it lowers the k-means objective on those vectors) undoes
@@ -31,8 +28,9 @@ from ..formats import round_to_fp16
 from ..formats.vq import VQFormat
 from ..pack import code_dtype
 from ..qtensor import VQWeight
-from .gptq import GPTQConfig, _one_thread, inverse_hessian_cholesky
+from .gptq import GPTQConfig
 from .kmeans import assign, kmeans
+from .vector_gptq import vector_gptq
 
 
 def group_scales(w: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -77,36 +75,18 @@ def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = N
     return VQWeight(codes.to(code_dtype(fmt.bits)), codebook, scales, fmt, group_size)
 
 
-@torch.inference_mode()
 def _vq_gptq(w: torch.Tensor, col_s: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor, d: int,
              config: GPTQConfig) -> torch.Tensor:
-    """GPTQ's loop, d columns per step, onto `codebook` times the columns' scales `col_s: [out, in]`
-    (a vector lies inside one scale group, so its scale does not change which codeword is
-    nearest). Returns the codes [out, in/d] int64."""
+    """`vector_gptq` onto `codebook` times the columns' scales `col_s: [out, in]` (a vector lies
+    inside one scale group, so its scale does not change which codeword is nearest). Returns the
+    codes [out, in/d] int64."""
     out_f, in_f = w.shape
-    diag = torch.diag(hessian)
-    dead = diag == 0
-    W = w.clone()
-    W[:, dead] = 0.0
-    hinv = inverse_hessian_cholesky(hessian, config.damp, None, dead)  # [in, in] upper
     codes = torch.empty(out_f, in_f // d, dtype=torch.int64)
-    block = max(d, config.block_size // d * d)
-    for i1 in range(0, in_f, block):
-        i2 = min(i1 + block, in_f)
-        W1 = W[:, i1:i2].clone()  # [out, B]
-        err1 = torch.zeros_like(W1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        with _one_thread():
-            for j in range(0, i2 - i1, d):
-                s = col_s[:, i1 + j : i1 + j + d]  # [out, d], equal along d
-                weights = (1.0 / torch.diag(hinv1)[j : j + d].pow(2)).expand(out_f, d)
-                idx = assign(W1[:, j : j + d] / s, weights, codebook)
-                codes[:, (i1 + j) // d] = idx
-                q = codebook[idx] * s  # [out, d]
-                for t in range(d):  # each column's error onto the later columns, GPTQ's update
-                    col = j + t
-                    err = (W1[:, col] - q[:, t]) / hinv1[col, col]
-                    W1[:, col:].addr_(err, hinv1[col, col:], alpha=-1.0)
-                    err1[:, col] = err
-        W[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+
+    def nearest_codewords(j: int, sub: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        s = col_s[:, j * d : (j + 1) * d]  # [out, d], equal along d
+        codes[:, j] = assign(sub / s, weights, codebook)
+        return codebook[codes[:, j]] * s
+
+    vector_gptq(w, hessian, d, nearest_codewords, config)
     return codes

@@ -11,6 +11,9 @@ from .base import Grid
 from .binary import BinaryGrid
 from .clip import ClippedGrid
 from .mse_fit import MSEFitGrid
+from .pvq import NAMED as NAMED_PVQ
+from .pvq import PATTERN as PVQ_PATTERN
+from .pvq import PVQFormat
 from .vq import NAMED as NAMED_VQ
 from .vq import VQFormat
 from .int import IntGrid, IntMinGrid
@@ -195,7 +198,7 @@ EXAMPLE_NAMES = [
     "fp8_e4m3", "fp8_e5m2", "fp6_e3m2", "fp5_e2m2", "fp4_e2m1", "fp4_e1m2", "fp4_e3m0", "mxfp4", "nvfp4",
     "nf4", "nf3", "lut", "power4", "post4", "log4", "ternary", "ternary2", "binary", "nested8",
 ]
-SEARCH_NAMES = ["fp4_search", "fp3_search", "power4_search", "power3_search", "vq2", "vq3", "vq4x8"]
+SEARCH_NAMES = ["fp4_search", "fp3_search", "power4_search", "power3_search", "vq2", "vq3", "vq4x8", "pvq2", "pvq3"]
 
 
 def _build(fmt: _Format, match: re.Match[str], name: str, options: dict[str, Any]) -> Any:
@@ -236,7 +239,7 @@ def get_grid(name: str, **options: Any) -> Grid:
     raise UnknownFormatError(
         f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES + SEARCH_NAMES)} "
         "(see `lowbit formats` for the patterns: int2-8, int2-8_min, int4-6_k, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
-        "fpN_search, powerN_search, vqDxK)"
+        "fpN_search, powerN_search, vqDxK, pvqNkKaB)"
     )
 
 
@@ -249,15 +252,25 @@ _CODEBOOKS: list[_Format] = [
         "per row); k-means + GPTQ-style error feedback (VPTQ/GPTVQ) with method gptq, nearest codeword with rtn",
         "k per d weights", "fp16 codebook per layer, fp16 scale per group (or row)",
     ),
+    _Format(
+        PVQ_PATTERN,
+        lambda m, o: (_options(m.group(0), o, ()), PVQFormat(int(m.group(1)), int(m.group(2)), int(m.group(3))))[1],
+        "pyramid VQ, codebook-free: every N consecutive weights of a row -> a point with K integer pulses on the L1 "
+        "pyramid (its enumeration index) times a B-bit amplitude (pvqNkKaB; pvq2 = pvq16k9a4, 1.94 bits per weight in "
+        "codes; pvq3 = pvq8k10a4, 3.0); GPTQ-style error feedback with method gptq",
+        "ceil(log2 V(N,K)) + B per N weights", "fp16 amplitude scale per row",
+    ),
 ]
 
 
-def get_format(name: str, **options: Any) -> Grid | SearchSpace | VQFormat:
+def get_format(name: str, **options: Any) -> Grid | SearchSpace | VQFormat | PVQFormat:
     """A grid (`get_grid`), for a search name (`fp4_search`, `power3_search`) the search space that
     `algos.format_search` chooses from per layer, or for a codebook name (`vq4x8`, `vq2`) the
-    vector codebook format that `algos.vq` quantizes onto."""
+    vector codebook format that `algos.vq` quantizes onto, for a pyramid name (`pvq16k9a4`, `pvq2`)
+    the pyramid format of `algos.pvq`."""
     key = name.strip().lower()
     key = "vq{}x{}".format(*NAMED_VQ[key]) if key in NAMED_VQ else key
+    key = "pvq{}k{}a{}".format(*NAMED_PVQ[key]) if key in NAMED_PVQ else key
     for fmt in _CODEBOOKS:
         match = fmt.pattern.fullmatch(key)
         if match:

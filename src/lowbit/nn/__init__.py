@@ -2,8 +2,9 @@
 
 from .base import MODULE_KINDS, QuantModule, module_from_entry
 from .ptq161_linear import PTQ161Linear
+from .pvq_linear import PVQLinear
 from .quant_linear import QuantLinear
 from .rotated_linear import RotatedQuantLinear
 from .vq_linear import VQLinear
 
-__all__ = ["MODULE_KINDS", "PTQ161Linear", "QuantLinear", "QuantModule", "RotatedQuantLinear", "VQLinear", "module_from_entry"]
+__all__ = ["MODULE_KINDS", "PTQ161Linear", "PVQLinear", "QuantLinear", "QuantModule", "RotatedQuantLinear", "VQLinear", "module_from_entry"]

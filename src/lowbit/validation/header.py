@@ -54,7 +54,7 @@ class CodedStream(_Checked):
 
 
 class ModuleEntry(_Open):
-    kind: Literal["linear", "ptq161", "rotated-linear", "vq-linear"] = "linear"
+    kind: Literal["linear", "ptq161", "rotated-linear", "vq-linear", "pvq-linear"] = "linear"
     grid: dict[str, Any]
     shape: Annotated[list[Dim], Field(min_length=2, max_length=2)]
     group_size: Annotated[int, Field(ge=-1, le=MAX_DIM)]

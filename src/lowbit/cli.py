@@ -183,6 +183,15 @@ def parse_format_options(items: list[str]) -> dict:
     return options
 
 
+
+def _groups_label(entries) -> str:
+    """How the stored layers group their scales: `g128`, `per row`, `per tensor`, or `mixed groups`."""
+    sizes = {e.get("group_size") for e in entries}
+    if len(sizes) != 1:
+        return "mixed groups"
+    g = sizes.pop()
+    return "per row" if g == -1 else "per tensor" if g == 0 else f"g{g}"
+
 @app.command()
 def quantize(
     model: str = typer.Argument(..., help="Model: a local Hugging Face directory, a hub id, or an alias (minilm-l6)."),
@@ -249,9 +258,11 @@ def quantize(
         else:
             job = run_quantize(model, r, allow_pickle=allow_pickle, parallel=par)
             path, report = save_job(job, r, output, force=force, max_shard_bytes=shard_bytes), job.report
-        summary = read_header(path, verify=False)["summary"]
+        header = read_header(path, verify=False)
+        summary = header["summary"]
         console.print(
-            f"[green]wrote[/] {path}: {len(report.modules)} layers quantized ({r.method} {r.format} g{r.group_size}), "
+            f"[green]wrote[/] {path}: {len(report.modules)} layers quantized ({r.method} {r.format} "
+            f"{_groups_label(header['modules'].values())}), "
             f"{summary['bpw']:.3f} bits per weight, {len(report.skipped)} kept, {report.seconds:.1f} s"
             + (" (streamed)" if stream else "")
         )

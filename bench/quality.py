@@ -81,6 +81,7 @@ MORE_CONFIGS = [
     ("fisher-mse-rot", "gptq", 2, 64, "Fisher Hessians, MSE-fitted groups, Hadamard-rotated inputs", {**QUALITY, "rotate": "hadamard"}),
     ("rot", "rtn", 3, 64, "Hadamard-rotated inputs", {"rotate": "hadamard"}),
     ("fisher-mse", "gptq", 4, 128, "Fisher Hessians, MSE-fitted groups", QUALITY),
+    ("fisher-mse", "gptq", 5, 64, "Fisher Hessians, MSE-fitted groups", QUALITY),
     ("fisher-mse-tune40", "gptq", 3, 64, "Fisher Hessians, MSE-fitted groups, tuned 40 steps", {**QUALITY, **TUNE40}),
     ("fisher-mse-tune40-ans", "gptq", 3, 64, "Fisher Hessians, MSE-fitted groups, tuned 40 steps, ANS-coded codes",
      {**QUALITY, **TUNE40, "entropy_code": True}),

@@ -78,3 +78,13 @@ def calib_text() -> Path:
 def eval_text() -> Path:
     require_assets()
     return EVAL
+
+
+def correlated_layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [256, 512] weight and the Hessian 2 X^T X / n of correlated inputs with 6 loud channels:
+    the layer the vector-format tests (VQ, PVQ) compare quantizers on."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(256, 512, generator=g) * 0.02
+    x = torch.randn(4096, 512, generator=g) @ (torch.randn(512, 512, generator=g) / 512**0.5 + torch.eye(512))
+    x[:, :6] *= 10
+    return w, 2 * x.T @ x / x.shape[0]

@@ -9,6 +9,7 @@ from math import comb
 
 import pytest
 import torch
+from conftest import correlated_layer
 
 from lowbit.algos import gptq_quantize
 from lowbit.algos.gptq import output_error
@@ -61,16 +62,8 @@ def test_search_finds_the_best_direction_nearly_always():
     assert float((got / best).mean()) > 0.999 and float((got >= best - 1e-5).float().mean()) > 0.95
 
 
-def _layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(256, 512, generator=g) * 0.02
-    x = torch.randn(4096, 512, generator=g) @ (torch.randn(512, 512, generator=g) / 512**0.5 + torch.eye(512))
-    x[:, :6] *= 10
-    return w, 2 * x.T @ x / x.shape[0]
-
-
 def test_error_feedback_beats_each_vector_alone_and_scalar_int2():
-    w, h = _layer()
+    w, h = correlated_layer()
     fmt = get_format("pvq2")
     gptq, alone = pvq_quantize(w, fmt, h, "gptq"), pvq_quantize(w, fmt, h, "rtn")
     int2 = gptq_quantize(w, h, get_grid("int2"), GroupLayout(256, 512, 64))

@@ -5,6 +5,7 @@ loads back, is deterministic and is refused where a codebook cannot go."""
 
 import pytest
 import torch
+from conftest import correlated_layer
 
 from lowbit.algos import gptq_quantize
 from lowbit.algos.gptq import output_error
@@ -27,16 +28,8 @@ def test_kmeans_beats_the_best_scalar_quantizer_at_two_bits_per_dimension():
     assert torch.equal(c, kmeans(x, 256, seed=0))
 
 
-def _layer(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(256, 512, generator=g) * 0.02
-    x = torch.randn(4096, 512, generator=g) @ (torch.randn(512, 512, generator=g) / 512**0.5 + torch.eye(512))
-    x[:, :6] *= 10
-    return w, 2 * x.T @ x / x.shape[0]
-
-
 def test_second_order_assignment_beats_nearest_and_scalar_int2():
-    w, h = _layer()
+    w, h = correlated_layer()
     fmt = VQFormat(4, 8)
     nearest = vq_quantize(w, fmt, h, "rtn")
     gptq = vq_quantize(w, fmt, h, "gptq")
@@ -53,7 +46,7 @@ def test_group_scales_follow_column_groups_of_different_size():
     """Scales per group of columns (the recipe's group size) follow a block of outlier weights (some
     rows, one group of columns: as in SmolLM2's layer-0 o_proj), which one scale per row cannot;
     every scale is counted, a short last group too."""
-    w, h = _layer()
+    w, h = correlated_layer()
     w[:32, 128:192] *= 20
     fmt = VQFormat(4, 8)
     per_row, per_64 = vq_quantize(w, fmt, h, "gptq"), vq_quantize(w, fmt, h, "gptq", group_size=64)
@@ -74,7 +67,7 @@ def test_codebooks_beyond_256_entries_store_wide_indices_exactly():
     through VQLinear; a larger codebook at the same dimension lowers the error."""
     from lowbit.nn import VQLinear
 
-    w, h = _layer()
+    w, h = correlated_layer()
     w = w[:, :510]
     h = h[:510, :510]
     wide = vq_quantize(w, VQFormat(3, 9), h, "gptq")

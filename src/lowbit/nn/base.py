@@ -94,6 +94,16 @@ class QuantModule(nn.Module):
 MODULE_KINDS: dict[str, type[QuantModule]] = {}
 
 
+def entry_format(entry: dict[str, Any], expected: type, what: str):
+    """The format an artifact entry names, refused unless it is an `expected` one (`what` names it)."""
+    from ..formats.registry import get_format
+
+    fmt = get_format(entry["grid"]["format"])
+    if not isinstance(fmt, expected):
+        raise ValueError(f"{entry['grid']['format']!r} is not a {what} format")
+    return fmt
+
+
 def register_kind(cls: type[QuantModule]) -> type[QuantModule]:
     MODULE_KINDS[cls.kind] = cls
     return cls

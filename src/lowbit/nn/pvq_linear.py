@@ -13,16 +13,11 @@ import torch
 from ..formats.pvq import PVQFormat
 from ..pack import pack_codes, unpack_codes
 from ..qtensor import PVQWeight
-from .base import QuantModule, TensorSpec, bias_spec, register_kind
+from .base import QuantModule, TensorSpec, bias_spec, entry_format, register_kind
 
 
 def _format(entry: dict[str, Any]) -> PVQFormat:
-    from ..formats.registry import get_format
-
-    fmt = get_format(entry["grid"]["format"])
-    if not isinstance(fmt, PVQFormat):
-        raise ValueError(f"{entry['grid']['format']!r} is not a pyramid vector format")
-    return fmt
+    return entry_format(entry, PVQFormat, "pyramid vector")
 
 
 @register_kind

@@ -12,17 +12,12 @@ import torch
 from ..formats.vq import VQFormat
 from ..pack import pack_codes, unpack_codes
 from ..qtensor import VQWeight
-from .base import QuantModule, TensorSpec, bias_spec, register_kind
+from .base import QuantModule, TensorSpec, bias_spec, entry_format, register_kind
 
 
 
 def _format(entry: dict[str, Any]) -> VQFormat:
-    from ..formats.registry import get_format
-
-    fmt = get_format(entry["grid"]["format"])
-    if not isinstance(fmt, VQFormat):
-        raise ValueError(f"{entry['grid']['format']!r} is not a vector codebook format")
-    return fmt
+    return entry_format(entry, VQFormat, "vector codebook")
 
 
 @register_kind

@@ -139,6 +139,52 @@ def test_safetensors_writer_and_reader_round_trip(tmp_path):
         CheckpointReader(cut)
 
 
+def test_mapped_tensors_read_the_same_and_leave_the_file_alone(tmp_path):
+    tensors = {"emb": torch.randn(300, 7).bfloat16(), "odd": torch.randn(5).half(), "e": torch.zeros(0)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    before = (tmp_path / "m.safetensors").read_bytes()
+    r = CheckpointReader(tmp_path)
+    mapped = {k: r.map(k) for k in tensors}
+    assert all(torch.equal(mapped[k], tensors[k]) for k in tensors)
+    mapped["emb"][0, 0] = 7.0  # a private copy-on-write map: the file keeps its bytes
+    assert (tmp_path / "m.safetensors").read_bytes() == before
+    assert all(r.all_finite(k, chunk_bytes=16) for k in tensors)
+    bad = tensors["emb"].clone()
+    bad[299, 6] = float("nan")  # in the last chunk
+    save_file({"emb": bad}, tmp_path / "m.safetensors")
+    assert not CheckpointReader(tmp_path).all_finite("emb", chunk_bytes=16)
+
+
+_MAP_PROBE = """
+import sys, torch
+from torch.nn import functional as F
+from lowbit.stream.safetensors_io import CheckpointReader
+def kib(field):
+    return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
+r = CheckpointReader(sys.argv[1])
+base = kib("VmRSS")
+assert r.all_finite("emb")
+table = r.map("emb")
+rows = F.embedding(torch.arange(0, table.shape[0], table.shape[0] // 64), table).float()
+print((kib("VmRSS") - base) / 1024, float(rows.abs().sum()) > 0)
+"""
+
+
+def test_a_mapped_embedding_is_resident_only_where_looked_up(tmp_path):
+    """The streamed run maps the embedding table: 64 rows looked up make 64 rows' pages resident,
+    not the table (64 MB here); the finite check reads it through a small buffer."""
+    import os
+    import subprocess
+    import sys
+
+    save_file({"emb": torch.ones(16384, 2048, dtype=torch.bfloat16)}, tmp_path / "m.safetensors")
+    with open(tmp_path / "m.safetensors", "rb") as f:  # a checkpoint is old and clean: dirty pages cannot be dropped
+        os.fsync(f.fileno())
+    out = subprocess.run([sys.executable, "-c", _MAP_PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
+    grown_mb, ok = out.stdout.split()
+    assert ok == "True" and float(grown_mb) < 16, out.stdout
+
+
 def _cli_env(**extra):
     import os
 

@@ -21,6 +21,23 @@ def pooled(h: torch.Tensor) -> torch.Tensor:
     return h if h.dim() == 2 else h.mean(0)
 
 
+#: rows per step when a float32 matrix is widened into a float64 one: torch casts a whole mixed-dtype
+#: operand at once, which for an 8,960-wide layer is a 642 MB temporary; a few MB at a time is not
+_WIDEN_BYTES = 4 << 20
+
+
+def _row_step(cols: int) -> int:
+    return max(1, _WIDEN_BYTES // (8 * max(cols, 1)))
+
+
+def add_widened(total: torch.Tensor, part: torch.Tensor) -> None:
+    """total += part, `total` float64 and `part` float32 (same shape), a few rows at a time:
+    the same values as `total += part.double()` without its full-size float64 copy."""
+    step = _row_step(part.shape[-1])
+    for i in range(0, part.shape[-2], step):
+        total[..., i : i + step, :].add_(part[..., i : i + step, :])
+
+
 class HessianAccumulator:
     """Running H over calibration tokens; inputs `x: [..., in]`. With token weights (`calib.fisher`),
     H = 2 sum_t w_t x_t x_t^T / sum_t w_t, `count` then the sum of the weights. With `groups` > 1 the
@@ -41,26 +58,33 @@ class HessianAccumulator:
         if weight is None:
             if self.groups != 1:
                 raise ValueError("grouped Hessians need token weights per group")
-            self.sum += (x.T @ x).double()  # float32 products per batch, float64 running sum
+            add_widened(self.sum, x.T @ x)  # float32 products per batch, float64 running sum
             self.count += x.shape[0]
             return
         w = weight.reshape(x.shape[0], -1).float() if weight.numel() == x.shape[0] * self.groups else None
         if w is None or w.shape[1] != self.groups:
             raise ValueError(f"{weight.numel()} token weights for {x.shape[0]} tokens and {self.groups} group(s)")
         if self.groups == 1:
-            self.sum += (x.T @ (x * w)).double()
+            add_widened(self.sum, x.T @ (x * w))
             self.count += float(w.double().sum())
             return
         for k in range(self.groups):
-            self.sum[k] += (x.T @ (x * w[:, k : k + 1])).double()
+            add_widened(self.sum[k], x.T @ (x * w[:, k : k + 1]))
         self.count += w.double().sum(0)
 
     def hessian(self) -> torch.Tensor:
-        """[in, in], or [groups, in, in]."""
+        """[in, in], or [groups, in, in], in float32: 2 sum / count formed in float64 a few rows at
+        a time (the float64 temporaries of the whole matrix would be twice its float32 size)."""
         if self.groups == 1:
             if self.count == 0:
                 raise RuntimeError("no calibration inputs reached this layer")
-            return (2.0 * self.sum / self.count).float()
-        if bool((self.count == 0).any()):
-            raise RuntimeError("no calibration inputs (or no loss gradient) reached a group of this layer")
-        return (2.0 * self.sum / self.count[:, None, None]).float()
+            count: float | torch.Tensor = float(self.count)
+        else:
+            if bool((self.count == 0).any()):
+                raise RuntimeError("no calibration inputs (or no loss gradient) reached a group of this layer")
+            count = self.count[:, None, None]
+        h = torch.empty(self.sum.shape, dtype=torch.float32)
+        step = _row_step(self.sum.shape[-1])
+        for i in range(0, self.sum.shape[-2], step):
+            h[..., i : i + step, :] = 2.0 * self.sum[..., i : i + step, :] / count
+        return h

@@ -105,7 +105,9 @@ def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Call
     if reduce is not None:
         for n in sorted(accs):
             reduce(accs[n])
-    hessians = {n: a.hessian() for n, a in accs.items()}
+    hessians: dict[str, torch.Tensor] = {}
+    for n in list(accs):  # each float64 accumulator freed as soon as its Hessian is formed
+        hessians[n] = accs.pop(n).hessian()
     hessians.update({n: hessians[leader] for n, leader in leader_of.items()})
     return hessians
 

@@ -84,12 +84,26 @@ class _Source:
     def __init__(self, ckpt: CheckpointReader, aliases: dict[str, str], where: str) -> None:
         self.ckpt, self.aliases, self.where = ckpt, aliases, where
 
+    def _name(self, key: str) -> str:
+        return key if key in self.ckpt else self.aliases.get(key, key)  # a tied tensor may be stored once, under its owner
+
+    def _non_finite(self, name: str) -> NonFiniteError:
+        return NonFiniteError(f"{self.where}: tensor {name} holds NaN or infinite values; fix the checkpoint first "
+                              "(nothing was written)")
+
     def read(self, key: str) -> torch.Tensor:
-        name = key if key in self.ckpt else self.aliases.get(key, key)  # a tied tensor may be stored once, under its owner
+        name = self._name(key)
         t = self.ckpt.read(name)
         if t.is_floating_point() and not _all_finite(t):
-            raise NonFiniteError(f"{self.where}: tensor {name} holds NaN or infinite values; fix the checkpoint first "
-                                 "(nothing was written)")
+            raise self._non_finite(name)
+        return t
+
+    def map(self, key: str) -> torch.Tensor:
+        """`read`, mapped from the file instead (`CheckpointReader.map`): for the embedding table."""
+        name = self._name(key)
+        t = self.ckpt.map(name)
+        if t.is_floating_point() and not self.ckpt.all_finite(name):
+            raise self._non_finite(name)
         return t
 
     def load_into(self, root: nn.Module, prefix: str, module: nn.Module) -> None:
@@ -410,10 +424,12 @@ def _run(job: _Job, blocks, batches, kind: str, needs_hessian: set[str], start_h
             def on_block(_i: int, prefix: str, _block: nn.Module, hessians: dict[str, torch.Tensor]) -> None:
                 names = [n for n in plans if n.startswith(prefix + ".")]
                 for k, name in enumerate(names):
+                    hessian = hessians.pop(name, None)  # dropped once its layer is done (shared ones: at the last)
                     if par is None or par.owner(k) == par.rank:
-                        quantize(name, hessians.get(name))
+                        quantize(name, hessian)
                     else:
                         progress.advance(task)
+                    del hessian
                 if par is not None:  # every rank needs the whole quantized block for the next one's inputs
                     for k, name in enumerate(names):
                         job.report.modules[name] = par.share_module(model, name, par.owner(k), job.report.modules.get(name))
@@ -459,10 +475,11 @@ def _load_outside_blocks(model: nn.Module, src: _Source, name: str, module: nn.M
     if module is head or blocks_name == name:
         return
     if isinstance(module, nn.Embedding):  # a half-precision table stays so: lookups widen only their rows (exact)
-        weight = src.read(f"{name}.weight")
+        weight = src.map(f"{name}.weight")  # mapped: only the rows the calibration text looks up become resident
         if weight.dtype in HALF:
             model.set_submodule(name, HalfEmbedding(weight, module.padding_idx))
             return
+        del weight
     if blocks_name.startswith(name + "."):
         for child_name, child in module.named_children():
             _load_outside_blocks(model, src, f"{name}.{child_name}", child, blocks_name, head)

@@ -1,8 +1,9 @@
 """Read and write safetensors files one tensor at a time.
 
-`CheckpointReader` reads a checkpoint's tensors on demand with plain positioned reads (no memory
-map: mapped pages would count against the process's resident memory as they are touched, so
-a 13 GB checkpoint read through a map looks like a 13 GB process), honouring a sharded
+`CheckpointReader` reads a checkpoint's tensors on demand with plain positioned reads (a memory
+map's pages count against the process's resident memory as they are touched, so a 13 GB
+checkpoint read through a map looks like a 13 GB process; `map` is for the one table read a few
+rows at a time, the embedding), honouring a sharded
 checkpoint's `model.safetensors.index.json`. `SafetensorsWriter` appends tensors to a data file
 as they are produced and writes the real file (header, then the tensors sorted by name) at the
 end, so a writer never holds more than one tensor; the same inputs give the same bytes, whatever
@@ -14,6 +15,7 @@ to a multiple of 8, then the raw little-endian tensor bytes.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -72,6 +74,7 @@ class CheckpointReader:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
         self.tensors: dict[str, TensorInfo] = {}
+        self._maps: list[mmap.mmap] = []
         for file in self._files():
             header, base = read_header(file)
             size = file.stat().st_size
@@ -113,11 +116,15 @@ class CheckpointReader:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> torch.Tensor:
-        """The tensor `name` in its stored dtype, read from disk into fresh memory."""
+    def _info(self, name: str) -> TensorInfo:
         info = self.tensors.get(name)
         if info is None:
             raise CheckpointError(f"tensor {name} is not in the checkpoint {self.root}")
+        return info
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor `name` in its stored dtype, read from disk into fresh memory."""
+        info = self._info(name)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(info.file, "rb", buffering=0) as f:
             f.seek(info.start)
@@ -125,6 +132,43 @@ class CheckpointReader:
         if got != info.nbytes:
             raise CheckpointError(f"{info.file}: tensor {name} is cut short ({got} of {info.nbytes} bytes)")
         return buf.view(info.dtype).reshape(info.shape)
+
+    def map(self, name: str) -> torch.Tensor:
+        """The tensor `name` mapped from its file, private and copy-on-write (the file is never
+        written), without read-ahead and with its cached pages dropped first: only the pages a
+        reader touches become resident. For a table read a few rows at
+        a time, such as an embedding during calibration (a few thousand distinct tokens of a
+        150k-row vocabulary), where `read` would hold all of it."""
+        info = self._info(name)
+        with open(info.file, "rb") as f:
+            if hasattr(os, "posix_fadvise"):  # a cached large folio is mapped whole by the first lookup into it
+                os.posix_fadvise(f.fileno(), info.start, info.nbytes, os.POSIX_FADV_DONTNEED)
+            base = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(f.fileno(), info.start + info.nbytes - base, access=mmap.ACCESS_COPY, offset=base)
+        if hasattr(mapped, "madvise"):
+            mapped.madvise(mmap.MADV_RANDOM)  # no read-ahead: a lookup brings in its own pages
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        raw = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start - base)
+        self._maps.append(mapped)  # the map lives as long as the reader: tensors made from it stay valid
+        return raw.view(info.dtype).reshape(info.shape)
+
+    def all_finite(self, name: str, chunk_bytes: int = 32 << 20) -> bool:
+        """Whether a floating tensor holds no NaN or infinity, read a slice at a time into one reused
+        buffer (the whole tensor is never resident)."""
+        info = self._info(name)
+        size = torch.empty(0, dtype=info.dtype).element_size()
+        step = max(size, chunk_bytes - chunk_bytes % size)
+        buf = torch.empty(step, dtype=torch.uint8)
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.start)
+            for done in range(0, info.nbytes, step):
+                n = min(step, info.nbytes - done)
+                if f.readinto(buf[:n].numpy()) != n:
+                    raise CheckpointError(f"{info.file}: tensor {name} is cut short")
+                if not bool(torch.isfinite(buf[:n].view(info.dtype)).all()):
+                    return False
+        return True
 
 
 def _write_tensor(f, t: torch.Tensor) -> int:

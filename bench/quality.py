@@ -118,7 +118,8 @@ BUDGETS = (8.5, 6.5, 5.5, 4.5, 4.25, 3.5, 2.5, 2.0)
 ROW_KEYS = ("model", "tool", "method", "grid", "format", "bits", "group_size", "symmetric", "precision", "bpw", "bpw_16bit", "metric",
             "kl", "ppl", "ppl_reference", "top1", "cosine", "cosine_min", "source_grid",
             "quant_seconds", "quant_seconds_ratio", "quant_cpu_seconds", "quant_cpu_ratio", "load_avg_1m",
-            "quant_seconds_runs", "baseline_quant_seconds", "timing", "peak_rss_mb", "tokens", "sentences", "status", "error", "notes", "version", "id")
+            "quant_seconds_runs", "baseline_quant_seconds", "timing", "peak_rss_mb", "tokens", "sentences", "n_samples", "seq_len", "status",
+            "error", "notes", "version", "id")
 
 
 def lowbit_id(method: str, bits: int, group_size: int, symmetric: bool) -> str:
@@ -525,7 +526,7 @@ def _tool_version(row: dict) -> str:
 def _what_was_measured(rows: list[dict], settings: dict, ref_ppl: float | None) -> list[str]:
     model = f"Model `{Path(settings['model']).name}`"
     calib = (f"GPTQ calibration: {settings['n_samples']} x {settings['seq_len']} tokens of `{Path(settings['calib']).name}` "
-             "(the same windows for lowbit and llm-compressor).")
+             "(the same windows for every calibrated row, lowbit's and the peers').")
     if _metric(rows) == "cosine":
         return [
             (f"{model} (a sentence encoder): cosine similarity between the original's and the quantized model's "
@@ -537,6 +538,21 @@ def _what_was_measured(rows: list[dict], settings: dict, ref_ppl: float | None) 
         + f" on the first {settings['max_tokens']} tokens of `{Path(settings['text']).name}` ({settings['seq_len']}-token "
         f"windows); {calib} Quantized: every nn.Linear inside the decoder blocks; embeddings and lm_head "
         "stay float32. KL = mean KL(original || quantized) of the next-token distributions; top-1 = agreement of the argmax."]
+
+
+def measured_settings(rows: list[dict], settings: dict) -> dict:
+    """`settings` with the calibration windows and evaluation tokens the ok rows record (each row
+    keeps its pass's `n_samples`, `seq_len` and `tokens`), so that a re-render or a merge describes
+    what was run, not the command line's defaults. Rows measured differently cannot share a table."""
+    seen = {(r.get("n_samples"), r.get("seq_len"), r.get("tokens")) for r in rows if r["status"] == "ok" and r.get("n_samples")}
+    if len(seen) > 1:
+        raise SystemExit("these rows were measured with different calibration or evaluation settings "
+                         f"(n_samples, seq_len, tokens): {sorted(seen, key=str)}; re-run the odd ones with the same "
+                         "--n-samples / --seq-len / --max-tokens, or keep them in another --out")
+    if not seen:
+        return settings
+    n, seq, tokens = seen.pop()
+    return settings | {"n_samples": n, "seq_len": seq, **({"max_tokens": tokens} if tokens else {})}
 
 
 def markdown_report(rows: list[dict], settings: dict, mach: dict, plot: str | None) -> str:
@@ -628,6 +644,7 @@ def pareto_plot(rows: list[dict], path: Path) -> str | None:
 
 def write_outputs(rows: list[dict], settings: dict, out_dir: Path) -> dict[str, Path]:
     """quality.json, quality.md and the plot; rows in the benchmark's configuration order."""
+    settings = measured_settings(rows, settings)
     order = {c["id"]: i for i, c in enumerate(all_configs())}
     rows.sort(key=lambda r: order.get(r["id"], len(order)))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -747,6 +764,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for cfg in configs:
         row = _run_config(cfg, settings | {"repeat": args.repeat, "threads": args.threads}, args.timeout, warmed)
         row["model"] = Path(args.model).name
+        row["n_samples"], row["seq_len"] = args.n_samples, args.seq_len  # what the rows were measured with
         if row["status"] == "ok":
             row["timing"] = (f"fastest of {args.repeat} quantizations" if args.repeat > 1 else "single quantization") + (
                 _threads(args.threads))

@@ -189,6 +189,20 @@ def test_merge_replaces_rows_by_id_and_keeps_the_others():
     assert [(r["id"], r["v"]) for r in merged] == [("a", 1), (quality.BASELINE_ID, 2), ("b", 2), ("c", 2)]
 
 
+def test_the_report_states_the_settings_the_rows_were_measured_with():
+    """A re-render (or a merge) describes the rows' own calibration and evaluation, not the
+    command line's defaults; rows from passes with other settings are refused together."""
+    args = {"n_samples": 128, "seq_len": 256, "max_tokens": 8192}
+    rows = [{"id": "a", "status": "ok", "n_samples": 32, "seq_len": 512, "tokens": 4096},
+            {"id": "b", "status": "failed", "n_samples": 8, "seq_len": 64, "tokens": None},
+            {"id": "c", "status": "ok"}]  # from before the fields: no say
+    assert quality.measured_settings(rows, args) == {"n_samples": 32, "seq_len": 512, "max_tokens": 4096}
+    assert quality.measured_settings([{"id": "c", "status": "ok"}], args) == args
+    rows.append({"id": "d", "status": "ok", "n_samples": 128, "seq_len": 256, "tokens": 8192})
+    with pytest.raises(SystemExit, match="different calibration or evaluation settings"):
+        quality.measured_settings(rows, args)
+
+
 def test_ratios_are_to_the_baseline_of_the_pass_that_timed_the_row():
     rows = [{"id": quality.BASELINE_ID, "status": "ok", "quant_seconds": 2.0, "quant_cpu_seconds": 2.0},
             {"id": "x", "status": "ok", "quant_seconds": 4.0, "quant_cpu_seconds": 6.0},

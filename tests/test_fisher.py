@@ -7,6 +7,7 @@ is deterministic, and it is refused where it cannot work."""
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from lowbit.algos.gptq import GPTQConfig, gptq_quantize
 from lowbit.artifact import load, read_header
@@ -291,3 +292,27 @@ def test_grouped_artifact_loads_is_deterministic_and_needs_fisher(tiny_llama, ca
         assert (path / f).read_bytes() == (again / f).read_bytes()
     with pytest.raises(RecipeError, match="hessian_groups.*hessian: fisher"):
         _recipe(calib_text, hessian_groups=4)
+
+
+def test_layers_fed_one_tensor_share_one_hessian():
+    """q/k/v-like layers reading the very same input tensor share one accumulator (one Hessian
+    object), a layer fed a fresh tensor of equal values gets its own; each equals 2 X^T X / n."""
+
+    class Fan(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c, self.d = (nn.Linear(6, 6) for _ in range(4))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.a(x) + self.b(x)
+            return self.c(y) + self.d(y.clone())
+
+    torch.manual_seed(0)
+    fan, xs = Fan(), [torch.randn(5, 6) for _ in range(3)]
+    names = {f"f.{n}" for n in "abcd"}
+    hs = accumulate_hessians(fan, "f", names, lambda: [fan(x) for x in xs])
+    assert hs["f.a"] is hs["f.b"] and hs["f.c"] is not hs["f.d"]
+    x = torch.cat(xs)
+    y = torch.cat([fan.a(v) + fan.b(v) for v in xs]).detach()
+    assert torch.allclose(hs["f.a"], 2 * x.T @ x / 15, atol=1e-5)
+    assert torch.allclose(hs["f.c"], 2 * y.T @ y / 15, atol=1e-5) and torch.equal(hs["f.c"], hs["f.d"])

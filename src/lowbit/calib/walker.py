@@ -7,6 +7,7 @@ make the inputs of block i+1. Only one block's activations are held at a time.
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -70,8 +71,9 @@ def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Call
     linears = {n: m for n, m in find_linears(root, prefix).items() if n in names}
     accs: dict[str, HessianAccumulator] = {}
     leader_of: dict[str, str] = {}  # layer -> the layer whose accumulator it shares
-    # inputs seen within one call of `root`, held so that the identity test below stays sound
-    seen: list[tuple[torch.Tensor, str]] = []
+    # inputs seen within one call of `root`, by weak reference: the identity test needs no copy
+    # kept alive (a strong one would hold e.g. down_proj's wide input until the next batch)
+    seen: list[tuple[weakref.ref, str]] = []
     calls = [-1]  # the calibration batch `root` is running
 
     def on_call(*_) -> None:
@@ -84,9 +86,9 @@ def accumulate_hessians(root: nn.Module, prefix: str, names: set[str], run: Call
             groups = w.shape[-1] if w.dim() == x.dim() else 1
             accs.setdefault(name, HessianAccumulator(x.shape[-1], groups)).add(x, w)
             return
-        first = next((n for t, n in seen if t is x), None)
+        first = next((n for t, n in seen if t() is x), None)
         if first is None:
-            seen.append((x, name))
+            seen.append((weakref.ref(x), name))
             first = name
         if first != name and leader_of.get(name, first) == first and name not in accs:
             leader_of[name] = first

@@ -1,0 +1,120 @@
+"""Mixed-precision search (`lowbit search`): candidates, the loss-aware sensitivity table, the
+budgeted allocation and the end-to-end run on a tiny Llama."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lowbit.cli import app
+from lowbit.recipe import Recipe
+from lowbit.mixed import Candidate, CandidateError, LayerCost, allocate, feasible_range, parse_candidates, searched_recipe
+from lowbit.mixed.allocate import Allocation
+
+runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def test_candidates_parse_and_refuse_clearly():
+    assert [c.name for c in parse_candidates("int4-g64, INT3-g128,int4-g64,vq2-row")] == ["int4-g64", "int3-g128", "vq2-row"]
+    assert Candidate.parse("nf4-g-1") == Candidate("nf4", -1)
+    with pytest.raises(CandidateError, match="FORMAT-gGROUP"):
+        Candidate.parse("int4")
+    with pytest.raises(CandidateError, match="at least two"):
+        parse_candidates("int4-g64")
+
+
+def _random_costs(rng: random.Random, layers: int) -> dict[str, LayerCost]:
+    costs = {}
+    for i in range(layers):
+        n = rng.choice([10, 20, 30])
+        bits = {c: b * n + rng.random() for c, b in zip("abcd", (2, 3, 4, 8))}
+        damage = {c: rng.random() * 2.0**-b * n * rng.choice([1, 5, 20]) for c, b in zip("abcd", (2, 3, 4, 8))}
+        costs[f"l{i}"] = LayerCost(n, bits, damage)
+    return costs
+
+
+def test_allocation_is_the_exhaustive_optimum_within_the_budget():
+    """The dynamic program finds the least summed damage among all choices that fit (checked
+    against every one of the 4^5 choices on 200 random tables), and never exceeds the budget."""
+    rng = random.Random(0)
+    for _ in range(200):
+        costs = _random_costs(rng, 5)
+        low, high = feasible_range(costs)
+        budget = rng.uniform(low, high)
+        got = allocate(costs, budget)
+        limit = budget * sum(c.weights for c in costs.values())
+        best = min(sum(costs[n].damage[c] for n, c in zip(costs, choice))
+                   for choice in itertools.product("abcd", repeat=5)
+                   if sum(costs[n].bits[c] for n, c in zip(costs, choice)) <= limit)
+        assert got.bits <= limit + 1e-9
+        assert got.damage <= best * (1 + 1e-9)
+
+
+def test_an_impossible_budget_names_the_feasible_range():
+    costs = _random_costs(random.Random(1), 3)
+    low, high = feasible_range(costs)
+    with pytest.raises(CandidateError, match=f"{low:.3f}"):
+        allocate(costs, low - 0.01)
+    top = allocate(costs, high + 1)  # everything fits: each layer its least damage
+    assert top.damage == pytest.approx(sum(min(c.damage.values()) for c in costs.values()))
+
+
+def test_the_searched_recipe_gives_each_layer_its_choice():
+    base = Recipe.from_dict({"method": "gptq", "format_options": {"mse_fit": True}, "ignore": ["lm_head"]})
+    cands = parse_candidates("int3-g64,int4-g128,int8-g128")
+    choice = {"model.layers.0.mlp.up_proj": "int8-g128", "model.layers.0.mlp.down_proj": "int3-g64",
+              "model.layers.1.mlp.up_proj": "int4-g128", "model.layers.1.mlp.down_proj": "int4-g128"}
+    recipe = searched_recipe(base, cands, Allocation(choice, 0.0, 1, 0.0))
+    assert (recipe.format, recipe.group_size) == ("int4", 128)  # the most chosen is the default
+    for name, cname in choice.items():
+        scheme = recipe.scheme_for(name)
+        assert f"{scheme.format}-g{scheme.group_size}" == cname and scheme.format_options == {"mse_fit": True}
+    assert recipe.scheme_for("lm_head") is None
+    assert recipe.scheme_for("model.layers.10.mlp.up_proj").format == "int4"  # no prefix match of layers.1
+
+
+def test_search_end_to_end(tiny_llama, calib_text, eval_text, tmp_path):
+    """Damage falls with bits on every layer; the allocation fits the budget; the recipe it writes
+    quantizes to the very artifact the search wrote; the predicted damages of uniform recipes
+    rank like their measured KL; a second search reuses the sensitivities."""
+    out = tmp_path / "search"
+    args = ["search", str(tiny_llama), "--budget", "3,4.5", "-o", str(out), "--candidates", "int2-g32,int3-g32,int4-g32,int8-g32",
+            "--calib", str(calib_text), "--n-samples", "8", "--seq-len", "64", "--text", str(eval_text), "--max-tokens", "512"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    table = json.loads((out / "sensitivity.json").read_text())["layers"]
+    for name, row in table.items():
+        d = row["damage"]
+        assert d["int2-g32"] > d["int3-g32"] > d["int4-g32"] > d["int8-g32"] >= 0, (name, d)
+    for b in report["budgets"]:
+        assert b["bpw"] <= b["budget"] + 1e-9 and b["measured"]["bpw"] <= b["budget"] + 1e-9
+        assert b["measured"]["kl"] >= 0
+    low, high = report["budgets"]
+    assert high["predicted_damage"] < low["predicted_damage"] and high["measured"]["kl"] < low["measured"]["kl"]
+
+    again = tmp_path / "again"
+    res = runner.invoke(app, ["quantize", str(tiny_llama), "-o", str(again), "--recipe", str(out / "bpw-3" / "recipe.yaml")])
+    assert res.exit_code == 0, res.output
+    for f in (out / "bpw-3" / "model").iterdir():
+        assert (again / f.name).read_bytes() == f.read_bytes(), f.name
+
+    res = runner.invoke(app, args[:3] + ["2.8"] + args[4:] + ["--no-verify"])
+    assert res.exit_code == 0, res.output
+    second = json.loads((out / "report.json").read_text())
+    assert second["sensitivity_cached"] and second["budgets"][0]["measured"] == {}
+
+
+def test_search_refuses_bad_budgets_before_any_work(tiny_llama, tmp_path):
+    res = runner.invoke(app, ["search", str(tiny_llama), "--budget", "three", "-o", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "bits per weight" in res.output
+    res = runner.invoke(app, ["search", str(tiny_llama), "--budget", "0.5", "-o", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "between 1 and 32" in res.output
+    res = runner.invoke(app, ["search", str(tiny_llama), "--budget", "3", "-o", str(tmp_path / "s"), "--candidates", "int4"])
+    assert res.exit_code == 2 and "FORMAT-gGROUP" in res.output
+    assert not (tmp_path / "s").exists()

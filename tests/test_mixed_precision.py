@@ -118,3 +118,6 @@ def test_search_refuses_bad_budgets_before_any_work(tiny_llama, tmp_path):
     res = runner.invoke(app, ["search", str(tiny_llama), "--budget", "3", "-o", str(tmp_path / "s"), "--candidates", "int4"])
     assert res.exit_code == 2 and "FORMAT-gGROUP" in res.output
     assert not (tmp_path / "s").exists()
+    res = runner.invoke(app, ["search", str(tiny_llama), "--budget", "3", "-o", str(tiny_llama)])  # a model directory
+    assert res.exit_code == 2 and "holds files of its own" in res.output
+    assert not (tiny_llama / "recipe.yaml").exists() and not (tiny_llama / "sensitivity.json").exists()

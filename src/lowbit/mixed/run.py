@@ -118,6 +118,9 @@ def run_search(source: str, base: Recipe, candidates: list[Candidate], budgets: 
         raise LowbitError("give at least one --budget")
     if out.exists() and not out.is_dir():
         raise LowbitError(f"{out} is a file; the search writes a directory (give another -o)")
+    if out.is_dir() and any(out.iterdir()) and not ((out / CACHE).exists() or (out / "report.json").exists()):
+        raise LowbitError(f"{out} holds files of its own; the search writes into a new or empty directory, or into an "
+                          "earlier search's (whose sensitivities it reuses): give another -o")
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     loaded = load_model(source, allow_pickle=allow_pickle)

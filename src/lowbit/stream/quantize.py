@@ -140,15 +140,33 @@ def _free(module: nn.Module) -> None:
     _trim_heap()
 
 
-def _trim_heap() -> None:
+def _libc():
     global _LIBC
     if _LIBC is None:
         try:
             _LIBC = ctypes.CDLL("libc.so.6")
         except OSError:
             _LIBC = False
-    if _LIBC:
+    return _LIBC
+
+
+def _trim_heap() -> None:
+    if _libc():
         _LIBC.malloc_trim(0)
+
+
+#: glibc's mallopt parameter for the size from which a block is mapped on its own (and unmapped when freed)
+_M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD = 4 << 20
+
+
+def _fix_mmap_threshold() -> None:
+    """Map every block of 4 MB or more on its own, for the rest of the process. glibc raises its
+    threshold to the largest block freed (up to 32 MB), after which a block's activations and
+    temporaries come from the heap, which fragments and creeps up block after block (Qwen2.5-1.5B:
+    the resident size between blocks grew 1.43 -> 1.61 GB over two blocks; fixed, it stays at 1.1)."""
+    if _libc():
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 _LIBC = None
@@ -235,6 +253,7 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
     from ..pipeline import calibration_batches
 
     started = time.perf_counter()
+    _fix_mmap_threshold()
     if recipe.preprocess.steps > 0 or recipe.tune.steps > 0:
         raise StreamError("preprocessing and end-to-end tuning train the whole model at once; they do not stream "
                           "(quantize without --stream, or set preprocess.steps / tune.steps to 0)")

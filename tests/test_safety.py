@@ -324,7 +324,7 @@ def test_artifact_as_source_missing_eval_path_version_bits_range(art, tmp_path):
 
 
 def test_help_writes_defaults_one_way():
-    for cmd in ("quantize", "eval", "demo"):
+    for cmd in ("quantize", "search", "eval", "demo"):
         res = cli(cmd, "--help")
         assert "[default:" not in res.output, cmd
 

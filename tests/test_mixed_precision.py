@@ -98,6 +98,8 @@ def test_search_end_to_end(tiny_llama, calib_text, eval_text, tmp_path):
     low, high = report["budgets"]
     assert high["predicted_damage"] < low["predicted_damage"] and high["measured"]["kl"] < low["measured"]["kl"]
 
+    written = Recipe.from_file(out / "bpw-3" / "recipe.yaml")
+    assert written.overrides and all(o.method is None and o.format for o in written.overrides)
     again = tmp_path / "again"
     res = runner.invoke(app, ["quantize", str(tiny_llama), "-o", str(again), "--recipe", str(out / "bpw-3" / "recipe.yaml")])
     assert res.exit_code == 0, res.output

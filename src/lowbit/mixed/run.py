@@ -103,6 +103,14 @@ def searched_recipe(base: Recipe, candidates: list[Candidate], allocation: Alloc
     return Recipe.from_dict(data)
 
 
+def _readable(recipe: Recipe) -> dict:
+    """The recipe's keys with each override's unset ones left out (the same recipe when read back)."""
+    data = recipe.to_dict()
+    data["overrides"] = [{k: v for k, v in o.items() if v is not None and not (k == "skip" and v is False)}
+                         for o in data.get("overrides", [])]
+    return data
+
+
 def budget_dir(out: Path, budget: float, single: bool) -> Path:
     return out if single else out / f"bpw-{budget:g}"
 
@@ -138,7 +146,7 @@ def run_search(source: str, base: Recipe, candidates: list[Candidate], budgets: 
         recipe = searched_recipe(base, candidates, alloc)
         recipe_path = where / "recipe.yaml"
         _write_text(recipe_path, f"# lowbit search: {budget:g} bpw budget, {alloc.bpw:.4f} bpw allocated, predicted damage "
-                    f"{alloc.damage:.4g} nats/token\n" + yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+                    f"{alloc.damage:.4g} nats/token\n" + yaml.safe_dump(_readable(recipe), sort_keys=False))
         result = BudgetResult(budget, alloc, recipe_path)
         if verify:
             job = quantize(source, recipe, show_progress=show_progress, allow_pickle=allow_pickle)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).parent / "results"
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"  # the shared calibration and evaluation texts
 
 
 def machine() -> dict:

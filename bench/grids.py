@@ -33,10 +33,9 @@ from lowbit.pipeline import QuantizeJob, calibration_batches, evaluate, save_job
 from lowbit.quantize import quantize_model
 from lowbit.recipe import Recipe
 
-from .common import RESULTS, machine, markdown_table, write_results
+from .common import ASSETS, RESULTS, machine, markdown_table, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
 GROUP = 64
 
 # (label, bits, format, format_options / recipe extras, methods)

@@ -28,9 +28,7 @@ from lowbit.mixed.sensitivity import LayerCost
 from lowbit.pipeline import calibration_batches, evaluate, load_model, quantize, save_job
 from lowbit.recipe import Recipe, preset
 
-from .common import RESULTS, machine, markdown_table, write_results
-
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+from .common import ASSETS, RESULTS, machine, markdown_table, write_results
 
 
 def perturbed(costs: dict[str, LayerCost], rng: random.Random, sigma: float) -> dict[str, LayerCost]:

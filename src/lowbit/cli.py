@@ -134,6 +134,7 @@ def build_recipe(
     hessian_groups: int | None = None,
     rotate: str | None = None,
     entropy_code: bool | None = None,
+    act: str | None = None,
 ) -> Recipe:
     """A preset (if any), the recipe file (if any) laid over it, then the flags that were given."""
     data = preset(preset_name) if preset_name else {}
@@ -153,7 +154,7 @@ def build_recipe(
         data["format_options"] = {**data.get("format_options", {}), **parse_format_options(format_options)}
     flat = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric, "target": target,
             "scaling": scaling, "rounding": rounding, "hessian": hessian, "hessian_groups": hessian_groups,
-            "rotate": rotate, "entropy_code": entropy_code}
+            "rotate": rotate, "entropy_code": entropy_code, "act": act}
     data.update({k: v for k, v in flat.items() if v is not None})
     calib_opts = {"path": str(calib) if calib else None, "n_samples": n_samples, "seq_len": seq_len}
     data["calib"] = {**data.get("calib", {}), **{k: v for k, v in calib_opts.items() if v is not None}}
@@ -217,6 +218,7 @@ def quantize(
     hessian_groups: Optional[int] = typer.Option(None, min=1, help="With --hessian fisher: split each layer's output channels into this many groups, each with its own loss-weighted Hessian (GuidedQuant's grouped Fisher blocks; 1 = one per layer); more groups follow the loss more closely and cost one Hessian and one GPTQ solve per group. (default: 1)"),
     rotate: Optional[str] = typer.Option(None, help="none | hadamard: rotate each quantized layer's inputs by a randomized Hadamard transform before quantizing (incoherence processing, QuIP#/QuaRot): the weight's outliers and the Hessian's are spread over blocks of the largest power of two dividing the width, which helps low-bit grids; the signs are stored (1 bit per input, counted in bpw) and the runtime rotates the activations (one fast Walsh-Hadamard transform). Any method but ptq161; no export target holds it. (default: none)"),
     entropy_code: Optional[bool] = typer.Option(None, "--entropy-code", show_default=False, help="Store each quantized layer's codes ANS-coded under their own histogram (constriction): a smaller artifact, decoded exactly when loaded (the header gives both sizes: bpw and bpw_packed). Exports and the runtime see the same codes."),
+    act: Optional[str] = typer.Option(None, help="none | int8: W8A8. Each quantized layer's inputs are quantized to int8 per token at run time (dynamic, symmetric) and its product runs in integers (oneDNN's int8 GEMM through torch._int_mm; exact, so simulation and kernel agree bit for bit). Needs symmetric int8 weights with one scale per row: --bits 8 --sym --group-size -1. (default: none, weights only)"),
     preset_name: Optional[str] = typer.Option(None, "--preset", help="Starting point, under --recipe and the flags: quality = GPTQ on loss-aware (Fisher) Hessians with every group's scale and zero searched for the least rounding error (mse_fit), causal LMs (SmolLM2-135M int4 g64: KL 0.0656 against llm-compressor AWQ+GPTQ's 0.0846 at the same 4.31 bpw; slower: the backward passes and the search); fast = RTN, no calibration (KL 0.305, seconds)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
@@ -234,7 +236,7 @@ def quantize(
     with _guard():
         r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
                          format_option, preprocess_steps, tune_steps, target, scaling, preset_name, rounding,
-                         hessian, hessian_groups, rotate, entropy_code)
+                         hessian, hessian_groups, rotate, entropy_code, act)
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
         shard_bytes = parse_size(max_shard_size, "--max-shard-size")

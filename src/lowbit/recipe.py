@@ -289,6 +289,9 @@ class Recipe(Scheme):
     # hadamard: every quantized layer's input side rotated by a randomized Hadamard transform first
     # (incoherence processing, `lowbit.rotate`); the runtime rotates the activations
     rotate: Literal["none", "hadamard"] = "none"
+    # int8: W8A8, every quantized layer's inputs quantized to int8 per token at run time and its
+    # product run in integers (`nn.act_linear`); its weights must be symmetric int8 per row
+    act: Literal["none", "int8"] = "none"
     # store each quantized linear's codes ANS-coded under their histogram (`lowbit.coding`): a
     # smaller file, the same codes after loading
     entropy_code: bool = False
@@ -324,6 +327,28 @@ class Recipe(Scheme):
         if clash:
             raise ValueError(f"vector formats ({vq[0].format}) do not combine with {', '.join(clash)} yet: "
                              "use a scalar format for that, or drop it")
+        return self
+
+    @model_validator(mode="after")
+    def _act_needs_int8_rows(self) -> "Recipe":
+        if self.act == "none":
+            return self
+        from .nn.act_linear import fits_w8a8
+
+        need = ("needs symmetric int8 weights with one scale per output row: format int8, symmetric, group_size -1 "
+                "(or 0, per tensor), method rtn or gptq (`--bits 8 --sym --group-size -1`)")
+        named = [("the recipe", self._base())] + [(f"override {o.pattern!r}", _apply(self._base(), o))
+                                                  for o in self.overrides if not o.skip]
+        for where, s in named:
+            grid = s.grid()
+            if s.method not in ("rtn", "gptq") or not fits_w8a8(grid, s.group_size):
+                raise ValueError(f"act: {self.act} runs each layer's product in integers and {need}; {where} has "
+                                 f"method {s.method}, format {s.format}{' symmetric' if s.symmetric else ''}, "
+                                 f"group_size {s.group_size}")
+        clash = (([f"rotate: {self.rotate}"] if self.rotate != "none" else []) + self._layer_rewrites()
+                 + (["entropy_code"] if self.entropy_code else []) + (["tune"] if self.tune.steps else []))
+        if clash:
+            raise ValueError(f"act: {self.act} does not combine with {', '.join(clash)} yet; drop one of them")
         return self
 
     @model_validator(mode="after")
@@ -406,6 +431,7 @@ class Recipe(Scheme):
                    | ({"hessian"} if self.hessian == "inputs" else set())
                    | ({"hessian_groups"} if self.hessian_groups == 1 else set())
                    | ({"rotate"} if self.rotate == "none" else set())
+                   | ({"act"} if self.act == "none" else set())
                    | ({"entropy_code"} if not self.entropy_code else set()))
         return self.model_dump(mode="json", exclude=exclude or None)
 

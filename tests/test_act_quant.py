@@ -1,0 +1,109 @@
+"""W8A8 (`--act int8`, nn/act_linear.py): per-token int8 activations, the integer product agrees
+bit for bit with its float64 simulation and stays within the error the two roundings allow; the
+artifact records it, loads back to the same outputs, and is refused where it cannot go."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowbit.artifact import load, read_header
+from lowbit.formats.int import IntGrid
+from lowbit.formats.layout import GroupLayout
+from lowbit.nn.act_linear import Int8ActLinear, quantize_tokens
+from lowbit.pipeline import quantize, save_job
+from lowbit.recipe import Recipe, RecipeError
+from lowbit.algos.rtn import rtn_quantize
+
+
+def _layer(out: int, inp: int, bias: bool, seed: int = 0) -> tuple[Int8ActLinear, torch.Tensor, torch.Tensor | None]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, inp, generator=g)
+    b = torch.randn(out, generator=g) if bias else None
+    qw = rtn_quantize(w, IntGrid(8, symmetric=True), GroupLayout(out, inp, -1))
+    return Int8ActLinear.from_quantized(qw, b), w, b
+
+
+def test_tokens_quantize_within_half_a_step():
+    x = torch.randn(37, 96) * torch.logspace(-3, 3, 37)[:, None]
+    x[5] = 0.0  # an all-zero token
+    q, s = quantize_tokens(x)
+    assert q.abs().max() <= 127 and torch.equal(q, q.round())
+    assert ((q * s - x).abs() <= s / 2 * (1 + 1e-6)).all()
+    assert torch.equal(q[5], torch.zeros(96))
+    assert torch.equal(quantize_tokens(-x)[0], -q)  # symmetric
+
+
+@pytest.mark.parametrize("tokens,inp,out,bias", [(1, 64, 96, True), (37, 96, 64, False), (300, 576, 192, True)])
+def test_integer_product_matches_its_simulation_and_the_rounding_bound(tokens, inp, out, bias):
+    """The int8 kernel and the float64 simulation give the same bits; against the float layer
+    every output is within sum_k |e_k||w_k| + |x_k||d_k| + |e_k||d_k| (e: the activation's
+    rounding, at most s_t/2; d: the weight's, at most s_w/2)."""
+    layer, w, b = _layer(out, inp, bias)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(tokens, inp, generator=g) * (1 + 20 * (torch.rand(inp, generator=g) < 0.02))  # outlier channels
+    with torch.no_grad():
+        fast = layer(x)
+        layer.simulate = True
+        slow = layer(x)
+    assert torch.equal(fast, slow)
+    _, s_x = quantize_tokens(x)
+    s_w = layer.integer_weight()[1].abs()  # signed: the symmetric grid maps each row's extreme to -128
+    exact = x @ w.T + (0 if b is None else b)
+    bound = (s_x / 2) * w.abs().sum(1) + x.abs().sum(1, keepdim=True) * (s_w / 2) + (s_x / 2) * (s_w / 2) * inp
+    assert ((fast - exact).abs() <= bound * (1 + 1e-4) + 1e-4).all()
+
+
+def test_the_recipe_asks_for_int8_rows_and_names_the_fix():
+    base = {"method": "rtn", "format": "int8", "symmetric": True, "group_size": -1, "act": "int8"}
+    Recipe.from_dict(base)
+    for bad in ({"group_size": 128}, {"symmetric": False}, {"format": "int4"}, {"method": "ptq161"},
+                {"overrides": [{"pattern": "down_proj", "group_size": 64}]}):
+        with pytest.raises(RecipeError, match="--bits 8 --sym --group-size -1"):
+            Recipe.from_dict({**base, **bad})
+    with pytest.raises(RecipeError, match="rotate: hadamard"):
+        Recipe.from_dict({**base, "rotate": "hadamard"})
+    assert "act" not in Recipe.from_dict({**base, "act": "none"}).to_dict()
+
+
+def test_w8a8_artifact_records_loads_and_is_refused_by_exports(tiny_llama, calib_text, tmp_path):
+    from lowbit.export import ExportError, export_artifact
+
+    r = Recipe.from_dict({"method": "gptq", "format": "int8", "symmetric": True, "group_size": -1, "act": "int8",
+                          "calib": {"path": str(calib_text), "n_samples": 4, "seq_len": 64}})
+    job = quantize(str(tiny_llama), r, show_progress=False)
+    path = save_job(job, r, tmp_path / "a")
+    header = read_header(path)
+    entry = header["modules"]["model.layers.1.mlp.down_proj"]
+    assert entry["kind"] == "w8a8-linear" and entry["act"]["granularity"] == "token"
+    assert header["recipe"]["act"] == "int8"
+    weight_only = Recipe.from_dict({**r.to_dict(), "act": "none"})
+    plain = save_job(quantize(str(tiny_llama), weight_only, show_progress=False), weight_only, tmp_path / "w")
+    # the first block's weights are the weight-only ones, stored the same way; later blocks are
+    # calibrated on the W8A8 model's own (int8-rounded) activations, as it will run
+    from safetensors.torch import load_file
+
+    a, b = load_file(path / "quantized.safetensors"), load_file(plain / "quantized.safetensors")
+    first = [k for k in a if k.startswith("model.layers.0.")]
+    assert first and all(torch.equal(a[k], b[k]) for k in first)
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("model.layers.1."))
+    ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        loaded = load(path)
+        assert sum(isinstance(m, Int8ActLinear) for m in loaded.modules()) == 14
+        a = loaded(input_ids=ids).logits
+        torch.testing.assert_close(a, job.loaded.model(input_ids=ids).logits, rtol=0, atol=0)
+        w = load(plain)(input_ids=ids).logits
+        assert 0 < float((a - w).abs().max()) < 0.1 * float(w.abs().max())  # activations rounded, not broken
+    with pytest.raises(ExportError, match="w8a8-linear"):
+        export_artifact(path, "compressed-tensors", tmp_path / "ct")
+
+
+def test_w8a8_streams_to_the_same_bytes(tiny_llama, tmp_path):
+    from lowbit.stream.quantize import stream_quantize
+
+    r = Recipe.from_dict({"method": "rtn", "format": "int8", "symmetric": True, "group_size": -1, "act": "int8"})
+    mem = save_job(quantize(str(tiny_llama), r, show_progress=False), r, tmp_path / "mem")
+    streamed, _ = stream_quantize(str(tiny_llama), r, tmp_path / "stream", show_progress=False)
+    for f in ("lowbit.json", "quantized.safetensors", "dense.safetensors"):
+        assert (mem / f).read_bytes() == (streamed / f).read_bytes(), f

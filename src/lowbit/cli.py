@@ -212,7 +212,8 @@ def quantize(
     preprocess_steps: Optional[int] = typer.Option(None, help="PTQ1.61's quantization preprocessing: restorative-LoRA training steps on the calibration windows (distilling the original) between a first and the final quantization; 100 is a good start, the recipe's `preprocess` section has the rest. (default: 0, off)"),
     tune_steps: Optional[int] = typer.Option(None, help="End-to-end tuning after quantization (EfficientQAT's E2E-QP): codes frozen, the fp16 scales, norms and biases trained to match the original model's next-token distributions on the calibration windows, then stored at their precision (bpw unchanged); the recipe's `tune` section has the rest. (default: 0, off)"),
     target: Optional[str] = typer.Option(None, help="Export layout the codes must fit exactly: gguf:q4_0, gguf:q4_1, gguf:q5_0, gguf:q5_1, gguf:q8_0, gguf:mxfp4, gguf:tq2_0, gguf:tq1_0, gguf:q4_k, gguf:q5_k, gguf:q6_k; ct:w4a16 (compressed-tensors int4 sym g128; ct:wNa16[-gSIZE][-asym]), ct:nvfp4, ct:mxfp4; gptq:int4 (HF GPTQ int4 sym g128; gptq:intN[-gSIZE][-asym]) (sets the format, --sym where it applies and the group size; `lowbit export` then writes it bit for bit). A layer whose width the block does not divide is quantized for the target's fallback (llama.cpp's: tq* -> gguf:q4_0, q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0) or kept in float, and listed."),
-    scaling: Optional[str] = typer.Option(None, help="none | awq: activation-aware scales per input channel (AWQ), searched on each layer group's loss and folded into the norm or layer before it; then --method quantizes (RTN or GPTQ). Llama-style decoders; needs calibration. (default: none)"),
+    scaling: Optional[str] = typer.Option(None, help="none | awq | smooth: per-input-channel scales folded into the norm or layer before each layer group, then --method quantizes (RTN or GPTQ). awq: activation-aware scales searched on each group's loss (AWQ); smooth: activation outliers moved into the weights, s = a^alpha / w^(1-alpha) (SmoothQuant, for --act int8). Llama-style decoders; needs calibration. (default: none)"),
+    smooth: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="Shorthand for --scaling smooth with SmoothQuant's migration strength alpha (0.5 is the paper's default): how much of the activations' range moves into the weights."),
     rounding: Optional[str] = typer.Option(None, help="nearest | learned: SignRound learned rounding, block by block: one offset per weight trained by signed gradient descent on the block's output error against the original model, from --method's codes (RTN: AutoRound; GPTQ: GPTQ's codes as the start), kept only where the error drops; grid parameters and bpw unchanged; the recipe's `signround` section has steps (50), lr, batch_size. Needs calibration; not with --stream. (default: nearest)"),
     hessian: Optional[str] = typer.Option(None, help="inputs | fisher: what GPTQ (and AWQ, the searches) weigh a layer's error by. inputs: H = 2 X^T X / n over the calibration tokens; fisher: each token weighted by how much the model's next-token loss reacts to the layer's output there (squared output gradient, from one backward pass of the float model: GuidedQuant's loss-aware Hessian; SmolLM2-135M GPTQ int4 g64: KL 0.114 -> 0.077). Causal LMs; not with --stream. (default: inputs)"),
     hessian_groups: Optional[int] = typer.Option(None, min=1, help="With --hessian fisher: split each layer's output channels into this many groups, each with its own loss-weighted Hessian (GuidedQuant's grouped Fisher blocks; 1 = one per layer); more groups follow the loss more closely and cost one Hessian and one GPTQ solve per group. (default: 1)"),
@@ -234,9 +235,15 @@ def quantize(
     from .validation.paths import check_output
 
     with _guard():
+        if smooth is not None:
+            if scaling not in (None, "smooth"):
+                raise LowbitError(f"--smooth {smooth} sets --scaling smooth; it does not combine with --scaling {scaling}")
+            scaling = "smooth"
         r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
                          format_option, preprocess_steps, tune_steps, target, scaling, preset_name, rounding,
                          hessian, hessian_groups, rotate, entropy_code, act)
+        if smooth is not None:
+            r = Recipe.from_dict({**r.to_dict(), "smooth": {"alpha": smooth}})
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
         shard_bytes = parse_size(max_shard_size, "--max-shard-size")

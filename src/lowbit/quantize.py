@@ -232,6 +232,28 @@ def _awq_scaler(model: nn.Module, plans: dict[str, LayerPlan], recipe: Recipe, r
     return scale
 
 
+def _smooth_scaler(model: nn.Module, plans: dict[str, LayerPlan], recipe: Recipe, report: QuantizeReport):
+    """`scale(prefix, block, hessians) -> hessians`: SmoothQuant's scales folded for one block
+    (`algos.smoothquant`), recorded in `report.scaling`."""
+    from .algos.smoothquant import smooth_block
+    from .models.loading import checkpoint_dtype
+
+    config = getattr(model, "config", None)
+    dense_dtype = checkpoint_dtype(config) if config is not None else torch.float32
+    report.scaling = {"method": "smooth", "alpha": recipe.smooth.alpha, "groups": [], "skipped": {}}
+
+    def scale(prefix: str, block: nn.Module, hessians: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            hessians, result = smooth_block(model, block, prefix, hessians, set(plans), dense_dtype, recipe.smooth.alpha)
+        except AWQError as exc:
+            raise QuantizeError(str(exc)) from None
+        report.scaling["groups"] += result.groups
+        report.scaling["skipped"].update(result.skipped)
+        return hessians
+
+    return scale
+
+
 class _LearnedRounding:
     """SignRound over the block walk (`algos.signround`): `observe` keeps each block's calls and runs
     the original float block on the original model's hidden states (the targets, and the next
@@ -420,8 +442,8 @@ def _quantize_layers(
     report = QuantizeReport(skipped=skipped)
     needs_hessian = {n for n, p in plans.items() if p.scheme.needs_calibration}
     scale_block = None
-    if recipe.scaling == "awq":
-        scale_block = _awq_scaler(model, plans, recipe, report)
+    if recipe.scaling != "none":
+        scale_block = (_awq_scaler if recipe.scaling == "awq" else _smooth_scaler)(model, plans, recipe, report)
         needs_hessian = set(plans)  # every layer's input statistics and loss
     rounder = None
     if recipe.rounding == "learned":
@@ -447,7 +469,7 @@ def _quantize_layers(
 
         blocks = find_blocks(model) if needs_hessian else None
         if blocks is None and (scale_block is not None or rounder is not None):
-            raise QuantizeError("scaling: awq and rounding: learned work block by block and found no block list in this "
+            raise QuantizeError(f"scaling: {recipe.scaling} and rounding: learned work block by block and found no block list in this "
                                 "model; drop them")
         if blocks is not None:
             blocks_name, block_list = blocks

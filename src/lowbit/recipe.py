@@ -17,6 +17,7 @@
     rotate: none            # hadamard: randomized Hadamard rotation of each layer's inputs (QuIP#/QuaRot incoherence)
     scaling: none           # awq: activation-aware scales per input channel, folded into the norm / layer before
     awq: {grid: 20, duo: true}   # AWQ's search: alpha on a grid of [0, 1); duo: divide by the weight magnitude too
+    smooth: {alpha: 0.5}    # scaling: smooth (SmoothQuant): activation outliers moved into the weights, for --act
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
       # {steps: 100, lr: 1e-4, batch_size: 4, norms: true, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized
@@ -200,6 +201,12 @@ class AWQOptions(_Strict):
     duo: bool = True  # s = a^alpha / w^(1-alpha) (AutoAWQ's default); false: s = a^alpha
 
 
+class SmoothOptions(_Strict):
+    """SmoothQuant's migration (`lowbit.algos.smoothquant`), used when `scaling: smooth`."""
+
+    alpha: float = Field(0.5, ge=0, le=1)  # s = a^alpha / w^(1 - alpha): how much of the range moves to the weights
+
+
 class SignRoundOptions(_Strict):
     """SignRound's learned rounding (`lowbit.algos.signround`), used when `rounding: learned`."""
 
@@ -282,8 +289,11 @@ class Recipe(Scheme):
     ragged: Literal["short-last", "error"] = "short-last"
     gptq: GPTQOptions = GPTQOptions()
     ptq161: PTQ161Options = PTQ161Options()
-    scaling: Literal["none", "awq"] = "none"  # per-input-channel scales before quantization (AWQ)
+    # per-input-channel scales before quantization, folded into the norm / layer before: AWQ's
+    # (searched for the weights' rounding) or SmoothQuant's (activation outliers moved into the weights)
+    scaling: Literal["none", "awq", "smooth"] = "none"
     awq: AWQOptions = AWQOptions()
+    smooth: SmoothOptions = SmoothOptions()
     # nearest: the method's codes; learned: each block's codes refined by SignRound on its output error
     rounding: Literal["nearest", "learned"] = "nearest"
     # hadamard: every quantized layer's input side rotated by a randomized Hadamard transform first
@@ -313,7 +323,7 @@ class Recipe(Scheme):
     def _layer_rewrites(self) -> list[str]:
         """The steps set in this recipe that read or rewrite a layer as a scalar grid's plain weight
         (AWQ, learned rounding, an export layout): what rotated and codebook layers do not take yet."""
-        return [what for what, on in (("scaling: awq", self.scaling != "none"), ("rounding: learned", self.rounding != "nearest"),
+        return [what for what, on in ((f"scaling: {self.scaling}", self.scaling != "none"), ("rounding: learned", self.rounding != "nearest"),
                                       (f"target: {self.target}", self.target is not None)) if on]
 
     @model_validator(mode="after")
@@ -345,8 +355,9 @@ class Recipe(Scheme):
                 raise ValueError(f"act: {self.act} runs each layer's product in integers and {need}; {where} has "
                                  f"method {s.method}, format {s.format}{' symmetric' if s.symmetric else ''}, "
                                  f"group_size {s.group_size}")
-        clash = (([f"rotate: {self.rotate}"] if self.rotate != "none" else []) + self._layer_rewrites()
-                 + (["entropy_code"] if self.entropy_code else []) + (["tune"] if self.tune.steps else []))
+        clash = ([f"rotate: {self.rotate}"] if self.rotate != "none" else []) + [
+            what for what, on in ((f"target: {self.target}", self.target is not None), ("rounding: learned", self.rounding != "nearest"),
+                                  ("entropy_code", self.entropy_code), ("tune", self.tune.steps > 0)) if on]
         if clash:
             raise ValueError(f"act: {self.act} does not combine with {', '.join(clash)} yet; drop one of them")
         return self
@@ -426,7 +437,8 @@ class Recipe(Scheme):
         """JSON-able keys; without `preprocess` / `tune` / `scaling` / `rounding` when they are off and `target` when there is
         none, so artifacts read as they did before those existed."""
         exclude = (({"preprocess"} if self.preprocess.steps == 0 else set()) | ({"tune"} if self.tune.steps == 0 else set())
-                   | ({"target"} if self.target is None else set()) | ({"scaling", "awq"} if self.scaling == "none" else set())
+                   | ({"target"} if self.target is None else set()) | ({"scaling"} if self.scaling == "none" else set())
+                   | ({"awq"} if self.scaling != "awq" else set()) | ({"smooth"} if self.scaling != "smooth" else set())
                    | ({"rounding", "signround"} if self.rounding == "nearest" else set())
                    | ({"hessian"} if self.hessian == "inputs" else set())
                    | ({"hessian_groups"} if self.hessian_groups == 1 else set())

@@ -260,7 +260,7 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
         raise StreamError("preprocessing and end-to-end tuning train the whole model at once; they do not stream "
                           "(quantize without --stream, or set preprocess.steps / tune.steps to 0)")
     if recipe.scaling != "none":
-        raise StreamError("scaling: awq rescales the norms, which a streamed run copies from the checkpoint; it does not "
+        raise StreamError(f"scaling: {recipe.scaling} rescales the norms, which a streamed run copies from the checkpoint; it does not "
                           "stream yet (quantize without --stream, or drop scaling)")
     if recipe.hessian == "fisher":
         raise StreamError("hessian: fisher takes the loss gradients from a backward pass through the whole float model, "

@@ -1,10 +1,10 @@
-"""W8A8 (`--act int8`) against weight-only int8 and the float model: KL and prefill speed.
+"""W8A8 and W4A8 (`--act int8`) against weight-only int8 / int4 and the float model: KL and prefill speed.
 
     python -m bench.act [--model smollm2-135m] [--tokens 512] [--rounds 7]
 
-Quantizes the model four ways (W8A8 by RTN, with and without SmoothQuant's migration, and by
-GPTQ with it; weight-only int8 by RTN, the same weights as W8A8 RTN; each int8 symmetric with one
-scale per row), measures each artifact's KL to
+Quantizes the model six ways (W8A8 by RTN, with and without SmoothQuant's migration, and by GPTQ
+with it; weight-only int8 by RTN, the same weights as W8A8 RTN, each int8 symmetric with one scale
+per row; W4A8 and weight-only int4, GPTQ int4 g64 asymmetric), measures each artifact's KL to
 the original on held-out text, then times a prefill of `--tokens` tokens (one sequence, no
 cache) for every artifact and for the float model in float32 and bfloat16, in interleaved
 rounds in this one process (the fastest round counts: the machine may be shared). Speeds are
@@ -33,6 +33,9 @@ CONFIGS = {
     "W8A8 RTN + SmoothQuant 0.5": {"method": "rtn", **INT8_ROWS, "act": "int8", "scaling": "smooth"},
     "W8A8 GPTQ + SmoothQuant 0.5": {"method": "gptq", **INT8_ROWS, "act": "int8", "scaling": "smooth"},
     "W8A16 RTN (weight-only int8)": {"method": "rtn", **INT8_ROWS},
+    "W4A8 GPTQ int4 g64 + SmoothQuant 0.5": {"method": "gptq", "format": "int4", "group_size": 64, "act": "int8",
+                                             "scaling": "smooth"},
+    "W4A16 GPTQ int4 g64 (weight-only)": {"method": "gptq", "format": "int4", "group_size": 64},
 }
 
 

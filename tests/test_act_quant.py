@@ -10,18 +10,19 @@ import torch
 from lowbit.artifact import load, read_header
 from lowbit.formats.int import IntGrid
 from lowbit.formats.layout import GroupLayout
-from lowbit.nn.act_linear import Int8ActLinear, quantize_tokens
+from lowbit.nn.act_linear import IntActLinear, quantize_tokens
 from lowbit.pipeline import quantize, save_job
 from lowbit.recipe import Recipe, RecipeError
 from lowbit.algos.rtn import rtn_quantize
 
 
-def _layer(out: int, inp: int, bias: bool, seed: int = 0) -> tuple[Int8ActLinear, torch.Tensor, torch.Tensor | None]:
+def _layer(out: int, inp: int, bias: bool, bits: int = 8, symmetric: bool = True, group: int = -1,
+           seed: int = 0) -> tuple[IntActLinear, torch.Tensor, torch.Tensor | None]:
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(out, inp, generator=g)
     b = torch.randn(out, generator=g) if bias else None
-    qw = rtn_quantize(w, IntGrid(8, symmetric=True), GroupLayout(out, inp, -1))
-    return Int8ActLinear.from_quantized(qw, b), w, b
+    qw = rtn_quantize(w, IntGrid(bits, symmetric=symmetric), GroupLayout(out, inp, group))
+    return IntActLinear.from_quantized(qw, b), w, b
 
 
 def test_tokens_quantize_within_half_a_step():
@@ -34,12 +35,15 @@ def test_tokens_quantize_within_half_a_step():
     assert torch.equal(quantize_tokens(-x)[0], -q)  # symmetric
 
 
-@pytest.mark.parametrize("tokens,inp,out,bias", [(1, 64, 96, True), (37, 96, 64, False), (300, 576, 192, True)])
-def test_integer_product_matches_its_simulation_and_the_rounding_bound(tokens, inp, out, bias):
+@pytest.mark.parametrize("tokens,inp,out,bias,bits,symmetric,group", [
+    (1, 64, 96, True, 8, True, -1), (37, 96, 64, False, 8, True, 0), (300, 576, 192, True, 8, True, -1),
+    (37, 96, 64, True, 4, False, 64),  # W4A8, asymmetric, a shorter last group
+    (5, 128, 32, False, 3, True, 32), (16, 64, 48, False, 8, False, -1)])
+def test_integer_product_matches_its_simulation_and_the_rounding_bound(tokens, inp, out, bias, bits, symmetric, group):
     """The int8 kernel and the float64 simulation give the same bits; against the float layer
     every output is within sum_k |e_k||w_k| + |x_k||d_k| + |e_k||d_k| (e: the activation's
-    rounding, at most s_t/2; d: the weight's, at most s_w/2)."""
-    layer, w, b = _layer(out, inp, bias)
+    rounding, at most s_t/2; d: the weight's, at most its group's step / 2)."""
+    layer, w, b = _layer(out, inp, bias, bits, symmetric, group)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(tokens, inp, generator=g) * (1 + 20 * (torch.rand(inp, generator=g) < 0.02))  # outlier channels
     with torch.no_grad():
@@ -48,18 +52,21 @@ def test_integer_product_matches_its_simulation_and_the_rounding_bound(tokens, i
         slow = layer(x)
     assert torch.equal(fast, slow)
     _, s_x = quantize_tokens(x)
-    s_w = layer.integer_weight()[1].abs()  # signed: the symmetric grid maps each row's extreme to -128
+    iw = layer.integer_weight()
+    step = torch.cat([iw["scale"][:, k:k + 1].abs().expand(out, hi - lo) for k, (lo, hi) in enumerate(iw["bounds"])], dim=1)
     exact = x @ w.T + (0 if b is None else b)
-    bound = (s_x / 2) * w.abs().sum(1) + x.abs().sum(1, keepdim=True) * (s_w / 2) + (s_x / 2) * (s_w / 2) * inp
+    bound = (s_x / 2) * w.abs().sum(1) + x.abs() @ (step / 2).T + (s_x / 2) * (step / 2).sum(1)
     assert ((fast - exact).abs() <= bound * (1 + 1e-4) + 1e-4).all()
 
 
 def test_the_recipe_asks_for_int8_rows_and_names_the_fix():
     base = {"method": "rtn", "format": "int8", "symmetric": True, "group_size": -1, "act": "int8"}
     Recipe.from_dict(base)
-    for bad in ({"group_size": 128}, {"symmetric": False}, {"format": "int4"}, {"method": "ptq161"},
-                {"overrides": [{"pattern": "down_proj", "group_size": 64}]}):
-        with pytest.raises(RecipeError, match="--bits 8 --sym --group-size -1"):
+    for ok in ({"group_size": 128}, {"symmetric": False}, {"format": "int4"}):  # W4A8 and friends
+        Recipe.from_dict({**base, **ok})
+    for bad in ({"format": "nf4"}, {"format": "fp4_e2m1"}, {"method": "ptq161"},
+                {"overrides": [{"pattern": "down_proj", "format": "vq2"}]}):
+        with pytest.raises(RecipeError, match="needs integer weights"):
             Recipe.from_dict({**base, **bad})
     with pytest.raises(RecipeError, match="rotate: hadamard"):
         Recipe.from_dict({**base, "rotate": "hadamard"})
@@ -75,7 +82,7 @@ def test_w8a8_artifact_records_loads_and_is_refused_by_exports(tiny_llama, calib
     path = save_job(job, r, tmp_path / "a")
     header = read_header(path)
     entry = header["modules"]["model.layers.1.mlp.down_proj"]
-    assert entry["kind"] == "w8a8-linear" and entry["act"]["granularity"] == "token"
+    assert entry["kind"] == "act-linear" and entry["act"]["granularity"] == "token"
     assert header["recipe"]["act"] == "int8"
     weight_only = Recipe.from_dict({**r.to_dict(), "act": "none"})
     plain = save_job(quantize(str(tiny_llama), weight_only, show_progress=False), weight_only, tmp_path / "w")
@@ -90,12 +97,12 @@ def test_w8a8_artifact_records_loads_and_is_refused_by_exports(tiny_llama, calib
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         loaded = load(path)
-        assert sum(isinstance(m, Int8ActLinear) for m in loaded.modules()) == 14
+        assert sum(isinstance(m, IntActLinear) for m in loaded.modules()) == 14
         a = loaded(input_ids=ids).logits
         torch.testing.assert_close(a, job.loaded.model(input_ids=ids).logits, rtol=0, atol=0)
         w = load(plain)(input_ids=ids).logits
         assert 0 < float((a - w).abs().max()) < 0.1 * float(w.abs().max())  # activations rounded, not broken
-    with pytest.raises(ExportError, match="w8a8-linear"):
+    with pytest.raises(ExportError, match="act-linear"):
         export_artifact(path, "compressed-tensors", tmp_path / "ct")
 
 

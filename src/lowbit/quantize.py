@@ -33,7 +33,7 @@ from .formats import GroupLayout, SearchSpace
 from .formats.pvq import PVQFormat
 from .formats.vq import VQFormat
 from .models import find_blocks, find_linears, linear_weight, tied_parameter_names
-from .nn import Int8ActLinear, PTQ161Linear, PVQLinear, QuantLinear, RotatedQuantLinear, VQLinear
+from .nn import IntActLinear, PTQ161Linear, PVQLinear, QuantLinear, RotatedQuantLinear, VQLinear
 from .recipe import PreprocessOptions, Recipe, Scheme
 from .rotate import HadamardRotation, RotateError
 
@@ -182,7 +182,7 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
             qw = gptq_quantize(w, hessian, grid, plan.layout, gptq_cfg)
         else:
             qw = rtn_quantize(w, grid, plan.layout)
-        plain = Int8ActLinear if recipe.act == "int8" else QuantLinear  # W8A8: the same weight, inputs in int8
+        plain = IntActLinear if recipe.act == "int8" else QuantLinear  # W8A8: the same weight, inputs in int8
         layer = (plain.from_quantized(qw, bias) if rotation is None
                  else RotatedQuantLinear.from_rotated(qw, bias, rotation))
     model.set_submodule(name, layer)

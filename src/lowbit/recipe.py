@@ -299,8 +299,8 @@ class Recipe(Scheme):
     # hadamard: every quantized layer's input side rotated by a randomized Hadamard transform first
     # (incoherence processing, `lowbit.rotate`); the runtime rotates the activations
     rotate: Literal["none", "hadamard"] = "none"
-    # int8: W8A8, every quantized layer's inputs quantized to int8 per token at run time and its
-    # product run in integers (`nn.act_linear`); its weights must be symmetric int8 per row
+    # int8: every quantized layer's inputs quantized to int8 per token at run time and its product
+    # run in integers (`nn.act_linear`: W8A8, W4A8, ...); its weights must be on an integer grid
     act: Literal["none", "int8"] = "none"
     # store each quantized linear's codes ANS-coded under their histogram (`lowbit.coding`): a
     # smaller file, the same codes after loading
@@ -343,18 +343,18 @@ class Recipe(Scheme):
     def _act_needs_int8_rows(self) -> "Recipe":
         if self.act == "none":
             return self
-        from .nn.act_linear import fits_w8a8
+        from .nn.act_linear import fits_int_act
 
-        need = ("needs symmetric int8 weights with one scale per output row: format int8, symmetric, group_size -1 "
-                "(or 0, per tensor), method rtn or gptq (`--bits 8 --sym --group-size -1`)")
+        need = ("needs integer weights: format int2..int8 (symmetric or asymmetric, any group size; int8 with one "
+                "scale per row, `--bits 8 --sym --group-size -1`, is W8A8's fastest: one integer product per layer), "
+                "method rtn or gptq")
         named = [("the recipe", self._base())] + [(f"override {o.pattern!r}", _apply(self._base(), o))
                                                   for o in self.overrides if not o.skip]
         for where, s in named:
             grid = s.grid()
-            if s.method not in ("rtn", "gptq") or not fits_w8a8(grid, s.group_size):
+            if s.method not in ("rtn", "gptq") or not fits_int_act(grid):
                 raise ValueError(f"act: {self.act} runs each layer's product in integers and {need}; {where} has "
-                                 f"method {s.method}, format {s.format}{' symmetric' if s.symmetric else ''}, "
-                                 f"group_size {s.group_size}")
+                                 f"method {s.method}, format {s.format}")
         clash = ([f"rotate: {self.rotate}"] if self.rotate != "none" else []) + [
             what for what, on in ((f"target: {self.target}", self.target is not None), ("rounding: learned", self.rounding != "nearest"),
                                   ("entropy_code", self.entropy_code), ("tune", self.tune.steps > 0)) if on]

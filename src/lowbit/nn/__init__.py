@@ -1,6 +1,6 @@
 """Runtime modules that hold packed quantized weights, one class per stored `kind`."""
 
-from .act_linear import Int8ActLinear
+from .act_linear import IntActLinear
 from .base import MODULE_KINDS, QuantModule, module_from_entry
 from .ptq161_linear import PTQ161Linear
 from .pvq_linear import PVQLinear
@@ -8,4 +8,4 @@ from .quant_linear import QuantLinear
 from .rotated_linear import RotatedQuantLinear
 from .vq_linear import VQLinear
 
-__all__ = ["Int8ActLinear", "MODULE_KINDS", "PTQ161Linear", "PVQLinear", "QuantLinear", "QuantModule", "RotatedQuantLinear", "VQLinear", "module_from_entry"]
+__all__ = ["IntActLinear", "MODULE_KINDS", "PTQ161Linear", "PVQLinear", "QuantLinear", "QuantModule", "RotatedQuantLinear", "VQLinear", "module_from_entry"]

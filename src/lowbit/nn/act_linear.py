@@ -1,17 +1,19 @@
-"""Int8ActLinear (W8A8): int8 weights and int8 activations, the product in integers.
+"""IntActLinear (W8A8, W4A8, ...): integer weights and int8 activations, the product in integers.
 
-The weight is an ordinary symmetric int8 QuantLinear with one scale per output row (or one per
-tensor): W = s_w * Q_w, Q_w in [-128, 127]. At run time every token's activations are quantized
-to int8 as well (dynamic, symmetric, per token: s_t = max|x_t| / 127, the whitepaper's integer
-inference with LLM.int8's per-row activation scales), so the layer is
+The weight is an ordinary integer QuantLinear (2 to 8 bits, symmetric or asymmetric, any group
+size): in group g of row o, W = s[o,g] * (U - Z[o,g]) with U, Z unsigned codes. At run time every
+token's activations are quantized to int8 as well (dynamic, symmetric, per token:
+s_t = max|x_t| / 127, the whitepaper's integer inference with per-row activation scales), so
 
-    y_t = s_t * s_w * (Q_x[t] . Q_w^T) + b
+    y[t,o] = s_t * sum_g s[o,g] * (Q_x[t,g] . (U[o,g] - c) - (Z[o,g] - c) * sum(Q_x[t,g]))  + b[o]
 
-and Q_x . Q_w^T is an exact int32 product: `torch._int_mm` (oneDNN's int8 GEMM, VNNI on x86) on
-the CPU. Elsewhere, or with `simulate=True`, the same integers come from a float64 product (exact:
-|sum| < 2^53), so the simulation and the kernel agree bit for bit. Nothing is stored for the
-activations (their scales are computed per call); the artifact entry records how they are
-quantized, so every reader runs the same arithmetic.
+with c = 2^(bits-1) centring the codes into int8. Each group's dot product is an exact int32:
+`torch._int_mm` (oneDNN's int8 GEMM, VNNI on x86) on the CPU. Elsewhere, or with `simulate=True`,
+the same integers come from a float64 product (exact: |sum| < 2^53); both then go through the
+same float32 operations, so the simulation and the kernel agree bit for bit. Nothing is stored
+for the activations (their scales are computed per call); the artifact entry records how they are
+quantized, so every reader runs the same arithmetic. One scale per row (group size -1) is one
+integer product per layer; smaller groups cost one per group.
 """
 
 from __future__ import annotations
@@ -30,10 +32,10 @@ ACT_INT8_TOKEN = {"format": "int8", "symmetric": True, "granularity": "token", "
 _QMAX = 127.0  # symmetric: -127..127, so that -x quantizes to -q
 
 
-def fits_w8a8(grid: Grid, group_size: int) -> bool:
-    """Whether a weight on `grid` with `group_size` can run in integers: symmetric int8 with one
-    scale per row (-1) or per tensor (0); a scale per group would break the integer dot product."""
-    return isinstance(grid, IntGrid) and grid.bits == 8 and grid.symmetric and group_size in (-1, 0)
+def fits_int_act(grid: Grid) -> bool:
+    """Whether a weight on `grid` can run in integers against int8 activations: integer grids of
+    2 to 8 bits (their codes, centred, are int8), symmetric or asymmetric, any group size."""
+    return type(grid) is IntGrid and 2 <= grid.bits <= 8
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,23 +46,21 @@ def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @register_kind
-class Int8ActLinear(QuantLinear):
-    kind = "w8a8-linear"
+class IntActLinear(QuantLinear):
+    kind = "act-linear"
 
     def __init__(self, grid: Grid, layout: GroupLayout, bias: bool) -> None:
-        if not fits_w8a8(grid, layout.group_size):
-            raise ValueError(f"W8A8 needs symmetric int8 weights with one scale per row or per tensor, not "
-                             f"{grid.name} {'symmetric' if getattr(grid, 'symmetric', False) else 'asymmetric'} "
-                             f"with group size {layout.group_size}")
+        if not fits_int_act(grid):
+            raise ValueError(f"int8 activations need an integer weight grid of 2 to 8 bits, not {grid.name}")
         super().__init__(grid, layout, bias)
         self.simulate = False  # True: the float64 product even where the int8 kernel runs
-        self._int: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._int: dict[str, Any] | None = None
 
     def entry(self) -> dict[str, Any]:
         return {**super().entry(), "kind": self.kind, "act": dict(ACT_INT8_TOKEN)}
 
     @classmethod
-    def from_entry(cls, entry: dict[str, Any]) -> "Int8ActLinear":
+    def from_entry(cls, entry: dict[str, Any]) -> "IntActLinear":
         if entry.get("act") != ACT_INT8_TOKEN:
             raise ValueError(f"activation quantization {entry.get('act')!r} is not one this lowbit runs "
                              f"({ACT_INT8_TOKEN})")
@@ -70,25 +70,42 @@ class Int8ActLinear(QuantLinear):
         self._int = None  # new codes
         super()._load_from_state_dict(*args, **kwargs)
 
-    def integer_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q_w^T: [in, out] int8, s_w: [out] float32), unpacked once and kept (1 byte per weight)."""
+    def integer_weight(self) -> dict[str, Any]:
+        """The weight as the integer product reads it, unpacked once and kept (1 byte per weight):
+        `q_t` [in, out] int8 centred codes, `scale` [out, G] float32, `zero` [out, G] int64 centred
+        zero points (None when symmetric), `bounds` the G column ranges."""
         if self._int is None:
             qw = self.quantized_weight()
-            q = (qw.codes.to(torch.int16) - 2 ** (self.grid.bits - 1)).to(torch.int8)  # [out, in]
-            scale = qw.params["scale"].reshape(-1).float().expand(self.out_features).contiguous()
-            self._int = (q.t().contiguous(), scale)
+            c = 2 ** (self.grid.bits - 1)
+            q = (qw.codes.to(torch.int16) - c).to(torch.int8)  # [out, in]
+            g = self.layout.effective_group_size
+            bounds = [(a, min(a + g, self.in_features)) for a in range(0, self.in_features, g)]
+            rows = lambda t: t.float().expand(self.out_features, len(bounds))  # noqa: E731 (per-tensor: one row)
+            zero = None if self.grid.symmetric else rows(qw.params["zero"]).to(torch.int64) - c
+            self._int = {"q_t": q.t().contiguous(), "scale": rows(qw.params["scale"]).contiguous(), "zero": zero,
+                         "bounds": bounds}
         return self._int
 
+    def _dot(self, q_x: torch.Tensor, q_t: torch.Tensor, kernel: bool) -> torch.Tensor:
+        """[tokens, k] x [k, out] integer product, exact, as int64."""
+        if kernel:
+            return torch._int_mm(q_x.to(torch.int8), q_t).to(torch.int64)
+        return (q_x.double() @ q_t.double()).to(torch.int64)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q_wt, s_w = self.integer_weight()
+        w = self.integer_weight()
         shape = x.shape
-        xs = x.reshape(-1, self.in_features).float()
-        q_x, s_x = quantize_tokens(xs)
-        if x.device.type == "cpu" and not self.simulate:
-            acc = torch._int_mm(q_x.to(torch.int8), q_wt).float()  # [tokens, out], exact int32
-        else:
-            acc = (q_x.double() @ q_wt.to(x.device).double()).float()  # the same integers
-        y = acc * s_x * s_w.to(x.device)
+        q_x, s_x = quantize_tokens(x.reshape(-1, self.in_features).float())
+        kernel = x.device.type == "cpu" and not self.simulate
+        q_t = w["q_t"] if kernel else w["q_t"].to(x.device)
+        y = None
+        for g, (a, b) in enumerate(w["bounds"]):
+            acc = self._dot(q_x[:, a:b].contiguous(), q_t[a:b], kernel)  # [tokens, out]
+            if w["zero"] is not None:
+                acc = acc - w["zero"][:, g].to(acc.device) * q_x[:, a:b].sum(dim=1, keepdim=True).to(torch.int64)
+            part = acc.float() * w["scale"][:, g].to(x.device)
+            y = part if y is None else y + part
+        y = y * s_x
         if self.bias is not None:
             y = y + self.bias.float()
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)

@@ -54,7 +54,7 @@ class CodedStream(_Checked):
 
 
 class ModuleEntry(_Open):
-    kind: Literal["linear", "ptq161", "rotated-linear", "vq-linear", "pvq-linear", "w8a8-linear"] = "linear"
+    kind: Literal["linear", "ptq161", "rotated-linear", "vq-linear", "pvq-linear", "act-linear"] = "linear"
     grid: dict[str, Any]
     shape: Annotated[list[Dim], Field(min_length=2, max_length=2)]
     group_size: Annotated[int, Field(ge=-1, le=MAX_DIM)]
@@ -67,7 +67,7 @@ class ModuleEntry(_Open):
     n_salient: Dim | None = None
     block_size: Dim | None = None
     coding: dict[Literal["codes"], CodedStream] | None = None
-    act: dict[str, Any] | None = None  # how a w8a8-linear's inputs are quantized
+    act: dict[str, Any] | None = None  # how a act-linear's inputs are quantized
 
     @field_validator("grid")
     @classmethod
@@ -151,8 +151,8 @@ def validate_header(header: dict, where: str) -> Header:
             raise HeaderError(f"{where}: module {name} claims {m.numel} weights for shape {m.shape}")
         if m.kind == "ptq161" and (m.n_salient is None or m.block_size is None or not isinstance(m.grid.get("salient"), dict)):
             raise HeaderError(f"{where}: ptq161 module {name} lacks n_salient, block_size or its salient grid")
-        if m.kind == "w8a8-linear" and m.act is None:
-            raise HeaderError(f"{where}: w8a8-linear module {name} does not say how its activations are quantized (act)")
+        if m.kind == "act-linear" and m.act is None:
+            raise HeaderError(f"{where}: act-linear module {name} does not say how its activations are quantized (act)")
         if not math.isfinite(m.bpw):
             raise HeaderError(f"{where}: module {name} has a non-finite bpw")
     return parsed

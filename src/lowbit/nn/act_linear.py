@@ -72,7 +72,7 @@ class IntActLinear(QuantLinear):
 
     def integer_weight(self) -> dict[str, Any]:
         """The weight as the integer product reads it, unpacked once and kept (1 byte per weight):
-        `q_t` [in, out] int8 centred codes, `scale` [out, G] float32, `zero` [out, G] int64 centred
+        `q_t` [in, out] int8 centred codes, `scale` [out, G] float32, `zero` [out, G] int32 centred
         zero points (None when symmetric), `bounds` the G column ranges."""
         if self._int is None:
             qw = self.quantized_weight()
@@ -81,16 +81,25 @@ class IntActLinear(QuantLinear):
             g = self.layout.effective_group_size
             bounds = [(a, min(a + g, self.in_features)) for a in range(0, self.in_features, g)]
             rows = lambda t: t.float().expand(self.out_features, len(bounds))  # noqa: E731 (per-tensor: one row)
-            zero = None if self.grid.symmetric else rows(qw.params["zero"]).to(torch.int64) - c
+            zero = None if self.grid.symmetric else (rows(qw.params["zero"]) - c).to(torch.int32).contiguous()
             self._int = {"q_t": q.t().contiguous(), "scale": rows(qw.params["scale"]).contiguous(), "zero": zero,
                          "bounds": bounds}
         return self._int
 
-    def _dot(self, q_x: torch.Tensor, q_t: torch.Tensor, kernel: bool) -> torch.Tensor:
-        """[tokens, k] x [k, out] integer product, exact, as int64."""
+    @staticmethod
+    def _group_product(q_x: torch.Tensor, q_t: torch.Tensor, zero: torch.Tensor | None, kernel: bool) -> torch.Tensor:
+        """sum_k q_x[t,k] (q_t[k,o] - zero[o]) for one group, exact, as float32. The kernel works in
+        int32 (|sum| <= 128 * 255 * in < 2^31); the simulation in float64 (exact below 2^53); the
+        same integer then rounds to the same float32."""
         if kernel:
-            return torch._int_mm(q_x.to(torch.int8), q_t).to(torch.int64)
-        return (q_x.double() @ q_t.double()).to(torch.int64)
+            acc = torch._int_mm(q_x.to(torch.int8), q_t)  # [tokens, out] int32
+            if zero is not None:
+                acc -= zero * q_x.sum(dim=1, keepdim=True).to(torch.int32)
+        else:
+            acc = q_x.double() @ q_t.double()
+            if zero is not None:
+                acc -= zero.double() * q_x.double().sum(dim=1, keepdim=True)
+        return acc.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.integer_weight()
@@ -100,14 +109,13 @@ class IntActLinear(QuantLinear):
         q_t = w["q_t"] if kernel else w["q_t"].to(x.device)
         y = None
         for g, (a, b) in enumerate(w["bounds"]):
-            acc = self._dot(q_x[:, a:b].contiguous(), q_t[a:b], kernel)  # [tokens, out]
-            if w["zero"] is not None:
-                acc = acc - w["zero"][:, g].to(acc.device) * q_x[:, a:b].sum(dim=1, keepdim=True).to(torch.int64)
-            part = acc.float() * w["scale"][:, g].to(x.device)
-            y = part if y is None else y + part
-        y = y * s_x
+            zero = None if w["zero"] is None else w["zero"][:, g].to(x.device)
+            part = self._group_product(q_x[:, a:b].contiguous(), q_t[a:b], zero, kernel)
+            part *= w["scale"][:, g].to(x.device)
+            y = part if y is None else y.add_(part)
+        y *= s_x
         if self.bias is not None:
-            y = y + self.bias.float()
+            y += self.bias.float()
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:

@@ -18,6 +18,7 @@
     scaling: none           # awq: activation-aware scales per input channel, folded into the norm / layer before
     awq: {grid: 20, duo: true}   # AWQ's search: alpha on a grid of [0, 1); duo: divide by the weight magnitude too
     smooth: {alpha: 0.5}    # scaling: smooth (SmoothQuant): activation outliers moved into the weights, for --act
+    act: none               # int8: activations quantized per token at run time, products in integers (W8A8, W4A8)
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
       # {steps: 100, lr: 1e-4, batch_size: 4, norms: true, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized

@@ -29,7 +29,7 @@ composes with every grid and with RTN or GPTQ.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -238,29 +238,46 @@ def awq_block(model: nn.Module, block: nn.Module, prefix: str, hessians: dict[st
     leaves that layer's group-wise rounding unchanged, so the earlier search stays valid. Returns
     the layers' Hessians for their scaled inputs and what was done. A group whose layers are not
     all quantized is left alone."""
-    groups = llama_scale_groups(block, prefix)
-    if not groups:
-        kind = type(block).__name__
-        raise AWQError(f"AWQ scaling knows Llama-style decoder blocks (q/k/v/o_proj, gate/up/down_proj after "
-                       f"input_layernorm / post_attention_layernorm), not {kind}; drop `scaling: awq`")
     result = BlockResult()
     out = dict(hessians)
+    for g, hs, weights in ready_groups(model, block, prefix, hessians, planned, "awq", result.skipped):
+        s, alpha, before, after = search_scales(weights, hs, quantize, g.heads, config, group_size)
+        if alpha is not None:
+            _, scaled = fold_and_rescale(model, g, s, hs, dense_dtype)
+            out.update(scaled)
+        result.groups.append(GroupResult(g, alpha, before, after))
+    return out, result
+
+
+def ready_groups(model: nn.Module, block: nn.Module, prefix: str, hessians: dict[str, torch.Tensor], planned: set[str],
+                 scaling: str, skipped: dict[str, str]) -> Iterator[tuple[ScaleGroup, dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """The scaling groups of `block` whose layers are all quantized, each with its layers' Hessians
+    (one shared tensor unless `hessian: fisher`) and float32 weights; the others are recorded in
+    `skipped`. A block that is not Llama-style is refused, naming `scaling: <scaling>`."""
+    groups = llama_scale_groups(block, prefix)
+    if not groups:
+        what = "AWQ scaling" if scaling == "awq" else "smoothing"
+        raise AWQError(f"{what} knows Llama-style decoder blocks (q/k/v/o_proj, gate/up/down_proj after "
+                       f"input_layernorm / post_attention_layernorm), not {type(block).__name__}; drop `scaling: {scaling}`")
     for g in groups:
         missing = [n for n in g.layers if n not in planned or n not in hessians]
         if missing:
-            result.skipped[g.prev] = f"{missing[0]} is not quantized"
+            skipped[g.prev] = f"{missing[0]} is not quantized"
             continue
-        hs = {n: hessians[n] for n in g.layers}  # one shared tensor unless `hessian: fisher`
-        weights = {n: linear_weight(model.get_submodule(n)).detach().float() for n in g.layers}
-        s, alpha, before, after = search_scales(weights, hs, quantize, g.heads, config, group_size)
-        if alpha is not None:
-            s = fold_scales(model, g, s, dense_dtype)
-            s_in = _expand(s, g.heads).float()
-            outer = s_in.unsqueeze(0) * s_in.unsqueeze(1)
-            scaled: dict[int, torch.Tensor] = {}
-            for n in g.layers:
-                if id(hs[n]) not in scaled:
-                    scaled[id(hs[n])] = hs[n] / outer
-                out[n] = scaled[id(hs[n])]
-        result.groups.append(GroupResult(g, alpha, before, after))
-    return out, result
+        yield (g, {n: hessians[n] for n in g.layers},
+               {n: linear_weight(model.get_submodule(n)).detach().float() for n in g.layers})
+
+
+def fold_and_rescale(model: nn.Module, group: ScaleGroup, s: torch.Tensor, hessians: dict[str, torch.Tensor],
+                     dense_dtype: torch.dtype) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fold s into `group` (`fold_scales`) and give its layers' Hessians for their scaled inputs,
+    H' = diag(s)^-1 H diag(s)^-1 (exact; a Hessian the layers share stays shared). Returns (the
+    applied scales, {layer: H'})."""
+    s = fold_scales(model, group, s, dense_dtype)
+    s_in = _expand(s, group.heads).float()
+    outer = s_in.unsqueeze(0) * s_in.unsqueeze(1)
+    scaled: dict[int, torch.Tensor] = {}
+    for n in group.layers:
+        if id(hessians[n]) not in scaled:
+            scaled[id(hessians[n])] = hessians[n] / outer
+    return s, {n: scaled[id(hessians[n])] for n in group.layers}

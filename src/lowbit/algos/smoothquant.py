@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from ..calib.hessian import pooled
-from ..models import linear_weight
-from .awq import AWQError, _expand, _reduce, fold_scales, llama_scale_groups
+from .awq import _reduce, fold_and_rescale, ready_groups
 
 
 @dataclass
@@ -55,26 +54,10 @@ def smooth_block(model: nn.Module, block: nn.Module, prefix: str, hessians: dict
                  dense_dtype: torch.dtype, alpha: float) -> tuple[dict[str, torch.Tensor], SmoothResult]:
     """Fold SmoothQuant's scales into every scaling group of `block`; returns the layers' Hessians
     for their scaled inputs (H' = diag(s)^-1 H diag(s)^-1, exact) and what was done."""
-    groups = llama_scale_groups(block, prefix)
-    if not groups:
-        raise AWQError(f"smoothing knows Llama-style decoder blocks (q/k/v/o_proj, gate/up/down_proj after "
-                       f"input_layernorm / post_attention_layernorm), not {type(block).__name__}; drop `scaling: smooth`")
     result = SmoothResult()
     out = dict(hessians)
-    for g in groups:
-        missing = [n for n in g.layers if n not in planned or n not in hessians]
-        if missing:
-            result.skipped[g.prev] = f"{missing[0]} is not quantized"
-            continue
-        hs = {n: hessians[n] for n in g.layers}
-        weights = {n: linear_weight(model.get_submodule(n)).detach().float() for n in g.layers}
-        s = fold_scales(model, g, smooth_scales(weights, hs, alpha, g.heads), dense_dtype)
-        s_in = _expand(s, g.heads).float()
-        outer = s_in.unsqueeze(0) * s_in.unsqueeze(1)
-        scaled: dict[int, torch.Tensor] = {}
-        for n in g.layers:
-            if id(hs[n]) not in scaled:
-                scaled[id(hs[n])] = hs[n] / outer
-            out[n] = scaled[id(hs[n])]
+    for g, hs, weights in ready_groups(model, block, prefix, hessians, planned, "smooth", result.skipped):
+        s, scaled = fold_and_rescale(model, g, smooth_scales(weights, hs, alpha, g.heads), hs, dense_dtype)
+        out.update(scaled)
         result.groups.append({"prev": g.prev, "layers": list(g.layers), "spread": float(s.max() / s.min())})
     return out, result

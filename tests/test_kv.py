@@ -66,3 +66,21 @@ def test_decoded_kl_falls_with_bits_and_vanishes_at_8(tiny_llama):
     out = model.generate(ids[:1, :20], max_new_tokens=20, do_sample=False, cache=KIVICache(layers, 8, 8, 16))
     ref = model.generate(ids[:1, :20], max_new_tokens=20, do_sample=False)
     assert out.shape == ref.shape and (out == ref).float().mean() > 0.9
+
+
+def test_eval_measures_the_cache_on_an_artifact(tiny_llama, eval_text, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from lowbit.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "200"})
+    art = tmp_path / "a"
+    assert runner.invoke(app, ["quantize", str(tiny_llama), "-o", str(art), "--method", "rtn", "--bits", "8"]).exit_code == 0
+    res = runner.invoke(app, ["eval", str(art), "--text", str(eval_text), "--max-tokens", "256", "--json", "--kv", "2",
+                              "--kv-context", "48", "--kv-decode", "8", "--kv-windows", "2", "--kv-residual", "16"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout[res.stdout.index("{"):])
+    assert out["kv_positions"] == 16 and out["kv_kl"] > 0 and out["kv_group"] == 16  # head_dim 16 in the tiny model
+    assert out["kv_bits_per_value"] == pytest.approx(2 + 16 / 16 + 16 / 16)

@@ -292,8 +292,14 @@ def eval_(
     seq_len: int = typer.Option(512, min=2, show_default=False, help="Tokens per evaluation window (capped by the model). (default: 512)"),
     as_json: bool = typer.Option(False, "--json", show_default=False, help="Print one JSON object on stdout."),
     bits: Optional[int] = typer.Option(None, help="Load nested modules (format nested8) at this precision, e.g. 4."),
+    kv: Optional[int] = typer.Option(None, min=2, max=8, help="Also measure a KIVI-quantized KV cache of this many bits (keys per channel over --kv-residual tokens, values per token in groups of 32, a full-precision window of the newest tokens): KL and top-1 of the artifact with that cache against itself with a full-precision one, on positions decoded one at a time after --kv-context prefilled tokens (causal LMs)."),
+    kv_context: int = typer.Option(1024, min=1, show_default=False, help="With --kv: tokens prefilled before the decoded positions. (default: 1024)"),
+    kv_decode: int = typer.Option(64, min=1, show_default=False, help="With --kv: positions decoded through the cache per window. (default: 64)"),
+    kv_windows: int = typer.Option(4, min=1, show_default=False, help="With --kv: windows of the text. (default: 4)"),
+    kv_residual: int = typer.Option(128, min=1, show_default=False, help="With --kv: the full-precision window, and the keys' group along tokens. (default: 128)"),
 ) -> None:
-    """KL divergence to the original, perplexity, top-1 agreement (cosine for encoders), bpw and size."""
+    """KL divergence to the original, perplexity, top-1 agreement (cosine for encoders), bpw and size;
+    with --kv, what a quantized KV cache costs on top."""
     from .pipeline import evaluate
 
     with _guard():
@@ -304,6 +310,20 @@ def eval_(
             console.print(f"reference: {_header_reference(read_header(artifact, verify=False))} "
                           "(the original named in the artifact's header; --reference chooses another)", highlight=False)
         result = evaluate(artifact, str(text) if text else None, reference, max_tokens, seq_len, bits=bits)
+        if kv is not None:
+            from .artifact import load, read_header
+            from .calib.sources import default_text
+            from .calib.text import read_text
+            from .kv import kv_report
+
+            if read_header(artifact, verify=False)["source"].get("kind", "causal-lm") != "causal-lm":
+                raise LowbitError("--kv measures a causal LM's KV cache; this artifact is an encoder")
+            model = load(artifact, verify=False)
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(artifact))
+            body = read_text(text) if text else default_text("eval")[0]
+            result.update(kv_report(model, tokenizer, body, kv, kv_context, kv_decode, kv_windows, kv_residual))
     if as_json:
         _print_json(result)
         return

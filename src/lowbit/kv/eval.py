@@ -9,6 +9,7 @@ the same calls with transformers' DynamicCache.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -50,3 +51,27 @@ def decoded_fidelity(model: nn.Module, windows: torch.Tensor, prefill: int,
     ppl = float(torch.exp(torch.tensor(nll / count)))
     return {name: {"kl": v["kl"] / count, "top1": v["agree"] / count, "positions": count, "ppl_reference": ppl}
             for name, v in sums.items()}
+
+
+def kv_report(model: nn.Module, tokenizer, text: str, bits: int, context: int = 1024, decode: int = 64,
+              windows: int = 4, residual: int = 128, group: int = 32) -> dict:
+    """The KIVI cache at `bits` on `model`, measured on the first `windows` windows of `text`
+    (`context` tokens prefilled, `decode` decoded through the cache): KL and top-1 against the
+    same model with a full-precision cache, and the cache's bits per value."""
+    from ..errors import LowbitError
+    from .kivi import KIVICache, kivi_bits_per_value
+
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    length = context + decode
+    if ids.numel() < length:
+        raise LowbitError(f"the text has {ids.numel()} tokens; one window of {context} + {decode} needs more "
+                          "(a longer --text, or a smaller --kv-context)")
+    n = min(windows, ids.numel() // length)
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    group = math.gcd(group, head_dim)  # value groups tile the head: 32, or what of it divides head_dim
+    layers = cfg.num_hidden_layers
+    got = decoded_fidelity(model, ids[: n * length].view(n, length), context,
+                           {"kivi": lambda: KIVICache(layers, bits, residual, group)})["kivi"]
+    return {"kv_bits": bits, "kv_bits_per_value": kivi_bits_per_value(bits, residual, group)["mean"], "kv_group": group,
+            "kv_context": context, "kv_positions": got["positions"], "kv_kl": got["kl"], "kv_top1": got["top1"]}

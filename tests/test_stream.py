@@ -180,9 +180,18 @@ def test_a_mapped_embedding_is_resident_only_where_looked_up(tmp_path):
     save_file({"emb": torch.ones(16384, 2048, dtype=torch.bfloat16)}, tmp_path / "m.safetensors")
     with open(tmp_path / "m.safetensors", "rb") as f:  # a checkpoint is old and clean: dirty pages cannot be dropped
         os.fsync(f.fileno())
-    out = subprocess.run([sys.executable, "-c", _MAP_PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
-    grown_mb, ok = out.stdout.split()
-    assert ok == "True" and float(grown_mb) < 16, out.stdout
+    # The kernel may keep a cached large folio that the drop asked for (it is advice; seen once in a
+    # full suite on a busy machine, 50 MB), so the probe gets three fresh processes and the least
+    # growth counts: the property is what the mapping allows, not what the page cache did that time.
+    seen = []
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", _MAP_PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
+        grown_mb, ok = out.stdout.split()
+        assert ok == "True", out.stdout
+        seen.append(float(grown_mb))
+        if seen[-1] < 16:
+            break
+    assert min(seen) < 16, seen
 
 
 _HEAP_PROBE = """

@@ -84,3 +84,20 @@ def test_eval_measures_the_cache_on_an_artifact(tiny_llama, eval_text, tmp_path)
     out = json.loads(res.stdout[res.stdout.index("{"):])
     assert out["kv_positions"] == 16 and out["kv_kl"] > 0 and out["kv_group"] == 16  # head_dim 16 in the tiny model
     assert out["kv_bits_per_value"] == pytest.approx(2 + 16 / 16 + 16 / 16)
+
+
+def test_reorder_follows_the_beams_and_reset_forgets():
+    layer = KIVILayer(bits=4, residual=4, group=4)
+    g = torch.Generator().manual_seed(0)
+    k, v = torch.randn(3, 2, 6, 8, generator=g), torch.randn(3, 2, 6, 8, generator=g)
+    seen_k, _ = layer.update(k, v)  # one chunk of 4 quantized, 2 in the window
+    past = layer._past_k.clone()
+    codes = layer.chunks[0]["keys"]["codes"].clone()
+    idx = torch.tensor([2, 0, 0])
+    layer.reorder_cache(idx)
+    assert torch.equal(layer._past_k, past[idx]) and torch.equal(layer.keys, k[idx, :, 4:])
+    assert torch.equal(layer.chunks[0]["keys"]["codes"], codes.reshape(3, -1, 4)[idx].reshape(codes.shape))
+    new_k, _ = layer.update(k[:, :, :1], v[:, :, :1])
+    assert torch.equal(new_k[:, :, :4], past[idx])
+    layer.reset()
+    assert layer.get_seq_length() == 0 and layer.chunks == [] and layer._past_k is None

@@ -84,6 +84,25 @@ class KIVILayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def reset(self) -> None:
+        super().reset()
+        self.chunks, self.length, self._past_k, self._past_v = [], 0, None, None
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Beam search: every stored and dequantized state reordered along the batch (each chunk's
+        rows start with the batch dimension)."""
+        if not self.is_initialized:
+            return
+        super().reorder_cache(beam_idx)
+        b = self._past_k.shape[0] if self._past_k is not None else None
+        if b is None:
+            return
+        self._past_k, self._past_v = self._past_k.index_select(0, beam_idx), self._past_v.index_select(0, beam_idx)
+        for chunk in self.chunks:
+            for part in chunk.values():
+                for key, t in part.items():
+                    part[key] = t.reshape(b, -1, t.shape[-1]).index_select(0, beam_idx).reshape(t.shape)
+
 
 class KIVICache(Cache):
     """A cache of KIVILayers, one per decoder layer, for `model(..., cache=cache)` and

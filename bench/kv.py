@@ -15,7 +15,6 @@ import argparse
 import time
 from pathlib import Path
 
-import torch
 
 from lowbit.calib.text import read_text
 from lowbit.kv import KIVICache, decoded_fidelity, kivi_bits_per_value

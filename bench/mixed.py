@@ -26,19 +26,13 @@ from pathlib import Path
 from scipy.stats import spearmanr
 
 from lowbit.mixed import allocate, feasible_range, parse_candidates, searched_recipe
-from lowbit.mixed.allocate import Allocation
+from lowbit.mixed.allocate import Allocation, allocation_of, perturbed
 from lowbit.mixed.run import sensitivities
-from lowbit.mixed.sensitivity import LayerCost
 from lowbit.mixed.surrogate import leave_one_out
 from lowbit.pipeline import calibration_batches, evaluate, load_model, quantize, save_job
 from lowbit.recipe import Recipe, preset
 
 from .common import ASSETS, RESULTS, machine, markdown_table, write_results
-
-
-def perturbed(costs: dict[str, LayerCost], rng: random.Random, sigma: float) -> dict[str, LayerCost]:
-    return {n: LayerCost(c.weights, dict(c.bits), {k: v * rng.lognormvariate(0.0, sigma) for k, v in c.damage.items()})
-            for n, c in costs.items()}
 
 
 def main() -> None:
@@ -66,12 +60,9 @@ def main() -> None:
     costs, sens_seconds, cached = sensitivities(loaded, base, cands, batches, calib, work)
     low, high = feasible_range(costs)
     configs: list[tuple[str, Allocation]] = []
-    weights = sum(cost.weights for cost in costs.values())
     for c in cands:  # the uniform recipes
         if all(c.name in cost.damage for cost in costs.values()):
-            choice = {n: c.name for n in costs}
-            configs.append((f"uniform {c.name}", Allocation(choice, sum(costs[n].bits[c.name] for n in costs), weights,
-                                                            sum(costs[n].damage[c.name] for n in costs))))
+            configs.append((f"uniform {c.name}", allocation_of(costs, {n: c.name for n in costs})))
     rng = random.Random(args.seed)
     while len(configs) < args.configs:
         budget = rng.uniform(low + 0.05 * (high - low), low + 0.7 * (high - low))

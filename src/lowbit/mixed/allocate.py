@@ -33,7 +33,8 @@ class Allocation:
         return self.bits / self.weights
 
 
-def _total(costs: dict[str, LayerCost], choice: dict[str, str]) -> Allocation:
+def allocation_of(costs: dict[str, LayerCost], choice: dict[str, str]) -> Allocation:
+    """The allocation a choice (layer -> candidate) makes under `costs`: its bits and damage."""
     return Allocation(dict(choice), sum(costs[n].bits[c] for n, c in choice.items()), sum(c.weights for c in costs.values()),
                       sum(costs[n].damage[c] for n, c in choice.items()))
 
@@ -55,7 +56,7 @@ def allocate(costs: dict[str, LayerCost], budget_bpw: float) -> Allocation:
     names = list(costs)
     limit = budget_bpw * sum(c.weights for c in costs.values())
     if budget_bpw >= high:  # everything fits: each layer its least damage
-        return _total(costs, {n: min(costs[n].damage, key=costs[n].damage.get) for n in names})
+        return allocation_of(costs, {n: min(costs[n].damage, key=costs[n].damage.get) for n in names})
     unit = limit / UNITS
     best = np.zeros(UNITS + 1)  # least damage of the layers so far within b units
     picks = np.empty((len(names), UNITS + 1), dtype=np.int16)
@@ -84,6 +85,13 @@ def allocate(costs: dict[str, LayerCost], budget_bpw: float) -> Allocation:
     return _fill(costs, {n: choice[n] for n in names}, limit)
 
 
+def perturbed(costs: dict[str, LayerCost], rng, sigma: float) -> dict[str, LayerCost]:
+    """`costs` with each damage times a log-normal factor exp(N(0, sigma^2)) (`rng`: random.Random):
+    tables whose optima are realistic allocations other than the optimal one."""
+    return {n: LayerCost(c.weights, dict(c.bits), {k: v * rng.lognormvariate(0.0, sigma) for k, v in c.damage.items()})
+            for n, c in costs.items()}
+
+
 def _fill(costs: dict[str, LayerCost], choice: dict[str, str], limit: float) -> Allocation:
     """Spend the bits left under `limit` on the best damage-per-bit upgrades that still fit."""
     spent = sum(costs[n].bits[c] for n, c in choice.items())
@@ -100,7 +108,7 @@ def _fill(costs: dict[str, LayerCost], choice: dict[str, str], limit: float) -> 
                 if best is None or key < best:
                     best = key
         if best is None:
-            return _total(costs, choice)
+            return allocation_of(costs, choice)
         _, n, c = best
         spent += costs[n].bits[c] - costs[n].bits[choice[n]]
         choice[n] = c

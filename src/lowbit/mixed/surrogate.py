@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .allocate import Allocation, allocate
+from .allocate import Allocation, allocate, allocation_of, perturbed
 from .sensitivity import LayerCost
 
 _KIND = re.compile(r"(?:^|\.)(?P<kind>[^.]+)$")
@@ -87,11 +87,6 @@ def propose(costs: dict[str, LayerCost], budget_bpw: float, surrogate: Surrogate
     every proposal fits the budget and is a sensible allocation, ranked by the surrogate."""
     rng = random.Random(seed)
     pool = [allocate(costs, budget_bpw)]
-    for _ in range(trials):
-        noisy = {n: LayerCost(c.weights, dict(c.bits), {k: v * rng.lognormvariate(0.0, sigma) for k, v in c.damage.items()})
-                 for n, c in costs.items()}
-        pick = allocate(noisy, budget_bpw).choice
-        pool.append(Allocation(pick, sum(costs[n].bits[c] for n, c in pick.items()), pool[0].weights,
-                               sum(costs[n].damage[c] for n, c in pick.items())))
+    pool += [allocation_of(costs, allocate(perturbed(costs, rng, sigma), budget_bpw).choice) for _ in range(trials)]
     scores = surrogate.predict([a.choice for a in pool], costs)
     return pool[int(np.argmin(scores))]

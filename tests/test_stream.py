@@ -165,14 +165,17 @@ r = CheckpointReader(sys.argv[1])
 base = kib("VmRSS")
 assert r.all_finite("emb")
 table = r.map("emb")
-rows = F.embedding(torch.arange(0, table.shape[0], table.shape[0] // 64), table).float()
+rows = F.embedding(torch.arange(0, table.shape[0], table.shape[0] // 8), table).float()
 print((kib("VmRSS") - base) / 1024, float(rows.abs().sum()) > 0)
 """
 
 
 def test_a_mapped_embedding_is_resident_only_where_looked_up(tmp_path):
-    """The streamed run maps the embedding table: 64 rows looked up make 64 rows' pages resident,
-    not the table (64 MB here); the finite check reads it through a small buffer."""
+    """The streamed run maps the embedding table: 8 rows looked up far apart make those rows'
+    pages resident, not the table (64 MB here); the finite check reads it through a small buffer.
+    A fault maps the whole page-cache folio it lands in, and the folio size is the kernel's choice
+    (4 KB here; 256 KB seen on CI; at most 2 MB), so the bound is 8 such folios plus the probe's own
+    small tensors, well under the table: reading the table instead would exceed it."""
     import os
     import subprocess
     import sys
@@ -180,18 +183,10 @@ def test_a_mapped_embedding_is_resident_only_where_looked_up(tmp_path):
     save_file({"emb": torch.ones(16384, 2048, dtype=torch.bfloat16)}, tmp_path / "m.safetensors")
     with open(tmp_path / "m.safetensors", "rb") as f:  # a checkpoint is old and clean: dirty pages cannot be dropped
         os.fsync(f.fileno())
-    # The kernel may keep a cached large folio that the drop asked for (it is advice; seen once in a
-    # full suite on a busy machine, 50 MB), so the probe gets three fresh processes and the least
-    # growth counts: the property is what the mapping allows, not what the page cache did that time.
-    seen = []
-    for _ in range(3):
-        out = subprocess.run([sys.executable, "-c", _MAP_PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
-        grown_mb, ok = out.stdout.split()
-        assert ok == "True", out.stdout
-        seen.append(float(grown_mb))
-        if seen[-1] < 16:
-            break
-    assert min(seen) < 16, seen
+    out = subprocess.run([sys.executable, "-c", _MAP_PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
+    grown_mb, ok = out.stdout.split()
+    assert ok == "True", out.stdout
+    assert float(grown_mb) < 8 * 2 + 4, grown_mb
 
 
 _HEAP_PROBE = """

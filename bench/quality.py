@@ -102,7 +102,14 @@ VQ_CONFIGS = [
     ("lowbit:gptq-vq2-g128-fisher-tune40", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns, Fisher Hessians, "
      "codebooks and scales tuned 40 steps", {"hessian": "fisher", **TUNE40}),
     ("lowbit:gptq-vq3x9", "gptq", "vq3x9", 3, -1, "vq3x9: 3-dim codewords, 512 per layer, row scales, GPTQ-style error "
-     "feedback", {}),    ("lowbit:gptq-pvq2", "gptq", "pvq2", 2, -1, "pvq16k9a4: 16-dim pyramid directions (9 pulses, 27-bit index), 4-bit "
+     "feedback", {}),
+    ("lowbit:gptq-rvq8x8s2-g128", "gptq", "rvq8x8s2", 2, 128, "rvq8x8s2: 8-dim codewords, two residual stages of 256, "
+     "scales per 128 columns", {}),
+    ("lowbit:gptq-grvq4x8s1g4-g128", "gptq", "grvq4x8s1g4", 2, 128, "grvq4x8s1g4: vq4x8 with a codebook per quarter of "
+     "the rows, scales per 128 columns", {}),
+    ("lowbit:gptq-rvq6x9s2", "gptq", "rvq6x9s2", 3, -1, "rvq6x9s2: 6-dim codewords, two residual stages of 512, row "
+     "scales", {}),
+    ("lowbit:gptq-pvq2", "gptq", "pvq2", 2, -1, "pvq16k9a4: 16-dim pyramid directions (9 pulses, 27-bit index), 4-bit "
      "amplitudes, row scales, GPTQ-style error feedback", {}),
     ("lowbit:gptq-pvq3", "gptq", "pvq3", 3, -1, "pvq8k10a4: 8-dim pyramid directions (10 pulses, 20-bit index), 4-bit "
      "amplitudes, row scales, GPTQ-style error feedback", {}),

@@ -131,3 +131,57 @@ def test_tuning_trains_the_codebooks_and_lowers_the_kl(tiny_llama, calib_text):
     layer = tuned.loaded.model.get_submodule("model.layers.0.mlp.down_proj")
     assert layer.codebook.dtype == torch.float16
     assert torch.equal(layer.codes, plain.loaded.model.get_submodule("model.layers.0.mlp.down_proj").codes)
+
+
+def test_a_residual_stage_codes_what_the_first_left_and_every_codebook_is_counted():
+    """RVQ (`rvq4x8s2`): a second 256-entry stage on the residual cuts GPTQ-VQ's output error far
+    below one stage's; two indices per vector and two fp16 codebooks are stored and counted, and the
+    stage indices read back bit-exactly through VQLinear."""
+    from lowbit.nn import VQLinear
+
+    w, h = correlated_layer()
+    one, two = vq_quantize(w, get_format("vq4x8"), h, "gptq"), vq_quantize(w, get_format("rvq4x8s2"), h, "gptq")
+    assert output_error(w, two.dequantize(), h) < 0.2 * output_error(w, one.dequantize(), h)
+    assert two.codes.shape == (256, 256) and two.codebook.shape == (512, 4)
+    assert two.bits_per_weight() == pytest.approx((256 * 128 * 2 * 8 + 2 * 256 * 4 * 16 + 256 * 16) / (256 * 512))
+    # the format's sum: stage 0 from the first 256 codewords, stage 1 from the next 256
+    c = two.codes.long().reshape(256, 128, 2)
+    by_hand = (two.codebook[c[..., 0]] + two.codebook[256 + c[..., 1]]).reshape(256, 512) * two.column_scales()
+    assert torch.equal(two.dequantize(), by_hand)
+    layer = VQLinear.from_quantized(two, None)
+    assert torch.equal(layer.quantized_weight().dequantize(), two.dequantize())
+
+
+def test_group_residual_codebooks_fit_rows_that_differ():
+    """GRVQ (`grvq4x6s1g2`): rows of two kinds (vectors along (1,1,1,1) in the first half, along
+    (1,-1,1,-1) in the second) get a codebook each, which beats one codebook shared by both at the
+    cost of one more codebook; each half's codes index its own codebook."""
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(128, 128, 1, generator=g)
+    a = t * torch.tensor([1.0, 1.0, 1.0, 1.0]) + 0.1 * torch.randn(128, 128, 4, generator=g)
+    b = t * torch.tensor([1.0, -1.0, 1.0, -1.0]) + 0.1 * torch.randn(128, 128, 4, generator=g)
+    w = torch.cat([a, b]).reshape(256, 512)
+    shared, grouped = vq_quantize(w, get_format("vq4x6"), None, "rtn"), vq_quantize(w, get_format("grvq4x6s1g2"), None, "rtn")
+    err = lambda q: float((q.dequantize() - w).pow(2).mean())  # noqa: E731
+    assert err(grouped) < 0.8 * err(shared)
+    assert grouped.bits_per_weight() - shared.bits_per_weight() == pytest.approx(64 * 4 * 16 / (256 * 512))
+    first, second = grouped.codebook[:64], grouped.codebook[64:]
+    assert float((first[:, 0] * first[:, 1]).mean()) > 0 > float((second[:, 0] * second[:, 1]).mean())
+    assert get_format("grvq4x6s1g2").name == "grvq4x6s1g2" and get_format("rvq8x8s2") == VQFormat(8, 8, 2)
+    with pytest.raises(ValueError, match="4 groups"):
+        vq_quantize(w[:3], get_format("grvq4x6s1g4"), None, "rtn")
+
+
+def test_residual_artifact_loads_to_the_same_logits(tiny_llama, calib_text, tmp_path):
+    r = Recipe.from_dict({"method": "gptq", "format": "grvq4x6s2g2", "group_size": 32,
+                          "calib": {"path": str(calib_text), "n_samples": 4, "seq_len": 64}})
+    job = quantize(str(tiny_llama), r, show_progress=False)
+    path = save_job(job, r, tmp_path / "a")
+    entry = read_header(path)["modules"]["model.layers.0.mlp.down_proj"]
+    assert entry["grid"] == {"format": "grvq4x6s2g2"}
+    out_f, in_f = entry["shape"]
+    stored = out_f * in_f // 4 * 2 * 6 / 8 + 4 * 64 * 4 * 2 + 2 * out_f * -(-in_f // 32)
+    assert entry["bpw"] == pytest.approx(8 * stored / (out_f * in_f), rel=1e-3)
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(load(path)(input_ids=ids).logits, job.loaded.model(input_ids=ids).logits)

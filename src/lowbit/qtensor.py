@@ -106,10 +106,12 @@ class PTQ161Weight:
 
 @dataclass
 class VQWeight:
-    """A vector-codebook weight (`formats.vq`): `codes: [out, in / dim]` indices into
-    `codebook: [2^bits, dim]` (fp16-exact float32), times `scales: [out, n_groups]` (fp16-exact),
-    one per `group_size` input columns (-1: one per row, `[out]` accepted):
-    W[i, d*j : d*(j+1)] = scales[i, group of column d*j] * codebook[codes[i, j]]."""
+    """A vector-codebook weight (`formats.vq`): `codes: [out, in / dim * stages]` indices (the
+    stages of a vector adjacent) into `codebook: [groups * stages * 2^bits, dim]` (fp16-exact
+    float32; group-major, then stage), times `scales: [out, n_groups]` (fp16-exact), one per
+    `group_size` input columns (-1: one per row, `[out]` accepted):
+    W[i, d*j : d*(j+1)] = scales[i, group of column d*j] * sum_s codebook[g_i, s][codes[i, j, s]],
+    g_i the row group of row i. One stage and one group: codebook[codes[i, j]]."""
 
     codes: torch.Tensor
     codebook: torch.Tensor
@@ -119,7 +121,7 @@ class VQWeight:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return (self.codes.shape[0], self.codes.shape[1] * self.fmt.dim)
+        return (self.codes.shape[0], self.codes.shape[1] // self.fmt.stages * self.fmt.dim)
 
     @property
     def numel(self) -> int:
@@ -127,7 +129,16 @@ class VQWeight:
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32 weights."""
-        return self.codebook[self.codes.long()].reshape(self.shape) * self.column_scales()
+        return self.vectors().reshape(self.shape) * self.column_scales()
+
+    def vectors(self) -> torch.Tensor:
+        """[out, in / dim, dim]: every vector's codeword sum, before its scale."""
+        out_f, stages, k = self.shape[0], self.fmt.stages, self.fmt.codebook_size
+        codes = self.codes.long().reshape(out_f, -1, stages)
+        if stages == 1 and self.fmt.groups == 1:
+            return self.codebook[codes[..., 0]]
+        first = (self.fmt.row_groups(out_f) * stages).reshape(-1, 1, 1) + torch.arange(stages)  # [out, 1, S]
+        return self.codebook[codes + first * k].sum(2)
 
     def column_scales(self) -> torch.Tensor:
         """[out, in]: the scale each weight is multiplied by."""

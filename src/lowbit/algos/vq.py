@@ -6,8 +6,9 @@
    the Hessian diagonal of its input channel times its group's squared scale (the vector's weight
    in the layer's output error; VPTQ, Liu et al., 2024, "VPTQ: Extreme Low-bit Vector
    Post-Training Quantization for Large Language Models", weighs by the Hessian diagonal),
-   k-means++ seeded; fp16.
-3. Assignment:
+   k-means++ seeded; fp16. Residual stages (RVQ) fit each next codebook to what the stages
+   before it left; row groups (GRVQ) fit their own stages on their own rows.
+3. Assignment (stage by stage, greedy: each stage takes the codeword nearest the residual):
    - `rtn`: every vector to its nearest codeword (plain weighted distance);
    - `gptq`: GPTQ's error feedback with d columns at a time (`algos.vector_gptq`: GPTVQ, VPTQ):
      a vector goes to the codeword nearest under the inverse-Hessian metric, then its columns'
@@ -66,27 +67,74 @@ def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = N
     diag = torch.ones(in_f) if hessian is None else torch.diag(hessian).float().clamp(min=0)
     diag = diag / diag.mean().clamp(min=1e-30) + 1e-6  # only the relative weights matter
     importance = diag * col_s.pow(2)  # [out, in]: each entry's weight in the output error
-    vec_w = (importance / importance.mean()).reshape(-1, d)  # [out * in/d, d]
-    codebook = round_to_fp16(kmeans(wn.reshape(-1, d), fmt.codebook_size, vec_w, seed=seed))
+    vec_w = (importance / importance.mean()).reshape(out_f, in_f // d, d)  # [out, in/d, d]
+    rows = row_slices(fmt, out_f)
+    vecs = wn.reshape(out_f, in_f // d, d)
+    codebook = torch.cat([_fit_stages(vecs[r].reshape(-1, d), vec_w[r].reshape(-1, d), fmt, seed + g * fmt.stages)
+                          for g, r in enumerate(rows)])  # [groups * stages * K, d]
     if method == "rtn":
-        codes = assign(wn.reshape(-1, d), vec_w, codebook).reshape(out_f, in_f // d)
+        codes = torch.cat([encode(vecs[r].reshape(-1, d), vec_w[r].reshape(-1, d), _books(codebook, fmt, g))[0]
+                           .reshape(r.stop - r.start, -1) for g, r in enumerate(rows)])
     else:
-        codes = _vq_gptq(w, col_s, hessian, codebook, d, config)
+        codes = _vq_gptq(w, col_s, hessian, codebook, fmt, config)
     return VQWeight(codes.to(code_dtype(fmt.bits)), codebook, scales, fmt, group_size)
 
 
-def _vq_gptq(w: torch.Tensor, col_s: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor, d: int,
+def row_slices(fmt: VQFormat, out_features: int) -> list[slice]:
+    """The rows of each codebook group (`fmt.row_groups`), as slices."""
+    counts = torch.bincount(fmt.row_groups(out_features), minlength=fmt.groups).tolist()
+    ends = torch.tensor(counts).cumsum(0).tolist()
+    return [slice(e - c, e) for c, e in zip(counts, ends)]
+
+
+def _books(codebook: torch.Tensor, fmt: VQFormat, group: int) -> torch.Tensor:
+    """The stages' codebooks of one row group: [stages, K, d]."""
+    per = fmt.stages * fmt.codebook_size
+    return codebook[group * per : (group + 1) * per].reshape(fmt.stages, fmt.codebook_size, fmt.dim)
+
+
+def _fit_stages(x: torch.Tensor, weights: torch.Tensor, fmt: VQFormat, seed: int) -> torch.Tensor:
+    """Greedy residual k-means of `x, weights: [n, d]`: each stage's fp16 codebook fitted to what
+    the stages before left. Returns [stages * K, d]."""
+    books = []
+    residual = x
+    for s in range(fmt.stages):
+        book = round_to_fp16(kmeans(residual, fmt.codebook_size, weights, seed=seed + s))
+        if s + 1 < fmt.stages:
+            residual = residual - book[assign(residual, weights, book)]
+        books.append(book)
+    return torch.cat(books)
+
+
+def encode(x: torch.Tensor, weights: torch.Tensor, books: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy residual coding of `x, weights: [n, d]` on `books: [stages, K, d]`: codes [n, stages]
+    int64 and the coded vectors [n, d] (the codewords' sum)."""
+    codes = torch.empty(x.shape[0], books.shape[0], dtype=torch.int64)
+    coded = torch.zeros_like(x)
+    for s, book in enumerate(books):
+        codes[:, s] = assign(x - coded, weights, book)
+        coded = coded + book[codes[:, s]]
+    return codes, coded
+
+
+def _vq_gptq(w: torch.Tensor, col_s: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor, fmt: VQFormat,
              config: GPTQConfig) -> torch.Tensor:
     """`vector_gptq` onto `codebook` times the columns' scales `col_s: [out, in]` (a vector lies
     inside one scale group, so its scale does not change which codeword is nearest). Returns the
-    codes [out, in/d] int64."""
+    codes [out, in/d * stages] int64."""
     out_f, in_f = w.shape
-    codes = torch.empty(out_f, in_f // d, dtype=torch.int64)
+    d, stages = fmt.dim, fmt.stages
+    codes = torch.empty(out_f, in_f // d * stages, dtype=torch.int64)
+    rows = row_slices(fmt, out_f)
+    books = [_books(codebook, fmt, g) for g in range(fmt.groups)]
 
     def nearest_codewords(j: int, sub: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         s = col_s[:, j * d : (j + 1) * d]  # [out, d], equal along d
-        codes[:, j] = assign(sub / s, weights, codebook)
-        return codebook[codes[:, j]] * s
+        q = torch.empty_like(sub)
+        for r, book in zip(rows, books):
+            codes[r, j * stages : (j + 1) * stages], coded = encode(sub[r] / s[r], weights[r], book)
+            q[r] = coded * s[r]
+        return q
 
     vector_gptq(w, hessian, d, nearest_codewords, config)
     return codes

@@ -13,6 +13,11 @@ scalar grid can (Lloyd-Max scalar: 2.74 dB from Shannon on a Gaussian, an 8-dim 
 quantizer (k-means for the codebook, then nearest codewords or GPTQ-style error feedback) is in
 `algos.vq`; this module says what is stored.
 
+Residual stages (`rvq{d}x{k}s{S}`, RVQ: each stage codes what the stages before it left, the
+codewords summed) and group-residual codebooks (`grvq{d}x{k}s{S}g{G}`, GRVQ as in HiFi-Codec: the
+rows cut into G contiguous groups, each with its own S residual codebooks) cost S indices per
+vector and G x S codebooks, all counted. `vq{d}x{k}` is the one-stage, one-group case.
+
 These are not scalar grids (`base.Grid`): GPTQ's column loop, the scalar searches, AWQ and the
 export layouts do not take them; `algos.vq` quantizes them and `nn.VQLinear` runs them.
 """
@@ -27,25 +32,48 @@ import torch
 from ..pack import packed_nbytes
 
 MAX_INDEX_BITS = 12  # 4096 codewords: beyond, k-means++ seeding on its 4096-point sample cannot place them
+MAX_STAGES = 8
+MAX_GROUPS = 64
 NAMED = {"vq2": (4, 8), "vq3": (2, 6)}  # ~2 and ~3 bits per weight in codes
 
 
 @dataclass(frozen=True)
 class VQFormat:
-    """d-dim codewords (`dim`), 2^`bits` of them, one codebook per layer, fp16 scales per group."""
+    """d-dim codewords (`dim`), 2^`bits` of them per codebook, `stages` residual codebooks summed,
+    one set per `groups` contiguous row groups, fp16 scales per group of columns."""
 
     dim: int
     bits: int
+    stages: int = 1
+    groups: int = 1
 
     def __post_init__(self) -> None:
         if not 1 <= self.dim <= 8:
             raise ValueError(f"vector dimension {self.dim}: use 1 to 8")
         if not 1 <= self.bits <= MAX_INDEX_BITS:
             raise ValueError(f"a codebook of 2^{self.bits} entries: use 2^1 to 2^{MAX_INDEX_BITS} (indices of 1-{MAX_INDEX_BITS} bits)")
+        if not 1 <= self.stages <= MAX_STAGES:
+            raise ValueError(f"{self.stages} residual stages: use 1 to {MAX_STAGES}")
+        if not 1 <= self.groups <= MAX_GROUPS:
+            raise ValueError(f"{self.groups} row groups: use 1 to {MAX_GROUPS}")
 
     @property
     def name(self) -> str:
+        if self.groups > 1:
+            return f"grvq{self.dim}x{self.bits}s{self.stages}g{self.groups}"
+        if self.stages > 1:
+            return f"rvq{self.dim}x{self.bits}s{self.stages}"
         return f"vq{self.dim}x{self.bits}"
+
+    @property
+    def n_codebooks(self) -> int:
+        return self.stages * self.groups
+
+    def row_groups(self, out_features: int) -> torch.Tensor:
+        """[out] int64: the codebook group of every row (contiguous, sizes differing by at most one)."""
+        if out_features < self.groups:
+            raise ValueError(f"{self.name} cuts the rows into {self.groups} groups; this layer has {out_features} rows")
+        return torch.arange(out_features) * self.groups // out_features
 
     @property
     def codebook_size(self) -> int:
@@ -78,8 +106,11 @@ class VQFormat:
         return s[:, torch.arange(in_features, device=s.device) // group_size]
 
     def storage_bytes(self, out_features: int, in_features: int, group_size: int = -1) -> dict[str, int]:
-        """Exact bytes stored for an [out, in] weight: packed indices, the fp16 codebook, fp16 scales."""
+        """Exact bytes stored for an [out, in] weight: packed indices (one per vector and stage), the
+        fp16 codebooks (groups x stages), fp16 scales."""
         self.check_width(in_features)
-        return {"codes": packed_nbytes(out_features * in_features // self.dim, self.bits),
-                "codebook": 2 * self.codebook_size * self.dim,
+        if out_features < self.groups:
+            self.row_groups(out_features)
+        return {"codes": packed_nbytes(out_features * in_features // self.dim * self.stages, self.bits),
+                "codebook": 2 * self.n_codebooks * self.codebook_size * self.dim,
                 "scales": 2 * out_features * self.scale_groups(in_features, group_size)}

@@ -1,5 +1,5 @@
-"""VQLinear: a linear layer stored as vector-codebook indices (`formats.vq`), a per-layer fp16
-codebook and fp16 scales (per row: `[out]`, or per group of columns: `[out, n_groups]`); forward looks the codewords up (a gather), scales the rows and
+"""VQLinear: a linear layer stored as vector-codebook indices (`formats.vq`), per-layer fp16
+codebooks (one, or one per residual stage and row group) and fp16 scales (per row: `[out]`, or per group of columns: `[out, n_groups]`); forward looks the codewords up (a gather), scales the rows and
 multiplies. Its state dict is exactly what the artifact stores. No external format holds a learned
 codebook, so exports refuse it."""
 
@@ -36,7 +36,7 @@ class VQLinear(QuantModule):
     def _specs(fmt: VQFormat, out_f: int, in_f: int, group_size: int) -> dict[str, TensorSpec]:
         sizes = fmt.storage_bytes(out_f, in_f, group_size)
         scales = (out_f,) if group_size == -1 else (out_f, fmt.scale_groups(in_f, group_size))
-        return {"codes": ((sizes["codes"],), torch.uint8), "codebook": ((fmt.codebook_size, fmt.dim), torch.float16),
+        return {"codes": ((sizes["codes"],), torch.uint8), "codebook": ((fmt.n_codebooks * fmt.codebook_size, fmt.dim), torch.float16),
                 "scales": (scales, torch.float16)}
 
     @classmethod
@@ -50,7 +50,7 @@ class VQLinear(QuantModule):
         return layer
 
     def quantized_weight(self) -> VQWeight:
-        n = self.out_features * self.in_features // self.fmt.dim
+        n = self.out_features * self.in_features // self.fmt.dim * self.fmt.stages
         codes = unpack_codes(self.codes, self.fmt.bits, n).reshape(self.out_features, -1)
         return VQWeight(codes, self.codebook.float(), self.scales.float(), self.fmt, self.group_size)
 

@@ -113,14 +113,15 @@ def test_vq_artifact_loads_and_is_deterministic(tiny_llama, calib_text, tmp_path
         export_artifact(path, "compressed-tensors", tmp_path / "ct")
 
 
-def test_tuning_trains_the_codebooks_and_lowers_the_kl(tiny_llama, calib_text):
+@pytest.mark.parametrize("fmt", ["vq2", "rvq4x6s2o2"])
+def test_tuning_trains_the_codebooks_and_lowers_the_kl(tiny_llama, calib_text, fmt):
     """PV-Tuning's continuous step: codebooks and row scales trained end to end (codes fixed) lower
     the KL on the calibration windows; the stored values stay fp16."""
     from lowbit.algos.e2e_tune import heldout_kl
     from lowbit.calib.text import random_windows, read_text
     from lowbit.models import load_model
 
-    base = {"method": "gptq", "format": "vq2", "calib": {"path": str(calib_text), "n_samples": 8, "seq_len": 64}}
+    base = {"method": "gptq", "format": fmt, "calib": {"path": str(calib_text), "n_samples": 8, "seq_len": 64}}
     plain = quantize(str(tiny_llama), Recipe.from_dict(base), show_progress=False)
     tuned = quantize(str(tiny_llama), Recipe.from_dict({**base, "tune": {"steps": 20, "batch_size": 4, "lr": 1e-3}}),
                      show_progress=False)
@@ -172,16 +173,42 @@ def test_group_residual_codebooks_fit_rows_that_differ():
         vq_quantize(w[:3], get_format("grvq4x6s1g4"), None, "rtn")
 
 
-def test_residual_artifact_loads_to_the_same_logits(tiny_llama, calib_text, tmp_path):
-    r = Recipe.from_dict({"method": "gptq", "format": "grvq4x6s2g2", "group_size": 32,
+@pytest.mark.parametrize("fmt", ["grvq4x6s2g2", "rvq4x6s2o2"])
+def test_residual_and_outlier_artifacts_load_to_the_same_logits(tiny_llama, calib_text, tmp_path, fmt):
+    r = Recipe.from_dict({"method": "gptq", "format": fmt, "group_size": 32,
                           "calib": {"path": str(calib_text), "n_samples": 4, "seq_len": 64}})
     job = quantize(str(tiny_llama), r, show_progress=False)
     path = save_job(job, r, tmp_path / "a")
     entry = read_header(path)["modules"]["model.layers.0.mlp.down_proj"]
-    assert entry["grid"] == {"format": "grvq4x6s2g2"}
+    assert entry["grid"] == {"format": fmt}
     out_f, in_f = entry["shape"]
-    stored = out_f * in_f // 4 * 2 * 6 / 8 + 4 * 64 * 4 * 2 + 2 * out_f * -(-in_f // 32)
+    n_out = get_format(fmt).outlier_columns(in_f)
+    stored = out_f * in_f // 4 * 2 * 6 / 8 + 4 * 64 * 4 * 2 + 2 * out_f * -(-in_f // 32) + 4 * n_out
     assert entry["bpw"] == pytest.approx(8 * stored / (out_f * in_f), rel=1e-3)
     ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load(path)(input_ids=ids).logits, job.loaded.model(input_ids=ids).logits)
+
+
+def test_an_outlier_codebook_takes_the_salient_columns():
+    """VPTQ's outlier elimination (`vq4x8o2`): four input columns carrying most of the output
+    energy (large Hessian diagonal) get a codebook of their own, which lowers GPTQ-VQ's output error
+    well below one shared codebook's; their indices and codebook are stored and counted, and the
+    weight reads back through VQLinear bit-exactly."""
+    from lowbit.nn import VQLinear
+
+    w, h = correlated_layer()
+    heavy = torch.tensor([3, 100, 101, 400])
+    w[:, heavy] *= 8.0
+    h[heavy, heavy] *= 30.0  # diagonal only: still positive definite
+    plain, split = vq_quantize(w, get_format("vq4x8"), h, "gptq"), vq_quantize(w, get_format("vq4x8o1"), h, "gptq")
+    assert split.columns.tolist() == heavy.tolist()  # 1% of 512 -> one 4-dim vector
+    assert output_error(w, split.dequantize(), h) < 0.7 * output_error(w, plain.dequantize(), h)
+    assert split.bits_per_weight() - plain.bits_per_weight() == pytest.approx((256 * 4 * 16 + 4 * 32) / (256 * 512))
+    layer = VQLinear.from_quantized(split, None)
+    assert torch.equal(layer.columns, heavy.int())
+    assert torch.equal(layer.quantized_weight().dequantize(), split.dequantize())
+    # the stored order is "outlier columns, then the rest": undone exactly at dequantization
+    assert torch.equal(split.column_order()[:4], heavy)
+    with pytest.raises(ValueError, match="outlier"):
+        VQFormat(4, 8, outlier_pct=60)

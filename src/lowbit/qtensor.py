@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from .formats.pvq import PVQFormat
-from .formats.vq import VQFormat
+from .formats.vq import VQFormat, stored_order
 from .formats import Grid, GroupLayout, Params
 from .pack import packed_nbytes
 
@@ -107,17 +107,20 @@ class PTQ161Weight:
 @dataclass
 class VQWeight:
     """A vector-codebook weight (`formats.vq`): `codes: [out, in / dim * stages]` indices (the
-    stages of a vector adjacent) into `codebook: [groups * stages * 2^bits, dim]` (fp16-exact
-    float32; group-major, then stage), times `scales: [out, n_groups]` (fp16-exact), one per
-    `group_size` input columns (-1: one per row, `[out]` accepted):
+    stages of a vector adjacent) into `codebook: [n_codebooks * 2^bits, dim]` (fp16-exact float32;
+    row group, then stage; the outlier stages last), times `scales: [out, n_groups]` (fp16-exact),
+    one per `group_size` input columns (-1: one per row, `[out]` accepted):
     W[i, d*j : d*(j+1)] = scales[i, group of column d*j] * sum_s codebook[g_i, s][codes[i, j, s]],
-    g_i the row group of row i. One stage and one group: codebook[codes[i, j]]."""
+    g_i the row group of row i. One stage and one group: codebook[codes[i, j]]. With outlier
+    columns (`columns: [n_outlier]`, ascending), the vectors are in the order "those columns, then
+    the others", the first n_outlier / dim of them on the outlier codebooks."""
 
     codes: torch.Tensor
     codebook: torch.Tensor
     scales: torch.Tensor
     fmt: "VQFormat"
     group_size: int = -1
+    columns: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -129,15 +132,26 @@ class VQWeight:
 
     def dequantize(self) -> torch.Tensor:
         """[out, in] float32 weights."""
-        return self.vectors().reshape(self.shape) * self.column_scales()
+        w = self.vectors().reshape(self.shape)
+        if self.columns is not None:
+            w = w[:, torch.argsort(self.column_order())]
+        return w * self.column_scales()
+
+    def column_order(self) -> torch.Tensor:
+        """[in] int64: the input column of every stored position (outlier columns first)."""
+        return stored_order(self.columns, self.shape[1])
 
     def vectors(self) -> torch.Tensor:
-        """[out, in / dim, dim]: every vector's codeword sum, before its scale."""
-        out_f, stages, k = self.shape[0], self.fmt.stages, self.fmt.codebook_size
+        """[out, in / dim, dim]: every stored vector's codeword sum, before its scale."""
+        fmt, out_f = self.fmt, self.shape[0]
+        stages, k = fmt.stages, fmt.codebook_size
         codes = self.codes.long().reshape(out_f, -1, stages)
-        if stages == 1 and self.fmt.groups == 1:
+        if stages == 1 and fmt.groups == 1 and self.columns is None:
             return self.codebook[codes[..., 0]]
-        first = (self.fmt.row_groups(out_f) * stages).reshape(-1, 1, 1) + torch.arange(stages)  # [out, 1, S]
+        first = ((fmt.row_groups(out_f) * stages).reshape(-1, 1, 1) + torch.arange(stages)).expand_as(codes)
+        if self.columns is not None:  # the outlier vectors on the last stages' codebooks
+            first = first.clone()
+            first[:, : self.columns.numel() // fmt.dim] = fmt.groups * stages + torch.arange(stages)
         return self.codebook[codes + first * k].sum(2)
 
     def column_scales(self) -> torch.Tensor:

@@ -117,20 +117,21 @@ class TunableVQ(nn.Module):
     def __init__(self, layer: VQLinear) -> None:
         super().__init__()
         qw = layer.quantized_weight()
-        self.fmt, self.group_size = qw.fmt, qw.group_size
-        self.register_buffer("codes", qw.codes.clone())  # [out, in / dim], frozen
+        self.fmt, self.group_size, self.columns = qw.fmt, qw.group_size, qw.columns
+        self.register_buffer("codes", qw.codes.clone())  # [out, in / dim * stages], frozen
         self.tuned = nn.ParameterDict({"codebook": nn.Parameter(qw.codebook.float().clone()),
                                        "scales": nn.Parameter(qw.scales.float().clone())})
         self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().float().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = VQWeight(self.codes, self.tuned["codebook"], self.tuned["scales"], self.fmt, self.group_size).dequantize()
+        w = VQWeight(self.codes, self.tuned["codebook"], self.tuned["scales"], self.fmt, self.group_size,
+                     self.columns).dequantize()
         return F.linear(x, w, self.bias)
 
     def quantized_weight(self) -> VQWeight:
         with torch.no_grad():
             return VQWeight(self.codes, round_to_fp16(self.tuned["codebook"].detach()),
-                            round_to_fp16(self.tuned["scales"].detach()), self.fmt, self.group_size)
+                            round_to_fp16(self.tuned["scales"].detach()), self.fmt, self.group_size, self.columns)
 
 
 def _is_norm(module: nn.Module) -> bool:

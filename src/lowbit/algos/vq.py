@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import round_to_fp16
-from ..formats.vq import VQFormat
+from ..formats.vq import VQFormat, stored_order
 from ..pack import code_dtype
 from ..qtensor import VQWeight
 from .gptq import GPTQConfig
@@ -63,6 +63,12 @@ def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = N
     w = w.float()
     scales = group_scales(w, group_size)  # [out, n_groups]
     col_s = fmt.column_scales(scales, in_f, group_size)  # [out, in]
+    columns = outlier_columns(w, hessian, fmt)
+    if columns is not None:  # the outlier columns first: they are coded (and fed back) first
+        order = stored_order(columns, in_f)
+        w, col_s = w[:, order], col_s[:, order]
+        hessian = None if hessian is None else hessian[order][:, order]
+    n_out = 0 if columns is None else columns.numel() // d  # outlier vectors per row
     wn = w / col_s
     diag = torch.ones(in_f) if hessian is None else torch.diag(hessian).float().clamp(min=0)
     diag = diag / diag.mean().clamp(min=1e-30) + 1e-6  # only the relative weights matter
@@ -70,14 +76,36 @@ def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = N
     vec_w = (importance / importance.mean()).reshape(out_f, in_f // d, d)  # [out, in/d, d]
     rows = row_slices(fmt, out_f)
     vecs = wn.reshape(out_f, in_f // d, d)
-    codebook = torch.cat([_fit_stages(vecs[r].reshape(-1, d), vec_w[r].reshape(-1, d), fmt, seed + g * fmt.stages)
-                          for g, r in enumerate(rows)])  # [groups * stages * K, d]
+    main = slice(n_out, None)
+    books = [_fit_stages(vecs[r, main].reshape(-1, d), vec_w[r, main].reshape(-1, d), fmt, seed + g * fmt.stages)
+             for g, r in enumerate(rows)]
+    if n_out:
+        books.append(_fit_stages(vecs[:, :n_out].reshape(-1, d), vec_w[:, :n_out].reshape(-1, d), fmt,
+                                 seed + fmt.groups * fmt.stages))
+    codebook = torch.cat(books)  # [n_codebooks * K, d]
     if method == "rtn":
-        codes = torch.cat([encode(vecs[r].reshape(-1, d), vec_w[r].reshape(-1, d), _books(codebook, fmt, g))[0]
-                           .reshape(r.stop - r.start, -1) for g, r in enumerate(rows)])
+        codes = torch.empty(out_f, in_f // d, fmt.stages, dtype=torch.int64)
+        for g, r in enumerate(rows):
+            codes[r, main] = encode(vecs[r, main].reshape(-1, d), vec_w[r, main].reshape(-1, d),
+                                    _books(codebook, fmt, g))[0].reshape(r.stop - r.start, -1, fmt.stages)
+        if n_out:
+            codes[:, :n_out] = encode(vecs[:, :n_out].reshape(-1, d), vec_w[:, :n_out].reshape(-1, d),
+                                      _books(codebook, fmt, fmt.groups))[0].reshape(out_f, n_out, fmt.stages)
+        codes = codes.reshape(out_f, -1)
     else:
-        codes = _vq_gptq(w, col_s, hessian, codebook, fmt, config)
-    return VQWeight(codes.to(code_dtype(fmt.bits)), codebook, scales, fmt, group_size)
+        codes = _vq_gptq(w, col_s, hessian, codebook, fmt, n_out, config)
+    return VQWeight(codes.to(code_dtype(fmt.bits)), codebook, scales, fmt, group_size, columns)
+
+
+def outlier_columns(w: torch.Tensor, hessian: torch.Tensor | None, fmt: VQFormat) -> torch.Tensor | None:
+    """The input columns the outlier codebook takes (`fmt.outlier_columns` of them, ascending): the
+    largest Hessian diagonal times mean squared weight, each column's share of the output error
+    (VPTQ's outlier elimination ranks by the Hessian). None without outliers."""
+    n = fmt.outlier_columns(w.shape[1])
+    if not n:
+        return None
+    share = w.pow(2).mean(0) * (1.0 if hessian is None else torch.diag(hessian).float().clamp(min=0))
+    return torch.sort(torch.topk(share, n, sorted=False).indices).values
 
 
 def row_slices(fmt: VQFormat, out_features: int) -> list[slice]:
@@ -118,21 +146,24 @@ def encode(x: torch.Tensor, weights: torch.Tensor, books: torch.Tensor) -> tuple
 
 
 def _vq_gptq(w: torch.Tensor, col_s: torch.Tensor, hessian: torch.Tensor, codebook: torch.Tensor, fmt: VQFormat,
-             config: GPTQConfig) -> torch.Tensor:
-    """`vector_gptq` onto `codebook` times the columns' scales `col_s: [out, in]` (a vector lies
-    inside one scale group, so its scale does not change which codeword is nearest). Returns the
-    codes [out, in/d * stages] int64."""
+             n_out: int, config: GPTQConfig) -> torch.Tensor:
+    """`vector_gptq` onto `codebook` times the columns' scales `col_s: [out, in]`, the first `n_out`
+    vectors of every row on the outlier codebooks. Returns the codes [out, in/d * stages] int64."""
     out_f, in_f = w.shape
     d, stages = fmt.dim, fmt.stages
     codes = torch.empty(out_f, in_f // d * stages, dtype=torch.int64)
     rows = row_slices(fmt, out_f)
-    books = [_books(codebook, fmt, g) for g in range(fmt.groups)]
+    books = [_books(codebook, fmt, g) for g in range(fmt.groups + (1 if n_out else 0))]
 
     def nearest_codewords(j: int, sub: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        s = col_s[:, j * d : (j + 1) * d]  # [out, d], equal along d
+        s = col_s[:, j * d : (j + 1) * d]  # [out, d]; equal along d except in outlier vectors
+        at = slice(j * stages, (j + 1) * stages)
+        if j < n_out:  # outlier columns may straddle scale groups: distances in the weights' own units
+            codes[:, at], coded = encode(sub / s, weights * s.pow(2), books[-1])
+            return coded * s
         q = torch.empty_like(sub)
-        for r, book in zip(rows, books):
-            codes[r, j * stages : (j + 1) * stages], coded = encode(sub[r] / s[r], weights[r], book)
+        for r, book in zip(rows, books):  # a vector inside one scale group: its scale does not change the nearest
+            codes[r, at], coded = encode(sub[r] / s[r], weights[r], book)
             q[r] = coded * s[r]
         return q
 

@@ -239,31 +239,38 @@ def get_grid(name: str, **options: Any) -> Grid:
     raise UnknownFormatError(
         f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES + SEARCH_NAMES)} "
         "(see `lowbit formats` for the patterns: int2-8, int2-8_min, int4-6_k, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
-        "fpN_search, powerN_search, vqDxK, rvqDxKsS, grvqDxKsSgG, pvqNkKaB)"
+        "fpN_search, powerN_search, vqDxK[oP], rvqDxKsS[oP], grvqDxKsSgG[oP], pvqNkKaB)"
     )
+
+
+def _pct(group: str | None) -> int:
+    return int(group) if group else 0
 
 
 _CODEBOOKS: list[_Format] = [
     _Format(
-        re.compile(r"vq([1-8])x([1-9]|1[0-2])"),
-        lambda m, o: (_options(m.group(0), o, ()), VQFormat(int(m.group(1)), int(m.group(2))))[1],
+        re.compile(r"vq([1-8])x([1-9]|1[0-2])(?:o([1-9]|[1-4][0-9]|50))?"),
+        lambda m, o: (_options(m.group(0), o, ()), VQFormat(int(m.group(1)), int(m.group(2)), outlier_pct=_pct(m.group(3))))[1],
         "vector codebook: every d consecutive weights of a row -> one of 2^k codewords (vqDxK; vq2 = vq4x8, "
         "vq3 = vq2x6), one fp16 codebook per layer, fp16 scales per --group-size columns (a multiple of d; -1: "
-        "per row); k-means + GPTQ-style error feedback (VPTQ/GPTVQ) with method gptq, nearest codeword with rtn",
+        "per row); k-means + GPTQ-style error feedback (VPTQ/GPTVQ) with method gptq, nearest codeword with rtn; "
+        "suffix oP (vq4x8o1, also on rvq/grvq): the P% most salient input columns on an outlier codebook of their own "
+        "(VPTQ), their indices stored",
         "k per d weights", "fp16 codebook per layer, fp16 scale per group (or row)",
     ),
     _Format(
-        re.compile(r"rvq([1-8])x([1-9]|1[0-2])s([2-8])"),
-        lambda m, o: (_options(m.group(0), o, ()), VQFormat(int(m.group(1)), int(m.group(2)), int(m.group(3))))[1],
+        re.compile(r"rvq([1-8])x([1-9]|1[0-2])s([2-8])(?:o([1-9]|[1-4][0-9]|50))?"),
+        lambda m, o: (_options(m.group(0), o, ()),
+                      VQFormat(int(m.group(1)), int(m.group(2)), int(m.group(3)), outlier_pct=_pct(m.group(4))))[1],
         "residual vector codebooks (RVQ): S stages of 2^k d-dim codewords, each coding what the stages before left, "
         "the codewords summed (rvqDxKsS; rvq8x8s2 = 2 bits per weight with two 256-entry 8-dim codebooks), fp16 "
         "scales as vqDxK; greedy stage-by-stage assignment inside GPTQ's error feedback with method gptq",
         "S x k per d weights", "S fp16 codebooks per layer, fp16 scale per group (or row)",
     ),
     _Format(
-        re.compile(r"grvq([1-8])x([1-9]|1[0-2])s([1-8])g([2-9]|[1-5][0-9]|6[0-4])"),
+        re.compile(r"grvq([1-8])x([1-9]|1[0-2])s([1-8])g([2-9]|[1-5][0-9]|6[0-4])(?:o([1-9]|[1-4][0-9]|50))?"),
         lambda m, o: (_options(m.group(0), o, ()),
-                      VQFormat(int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4))))[1],
+                      VQFormat(int(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(4)), _pct(m.group(5))))[1],
         "group-residual vector codebooks (GRVQ): the rows cut into G contiguous groups, each with its own S residual "
         "codebooks (grvqDxKsSgG; grvq4x8s1g4 = vq4x8 with a codebook per quarter of the rows)",
         "S x k per d weights", "G x S fp16 codebooks per layer, fp16 scale per group (or row)",

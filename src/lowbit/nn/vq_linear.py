@@ -36,8 +36,11 @@ class VQLinear(QuantModule):
     def _specs(fmt: VQFormat, out_f: int, in_f: int, group_size: int) -> dict[str, TensorSpec]:
         sizes = fmt.storage_bytes(out_f, in_f, group_size)
         scales = (out_f,) if group_size == -1 else (out_f, fmt.scale_groups(in_f, group_size))
-        return {"codes": ((sizes["codes"],), torch.uint8), "codebook": ((fmt.n_codebooks * fmt.codebook_size, fmt.dim), torch.float16),
-                "scales": (scales, torch.float16)}
+        specs = {"codes": ((sizes["codes"],), torch.uint8),
+                 "codebook": ((fmt.n_codebooks * fmt.codebook_size, fmt.dim), torch.float16), "scales": (scales, torch.float16)}
+        if fmt.outlier_pct:  # the outlier codebook's input columns
+            specs["columns"] = ((fmt.outlier_columns(in_f),), torch.int32)
+        return specs
 
     @classmethod
     def from_quantized(cls, qw: VQWeight, bias: torch.Tensor | None) -> "VQLinear":
@@ -46,13 +49,16 @@ class VQLinear(QuantModule):
         layer.codes.copy_(pack_codes(qw.codes, qw.fmt.bits))
         layer.codebook.copy_(qw.codebook.to(torch.float16))
         layer.scales.copy_(qw.scales.reshape(layer.scales.shape).to(torch.float16))
+        if qw.columns is not None:
+            layer.columns.copy_(qw.columns.to(torch.int32))
         layer._copy_bias(bias)
         return layer
 
     def quantized_weight(self) -> VQWeight:
         n = self.out_features * self.in_features // self.fmt.dim * self.fmt.stages
         codes = unpack_codes(self.codes, self.fmt.bits, n).reshape(self.out_features, -1)
-        return VQWeight(codes, self.codebook.float(), self.scales.float(), self.fmt, self.group_size)
+        columns = self.columns.long() if self.fmt.outlier_pct else None
+        return VQWeight(codes, self.codebook.float(), self.scales.float(), self.fmt, self.group_size, columns)
 
     def _dequantize(self) -> torch.Tensor:
         return self.quantized_weight().dequantize()

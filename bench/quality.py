@@ -107,6 +107,8 @@ VQ_CONFIGS = [
      "scales per 128 columns", {}),
     ("lowbit:gptq-grvq4x8s1g4-g128", "gptq", "grvq4x8s1g4", 2, 128, "grvq4x8s1g4: vq4x8 with a codebook per quarter of "
      "the rows, scales per 128 columns", {}),
+    ("lowbit:gptq-vq2o1-g128", "gptq", "vq4x8o1", 2, 128, "vq4x8o1: vq4x8 with 1% of the input columns (the most "
+     "salient) on an outlier codebook, scales per 128 columns", {}),
     ("lowbit:gptq-rvq6x9s2", "gptq", "rvq6x9s2", 3, -1, "rvq6x9s2: 6-dim codewords, two residual stages of 512, row "
      "scales", {}),
     ("lowbit:gptq-pvq2", "gptq", "pvq2", 2, -1, "pvq16k9a4: 16-dim pyramid directions (9 pulses, 27-bit index), 4-bit "

@@ -87,6 +87,11 @@ def test_formats_and_refusals():
         VQFormat(4, 13)
     with pytest.raises(ValueError, match="do not tile"):
         VQFormat(4, 8).check_width(66)
+    vptq = Recipe.from_dict({"method": "vptq", "format": "rvq8x8s2o1"})
+    assert (vptq.method, vptq.format) == ("gptq", "rvq8x8s2o1")
+    assert Recipe.from_dict({"method": "vptq"}).format == "vq2"
+    with pytest.raises(RecipeError, match="vector codebooks"):
+        Recipe.from_dict({"method": "vptq", "format": "int4"})
     for bad in ({"rotate": "hadamard"}, {"method": "ptq161"}, {"scaling": "awq"}):
         with pytest.raises(RecipeError, match="vector formats"):
             Recipe.from_dict({"format": "vq2", **bad})

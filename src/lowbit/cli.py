@@ -197,7 +197,7 @@ def _groups_label(entries) -> str:
 def quantize(
     model: str = typer.Argument(..., help="Model: a local Hugging Face directory, a hub id, or an alias (minilm-l6)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (must not exist unless --force)."),
-    method: Optional[str] = typer.Option(None, help="Algorithm: rtn | gptq | ptq161 (salient channels on --format, the rest binarized). (default: gptq)"),
+    method: Optional[str] = typer.Option(None, help="Algorithm: rtn | gptq | vptq (GPTQ onto a vector format: vq2, vq4x8o1, rvq8x8s2, grvq4x8s1g4, pvq2; --format defaults to vq2) | ptq161 (salient channels on --format, the rest binarized). (default: gptq)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="Grid name, e.g. int4, int3, a per-layer search such as fp4_search, or below 3 bits a vector format: vq2 (4-dim codebook per layer; scales per --group-size) or pvq2 (codebook-free pyramid codes); see `lowbit formats`. (default: int4)"),
     format_option: Optional[list[str]] = typer.Option(None, "--format-option", help="KEY=VALUE option of the format (repeatable; VALUE parsed as JSON when it can be), e.g. alpha=1.5 (power4), levels=[-1,0,1] (lut), clip=0.9 (grids whose only parameter is a scale: --sym int, fp4_e2m1, nf4, ...)."),
     bits: Optional[int] = typer.Option(None, min=2, max=8, help="Shorthand for --format int<BITS>, 2-8."),

@@ -96,6 +96,9 @@ def build_format(name: str, symmetric: bool, options: dict[str, Any]) -> Grid | 
 
 
 def _check_method(name: str) -> str:
+    if name == "vptq":
+        raise ValueError("method vptq is set once for the whole recipe (it is gptq onto a vector format); "
+                         "an override takes method gptq with a vector format")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known methods: {', '.join(METHODS)}")
     return name
@@ -109,6 +112,18 @@ def _check_group_size(g: int) -> int:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _vptq_alias(data: Any) -> Any:
+    """`method: vptq` names GPTQ onto a vector format (VPTQ's second-order assignment is GPTQ's error
+    feedback a vector at a time, `algos.vq`): it becomes `gptq`, and is refused on a scalar grid."""
+    if not isinstance(data, dict) or data.get("method") != "vptq":
+        return data
+    fmt = data.get("format", "vq2")
+    if not isinstance(get_format(str(fmt)), (VQFormat, PVQFormat)):
+        raise ValueError(f"method vptq quantizes onto vector codebooks (vq2, vq4x8o1, rvq8x8s2, grvq4x8s1g4, pvq2), "
+                         f"not {fmt}: use method gptq for a scalar grid")
+    return {"format": "vq2", **data, "method": "gptq"}
 
 
 def _lift_symmetric(data: Any) -> Any:
@@ -319,7 +334,8 @@ class Recipe(Scheme):
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
 
-    _target = model_validator(mode="before")(classmethod(lambda cls, data: _apply_target(_lift_symmetric(data))))
+    _target = model_validator(mode="before")(classmethod(
+        lambda cls, data: _apply_target(_lift_symmetric(_vptq_alias(data)))))
 
     def _layer_rewrites(self) -> list[str]:
         """The steps set in this recipe that read or rewrite a layer as a scalar grid's plain weight

@@ -109,6 +109,10 @@ VQ_CONFIGS = [
      "the rows, scales per 128 columns", {}),
     ("lowbit:gptq-vq2o1-g128", "gptq", "vq4x8o1", 2, 128, "vq4x8o1: vq4x8 with 1% of the input columns (the most "
      "salient) on an outlier codebook, scales per 128 columns", {}),
+    ("lowbit:gptq-vq2-g128-cd3", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns, 3 coordinate-descent sweeps on "
+     "the codes", {"gptq": {"sweeps": 3}}),
+    ("lowbit:gptq-vq2-g128-fisher-cd3-tune40", "gptq", "vq2", 2, 128, "vq4x8, scales per 128 columns, Fisher Hessians, "
+     "3 coordinate-descent sweeps, codebooks and scales tuned 40 steps", {"hessian": "fisher", "gptq": {"sweeps": 3}, **TUNE40}),
     ("lowbit:gptq-rvq6x9s2", "gptq", "rvq6x9s2", 3, -1, "rvq6x9s2: 6-dim codewords, two residual stages of 512, row "
      "scales", {}),
     ("lowbit:gptq-pvq2", "gptq", "pvq2", 2, -1, "pvq16k9a4: 16-dim pyramid directions (9 pulses, 27-bit index), 4-bit "

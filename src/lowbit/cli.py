@@ -135,6 +135,7 @@ def build_recipe(
     rotate: str | None = None,
     entropy_code: bool | None = None,
     act: str | None = None,
+    sweeps: int | None = None,
 ) -> Recipe:
     """A preset (if any), the recipe file (if any) laid over it, then the flags that were given."""
     data = preset(preset_name) if preset_name else {}
@@ -158,7 +159,7 @@ def build_recipe(
     data.update({k: v for k, v in flat.items() if v is not None})
     calib_opts = {"path": str(calib) if calib else None, "n_samples": n_samples, "seq_len": seq_len}
     data["calib"] = {**data.get("calib", {}), **{k: v for k, v in calib_opts.items() if v is not None}}
-    gptq_opts = {"act_order": act_order, "damp": damp}
+    gptq_opts = {"act_order": act_order, "damp": damp, "sweeps": sweeps}
     data["gptq"] = {**data.get("gptq", {}), **{k: v for k, v in gptq_opts.items() if v is not None}}
     if preprocess_steps is not None:
         data["preprocess"] = {**data.get("preprocess", {}), "steps": preprocess_steps}
@@ -208,6 +209,7 @@ def quantize(
     seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped by the model). (default: 512)"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (groups stay contiguous, no storage cost), or in order. (default: both, per layer, keeping the lower output error)"),
     damp: Optional[float] = typer.Option(None, help="GPTQ dampening, fraction of mean diag(H). (default: 0.01)"),
+    sweeps: Optional[int] = typer.Option(None, help="Vector formats (vq*, rvq*, grvq*): sweeps of exact coordinate descent on the codes after GPTQ's pass, each vector's codeword re-chosen with the others fixed on the layer's output error (seconds a layer; on SmolLM2 layers 3 sweeps cut that error 10-25%). (default: 0)"),
     ignore: Optional[list[str]] = typer.Option(None, help="Regex of module names to keep unquantized (repeatable). (default: lm_head)"),
     preprocess_steps: Optional[int] = typer.Option(None, help="PTQ1.61's quantization preprocessing: restorative-LoRA training steps on the calibration windows (distilling the original) between a first and the final quantization; 100 is a good start, the recipe's `preprocess` section has the rest. (default: 0, off)"),
     tune_steps: Optional[int] = typer.Option(None, help="End-to-end tuning after quantization (EfficientQAT's E2E-QP): codes frozen, the fp16 scales, norms and biases trained to match the original model's next-token distributions on the calibration windows, then stored at their precision (bpw unchanged); the recipe's `tune` section has the rest. (default: 0, off)"),
@@ -241,7 +243,7 @@ def quantize(
             scaling = "smooth"
         r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
                          format_option, preprocess_steps, tune_steps, target, scaling, preset_name, rounding,
-                         hessian, hessian_groups, rotate, entropy_code, act)
+                         hessian, hessian_groups, rotate, entropy_code, act, sweeps)
         if smooth is not None:
             r = Recipe.from_dict({**r.to_dict(), "smooth": {"alpha": smooth}})
         local = Path(model).expanduser()

@@ -145,7 +145,7 @@ def _quantize_layer(model: nn.Module, name: str, plan: LayerPlan, hessian: torch
     start = time.perf_counter()
     if plan.scheme.needs_calibration and hessian is None:
         raise QuantizeError(f"{name}: {method} {plan.scheme.format} needs calibration inputs but none reached this layer")
-    gptq_cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order)
+    gptq_cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order, recipe.gptq.sweeps)
     rotation = None
     if recipe.rotate == "hadamard":  # quantize W T^T on the rotated inputs' Hessian T H T^T
         try:

@@ -203,6 +203,9 @@ class GPTQOptions(_Strict):
     # true: visit columns by decreasing diag(H) (groups stay contiguous: no storage cost); false: in order;
     # auto: both, per layer, keeping the lower output error (act-order helps int grids, can hurt ternary/binary)
     act_order: Literal["auto"] | bool = "auto"
+    # vector formats: sweeps of exact coordinate descent on the codes after GPTQ's pass (each vector's
+    # codeword re-chosen with all others fixed, on the layer's output error; `algos.vq.refine_codes`)
+    sweeps: int = Field(0, ge=0, le=50)
 
 
 class PTQ161Options(_Strict):
@@ -347,6 +350,9 @@ class Recipe(Scheme):
     def _codebooks_combine(self) -> "Recipe":
         schemes = [self._base(), *(_apply(self._base(), o) for o in self.overrides if not o.skip)]
         vq = [s for s in schemes if isinstance(s.grid(), (VQFormat, PVQFormat))]
+        if self.gptq.sweeps and not any(isinstance(s.grid(), VQFormat) and s.method == "gptq" for s in schemes):
+            raise ValueError("gptq.sweeps re-chooses codewords of vector codebooks after GPTQ: it takes method gptq "
+                             "with a vq/rvq/grvq format (drop sweeps for other formats)")
         if not vq:
             return self
         clash = (["method ptq161"] if any(s.method == "ptq161" for s in vq) else []) + (
@@ -462,7 +468,8 @@ class Recipe(Scheme):
                    | ({"rotate"} if self.rotate == "none" else set())
                    | ({"act"} if self.act == "none" else set())
                    | ({"entropy_code"} if not self.entropy_code else set()))
-        return self.model_dump(mode="json", exclude=exclude or None)
+        nested: dict = {k: True for k in exclude} | ({"gptq": {"sweeps"}} if self.gptq.sweeps == 0 else {})
+        return self.model_dump(mode="json", exclude=nested or None)
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":

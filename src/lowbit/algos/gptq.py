@@ -32,6 +32,7 @@ class GPTQConfig:
     block_size: int = 128  # columns per lazy batch update
     # visit columns in order of decreasing diag(H); "auto": quantize both ways, keep the lower output error
     act_order: bool | Literal["auto"] = "auto"
+    sweeps: int = 0  # vector formats: coordinate-descent sweeps on the codes after the pass (`algos.vq.refine_codes`)
 
 
 class GPTQError(RuntimeError):

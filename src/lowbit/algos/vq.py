@@ -13,6 +13,11 @@
    - `gptq`: GPTQ's error feedback with d columns at a time (`algos.vector_gptq`: GPTVQ, VPTQ):
      a vector goes to the codeword nearest under the inverse-Hessian metric, then its columns'
      errors are pushed onto the columns not yet quantized.
+4. Optionally (`GPTQConfig.sweeps`), sweeps of exact coordinate descent on the codes
+   (`refine_codes`; the code step of JLCM / PV-Tuning's light path, on the layer objective): GPTQ
+   decides each vector once, knowing only the columns before it; a sweep revisits every vector
+   with all others fixed and takes the codeword that lowers tr((W-Q) H (W-Q)^T) the most. On four
+   SmolLM2 layers at vq4x8 g128, three sweeps lowered that error to 0.76-0.90x, seconds a layer.
 
 The codes GPTQ chose are kept as they are. Re-fitting the codebook to the error-corrected vectors
 and re-assigning them afterwards (tried: it lowers the k-means objective on those vectors) undoes
@@ -94,6 +99,8 @@ def vq_quantize(w: torch.Tensor, fmt: VQFormat, hessian: torch.Tensor | None = N
         codes = codes.reshape(out_f, -1)
     else:
         codes = _vq_gptq(w, col_s, hessian, codebook, fmt, n_out, config)
+        if config.sweeps:
+            codes = refine_codes(w, hessian, col_s, codes, codebook, fmt, n_out, config.sweeps)
     return VQWeight(codes.to(code_dtype(fmt.bits)), codebook, scales, fmt, group_size, columns)
 
 
@@ -169,3 +176,49 @@ def _vq_gptq(w: torch.Tensor, col_s: torch.Tensor, hessian: torch.Tensor, codebo
 
     vector_gptq(w, hessian, d, nearest_codewords, config)
     return codes
+
+
+ROWS_PER_CHUNK_ELEMS = 1 << 22  # candidate values [rows, K, d] formed at a time in a sweep
+
+
+def refine_codes(w: torch.Tensor, hessian: torch.Tensor, col_s: torch.Tensor, codes: torch.Tensor,
+                 codebook: torch.Tensor, fmt: VQFormat, n_out: int, sweeps: int) -> torch.Tensor:
+    """Exact block coordinate descent on the codes: `sweeps` passes over every vector (and stage),
+    each taking, with all other codes fixed, the codeword of least output error
+    tr((W-Q) H (W-Q)^T). The current codeword is a candidate, so the error never rises.
+    `w, col_s: [out, in]`, `hessian: [in, in]` and `codes: [out, in/d * stages]` in stored order
+    (outlier vectors first); returns the new codes, same shape."""
+    out_f, in_f = w.shape
+    d, stages = fmt.dim, fmt.stages
+    codes = codes.reshape(out_f, in_f // d, stages).clone()
+    rows = row_slices(fmt, out_f)
+    books = [_books(codebook, fmt, g) for g in range(fmt.groups + (1 if n_out else 0))]
+    h = hessian.float()
+    vec = torch.empty(out_f, in_f // d, d)  # every vector's codeword sum, before its scale
+    for r, book in zip(rows, books):
+        vec[r, n_out:] = book[torch.arange(stages), codes[r, n_out:]].sum(-2)
+    if n_out:
+        vec[:, :n_out] = books[-1][torch.arange(stages), codes[:, :n_out]].sum(-2)
+    q = vec.reshape(out_f, in_f) * col_s
+    resid = (q - w) @ h  # [out, in]: half the objective's gradient in Q
+    step = max(1, ROWS_PER_CHUNK_ELEMS // (fmt.codebook_size * d))
+    for _ in range(sweeps):
+        for j in range(in_f // d):
+            cols = slice(j * d, (j + 1) * d)
+            h_jj, h_j = h[cols, cols], h[cols]
+            pairs = [(slice(0, out_f), books[-1])] if j < n_out else list(zip(rows, books))
+            for r, book in pairs:
+                for start in range(r.start, r.stop, step):
+                    c = slice(start, min(start + step, r.stop))
+                    for st in range(stages):
+                        other = vec[c, j] - book[st][codes[c, j, st]]  # [n, d]
+                        cand = (other.unsqueeze(1) + book[st]) * col_s[c, cols].unsqueeze(1)  # [n, K, d]
+                        delta = cand - q[c, cols].unsqueeze(1)
+                        gain = torch.einsum("nkd,de,nke->nk", delta, h_jj, delta) + 2 * (delta * resid[c, cols].unsqueeze(1)).sum(-1)
+                        best = gain.argmin(1)
+                        new = cand[torch.arange(best.numel()), best]  # [n, d]
+                        resid[c] += (new - q[c, cols]) @ h_j
+                        q[c, cols] = new
+                        codes[c, j, st] = best
+                        vec[c, j] = other + book[st][best]
+    return codes.reshape(out_f, -1)

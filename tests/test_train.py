@@ -106,3 +106,29 @@ def test_refusals(tmp_path):
         prepare(load_model(str(SHAKESPEARE)).model, Recipe.from_dict({"method": "gptq", "format": "vq2"}))
     with pytest.raises(TrainError, match="loss"):
         QATConfig(loss="mse")
+
+
+def test_double_rounding_trains_one_code_for_every_precision(tmp_path, calib_text):
+    """Double Rounding (`nested8`, precisions 8/4/2): one stored code; the artifact loaded at each
+    precision gives the fake-quantized model's outputs at that precision."""
+    from lowbit.calib.text import random_windows, read_text
+    from lowbit.models import load_model
+    from lowbit.train.qat import fingerprint, prepare, train
+
+    r = Recipe.from_dict({"method": "rtn", "format": "nested8", "group_size": 32})
+    cfg = QATConfig(steps=3, batch_size=2, save_every=0, precisions=(8, 4, 2))
+    path, _ = train_model(str(SHAKESPEARE), r, cfg, tmp_path / "a", calib_text, seq_len=64, n_windows=8, show_progress=False)
+    loaded, teacher = load_model(str(SHAKESPEARE)), load_model(str(SHAKESPEARE)).model
+    windows = random_windows(loaded.tokenizer, read_text(calib_text), 64, 8, 0)
+    fakes, _ = prepare(loaded.model, r)
+    train(loaded.model, teacher, windows, fakes, cfg, None, fingerprint(windows, cfg, r, {}))
+    ids = windows[:1]
+    with torch.no_grad():
+        for p in (8, 4, 2):
+            for f in fakes.values():
+                f.precision = p
+            torch.testing.assert_close(load(path, bits=p)(input_ids=ids).logits, loaded.model(input_ids=ids).logits,
+                                       rtol=1e-5, atol=1e-5)
+    with pytest.raises(TrainError, match="nested"):
+        train_model(str(SHAKESPEARE), Recipe.from_dict({"method": "rtn", "format": "int4"}), cfg, tmp_path / "b",
+                    calib_text, seq_len=64, n_windows=8, show_progress=False)

@@ -29,6 +29,7 @@ from torch import nn
 
 from ..formats import Grid, GroupLayout, round_to_fp16
 from ..formats.int import IntGrid, IntMinGrid
+from ..formats.nested import NestedIntGrid
 from ..formats.ternary import TernaryGrid
 from ..qtensor import QuantizedWeight
 
@@ -55,6 +56,7 @@ class FakeQuantLinear(nn.Module):
         if steps not in STEP_RULES:
             raise ValueError(f"step sizes are {' or '.join(STEP_RULES)}, not {steps!r}")
         self.grid, self.layout, self.steps = grid, layout, steps
+        self.precision: int | None = None  # a nested grid trained at a lower precision (Double Rounding)
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
         self.learned = nn.ParameterDict()
@@ -89,12 +91,20 @@ class FakeQuantLinear(nn.Module):
         fixed = {k.removeprefix("fixed_"): v for k, v in self.named_buffers() if k.startswith("fixed_")}
         return {**fixed, **{k: _fp16_ste(_scaled_grad(v, self.grad_scale)) for k, v in self.learned.items()}}
 
+    def _decoding_grid(self) -> Grid:
+        """The grid the forward decodes with: a nested grid at `precision` (its codes stay top-bit)."""
+        if self.precision is None:
+            return self.grid
+        if not isinstance(self.grid, NestedIntGrid):
+            raise ValueError(f"only nested grids decode at another precision, not {self.grid.name}")
+        return self.grid.with_precision(self.precision)
+
     def quantized(self) -> torch.Tensor:
         """[out, in]: the weight as the artifact decodes it, differentiable (see the module docstring)."""
         w = self.weight
         params = self._params()
         codes = self.layout.encode(self.grid, w.detach(), {k: v.detach() for k, v in params.items()})
-        w_hat = self.layout.decode(self.grid, codes, params)  # gradient to learned fields: the level
+        w_hat = self.layout.decode(self._decoding_grid(), codes, params)  # gradient to learned fields: the level
         if self.steps == "fixed":
             return w_hat.detach() + (w - w.detach())  # straight through
         # LSQ: inside the grid's range the weight passes straight through, and the step's gradient gains

@@ -33,6 +33,7 @@ from torch import nn
 from ..algos.distill import batches, distill_loss, lm_loss, optimizer_step, progress
 from ..errors import LowbitError
 from ..formats import Grid
+from ..formats.nested import NestedIntGrid
 from ..nn import QuantLinear
 from ..quantize import plan_layers
 from ..recipe import Recipe
@@ -55,12 +56,17 @@ class QATConfig:
     step_sizes: Literal["fixed", "lsq"] = "fixed"
     seed: int = 0
     save_every: int = 50  # steps between saved states (0: only at the end)
+    # nested grids (Double Rounding): every step trains at each of these precisions (the mean of their
+    # losses), so one stored code serves all of them; () trains at the grid's own precision
+    precisions: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise TrainError(f"steps must be >= 1 (got {self.steps})")
         if self.loss not in ("kd", "ce"):
             raise TrainError(f"loss is kd (distillation to the teacher) or ce (next-token cross-entropy), not {self.loss!r}")
+        if any(not 2 <= p <= 8 for p in self.precisions):
+            raise TrainError(f"precisions are bit widths from 2 to 8, got {list(self.precisions)}")
         if self.lr <= 0 or self.batch_size < 1 or self.save_every < 0:
             raise TrainError("lr must be > 0, batch_size >= 1 and save_every >= 0")
 
@@ -184,6 +190,13 @@ def train(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, 
     after that many steps of this call (an interruption, for tests)."""
     if cfg.loss == "kd" and teacher is None:
         raise TrainError("distillation (loss kd) needs a teacher model")
+    if cfg.precisions:
+        top = {f.grid.bits for f in fakes.values() if isinstance(f.grid, NestedIntGrid)}
+        if len(top) != 1 or any(not isinstance(f.grid, NestedIntGrid) for f in fakes.values()):
+            raise TrainError("precisions train one stored code at several bit widths: every trained layer needs the same "
+                             "nested grid (--format nested8)")
+        if max(cfg.precisions) > top.pop():
+            raise TrainError(f"precisions {list(cfg.precisions)} exceed the nested grid's stored bits")
     started = time.perf_counter()
     student.eval()  # no dropout: the same inputs give the same model
     params = trainable(student, fakes)
@@ -200,18 +213,24 @@ def train(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, 
             if stop_after is not None and step - start >= stop_after:
                 break
             ids = windows[order[step]]
-            logits = student(input_ids=ids, use_cache=False).logits
+            target = None
             if cfg.loss == "kd":
                 with torch.no_grad():
                     target = teacher(input_ids=ids, use_cache=False).logits
-                loss = distill_loss(logits, target)
-            else:
-                loss = lm_loss(logits, ids)
+            loss = 0.0
+            for p in cfg.precisions or (None,):  # Double Rounding: each precision's loss, averaged
+                for f in fakes.values():
+                    f.precision = p
+                logits = student(input_ids=ids, use_cache=False).logits
+                loss = loss + (distill_loss(logits, target) if target is not None else lm_loss(logits, ids))
+            loss = loss / len(cfg.precisions or (None,))
             result.losses.append(optimizer_step(opt, plist, loss, cfg.lr, step, cfg.steps))
             bar.update(task, advance=1, loss=f"{result.losses[-1]:.4g}")
             done = step + 1
             if state_dir and (done == cfg.steps or (cfg.save_every and done % cfg.save_every == 0)):
                 _save_state(state_dir, params, opt, done, result.losses, key)
+    for f in fakes.values():
+        f.precision = None  # stored and converted at the grid's own precision
     for p in params.values():
         p.requires_grad_(False)
     result.seconds = time.perf_counter() - started

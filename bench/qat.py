@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--only", default=",".join(FORMATS), help="comma-separated formats: " + ", ".join(FORMATS))
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens evaluated")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--nested", action="store_true", help="only the Double Rounding rows: nested8 trained at 8/6/4/2 "
+                    "at once against nested8 trained at each precision alone (and RTN), each evaluated at every precision")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -75,11 +77,15 @@ def main() -> None:
     rows = []
     work = Path(tempfile.mkdtemp(prefix="lowbit-qat-"))
 
-    def measured(path: Path) -> dict:
-        e = evaluate(path, eval_text, max_tokens=args.max_tokens, seq_len=SEQ)
+    def measured(path: Path, bits: int | None = None) -> dict:
+        e = evaluate(path, eval_text, max_tokens=args.max_tokens, seq_len=SEQ, bits=bits)
         return {"kl": e["kl"], "ppl": e["ppl"], "bpw": e["bpw"]}
 
     try:
+        if args.nested:
+            nested_rows(args, calib, measured, work, rows)
+            finish(args, rows, "qat-nested")
+            return
         t = time.perf_counter()
         control = float_control(args.steps, calib, eval_text, args.max_tokens)
         rows.append({"format": "float", "method": "float, fine-tuned with CE (control)", "kl": control["kl"],
@@ -113,16 +119,44 @@ def main() -> None:
                     row["gap_closed"] = 1 - row["kl"] / best_ptq
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    finish(args, rows, "qat")
+
+
+PRECISIONS = (8, 6, 4, 2)
+
+
+def nested_rows(args, calib: str, measured, work: Path, rows: list[dict]) -> None:
+    """nested8 g32: RTN, trained at every precision at once (Double Rounding), and trained at each
+    precision alone; every artifact evaluated at every precision."""
+    recipe = Recipe.from_dict({"method": "rtn", "format": "nested8", "group_size": 32})
+    runs = [("RTN", None), ("QAT KD, 8/6/4/2 at once", PRECISIONS)] + [(f"QAT KD, {p}-bit alone", (p,)) for p in PRECISIONS]
+    for label, precisions in runs:
+        t = time.perf_counter()
+        if precisions is None:
+            path = save_job(quantize(str(MODEL), recipe, show_progress=False), recipe, work / "nested-rtn")
+        else:
+            cfg = QATConfig(steps=args.steps, batch_size=BATCH, precisions=precisions)
+            path, _ = train_model(str(MODEL), recipe, cfg, work / f"nested-{'-'.join(map(str, precisions))}", calib,
+                                  seq_len=SEQ, n_windows=WINDOWS, show_progress=False)
+        seconds = time.perf_counter() - t
+        for p in PRECISIONS:
+            if precisions is not None and len(precisions) == 1 and p != precisions[0]:
+                continue  # a single-precision model is compared at its own precision
+            rows.append({"format": f"nested8 g32 @ {p}-bit", "method": label, **measured(path, p), "seconds": seconds})
+            print(rows[-1], flush=True)
+
+
+def finish(args, rows: list[dict], name: str) -> None:
     payload = {"machine": machine(), "model": str(MODEL.name), "steps": args.steps, "batch": BATCH, "seq_len": SEQ,
                "max_tokens": args.max_tokens, "rows": rows}
-    write_results("qat", payload)
+    write_results(name, payload)
     md = (f"# QAT against PTQ on {MODEL.name}\n\n{args.steps} steps of {BATCH} x {SEQ} tokens of calib.txt; KL to the "
           f"float model and perplexity on the first {args.max_tokens} tokens of eval.txt ({SEQ}-token windows). "
           "Gap closed: 1 - KL / KL(best PTQ of the format).\n\n"
           + markdown_table(rows, [("format", "format", ""), ("method", "method", ""), ("bpw", "bpw", ".3f"),
                                   ("kl", "KL", ".4f"), ("ppl", "ppl", ".2f"), ("gap_closed", "gap closed", ".0%"),
                                   ("seconds", "s", ".0f")]) + "\n")
-    (RESULTS / "qat.md").write_text(md)
+    (RESULTS / f"{name}.md").write_text(md)
     print(md)
 
 

@@ -39,6 +39,7 @@ FORMATS = {  # name -> recipe keys
     "ternary-median": {"format": "ternary", "group_size": 0, "format_options": {"scale": "median"}},  # b1.58 Reloaded
     "int2-g32": {"format": "int2", "group_size": 32},
     "int3-g32": {"format": "int3", "group_size": 32},
+    "binary-g64": {"format": "binary", "group_size": 64},  # sign + STE (fixed absmean) against BiPer
 }
 SEQ, BATCH, WINDOWS = 256, 4, 256
 
@@ -66,6 +67,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--only", default=",".join(FORMATS), help="comma-separated formats: " + ", ".join(FORMATS))
+    ap.add_argument("--no-control", action="store_true", help="skip the float fine-tune control")
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens evaluated")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--nested", action="store_true", help="only the Double Rounding rows: nested8 trained at 8/6/4/2 "
@@ -86,11 +88,12 @@ def main() -> None:
             nested_rows(args, calib, measured, work, rows)
             finish(args, rows, "qat-nested")
             return
-        t = time.perf_counter()
-        control = float_control(args.steps, calib, eval_text, args.max_tokens)
-        rows.append({"format": "float", "method": "float, fine-tuned with CE (control)", "kl": control["kl"],
-                     "ppl": control["ppl"], "bpw": 32.0, "seconds": time.perf_counter() - t})
-        print(rows[-1], flush=True)
+        if not args.no_control:
+            t = time.perf_counter()
+            control = float_control(args.steps, calib, eval_text, args.max_tokens)
+            rows.append({"format": "float", "method": "float, fine-tuned with CE (control)", "kl": control["kl"],
+                         "ppl": control["ppl"], "bpw": 32.0, "seconds": time.perf_counter() - t})
+            print(rows[-1], flush=True)
         for name in args.only.split(","):
             keys = FORMATS[name]
             best_ptq = None
@@ -103,7 +106,8 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
             recipe = Recipe.from_dict({"method": "rtn", **keys})
-            runs = [("kd", "fixed"), ("kd", "lsq"), ("ce", "lsq")] if not name.endswith("median") else [("kd", "fixed")]
+            runs = ([("kd", "fixed")] if name.endswith("median") else [("kd", "fixed"), ("kd", "biper")]
+                    if name.startswith("binary") else [("kd", "fixed"), ("kd", "lsq"), ("ce", "lsq")])
             for loss, steps in runs:
                 cfg = QATConfig(steps=args.steps, batch_size=BATCH, loss=loss, step_sizes=steps)
                 t = time.perf_counter()

@@ -132,3 +132,20 @@ def test_double_rounding_trains_one_code_for_every_precision(tmp_path, calib_tex
     with pytest.raises(TrainError, match="nested"):
         train_model(str(SHAKESPEARE), Recipe.from_dict({"method": "rtn", "format": "int4"}), cfg, tmp_path / "b",
                     calib_text, seq_len=64, n_windows=8, show_progress=False)
+
+
+def test_biper_binarizes_by_a_square_wave_with_the_sines_gradient():
+    """BiPer: codes are the signs of sin(omega w) (at the start, the weights' own signs), the
+    weight's gradient is scale * omega * cos(omega w), and the packed weight is the forward's."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 16)
+    fake = FakeQuantLinear(w, None, get_grid("binary"), GroupLayout(4, 16, 8), "biper")
+    q = fake.quantized_weight()
+    assert torch.equal(q.codes, (w >= 0).to(torch.uint8))
+    w_hat = fake.quantized()
+    torch.testing.assert_close(w_hat.detach(), q.dequantize())
+    w_hat.sum().backward()
+    s = q.layout.expand(q.params)["scale"]
+    torch.testing.assert_close(fake.weight.grad, s * fake.omega * torch.cos(fake.omega * w))
+    with pytest.raises(ValueError, match="binary grid"):
+        FakeQuantLinear(w, None, get_grid("int2"), GroupLayout(4, 16, 8), "biper")

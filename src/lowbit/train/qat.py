@@ -53,7 +53,7 @@ class QATConfig:
     lr: float = 5e-4
     batch_size: int = 4  # windows per step
     loss: Literal["kd", "ce"] = "kd"
-    step_sizes: Literal["fixed", "lsq"] = "fixed"
+    step_sizes: Literal["fixed", "lsq", "biper"] = "fixed"
     seed: int = 0
     save_every: int = 50  # steps between saved states (0: only at the end)
     # nested grids (Double Rounding): every step trains at each of these precisions (the mean of their

@@ -47,6 +47,12 @@ def optimizer_step(opt: torch.optim.Optimizer, params: list[torch.Tensor], loss:
     return loss.item()
 
 
+def is_norm(module: torch.nn.Module) -> bool:
+    """A normalization layer (RMSNorm, LayerNorm of any model family): what the training passes tune besides the
+    quantized layers."""
+    return type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, torch.nn.LayerNorm)
+
+
 def batches(n: int, batch_size: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:
     """`steps` index batches over n windows: seeded permutations, one after another."""
     order = torch.cat([torch.randperm(n, generator=generator) for _ in range(-(-steps * batch_size // n))])

@@ -41,7 +41,7 @@ from ..nn import QuantLinear, RotatedQuantLinear, VQLinear
 from ..nn.base import store_weight
 from ..qtensor import QuantizedWeight, VQWeight
 from ..rotate import HadamardRotation
-from .distill import batches, distill_loss, optimizer_step, progress
+from .distill import batches, distill_loss, is_norm, optimizer_step, progress
 
 
 @dataclass(frozen=True)
@@ -134,10 +134,6 @@ class TunableVQ(nn.Module):
                             round_to_fp16(self.tuned["scales"].detach()), self.fmt, self.group_size, self.columns)
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, nn.LayerNorm)
-
-
 @torch.no_grad()
 def heldout_kl(teacher: nn.Module, student: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
     """Mean KL(teacher || student) per position over `windows` ([n, seq] token ids)."""
@@ -170,7 +166,7 @@ def tune_continuous(teacher: nn.Module, student: nn.Module, windows: torch.Tenso
     params = [p for t in tunable.values() for p in t.tuned.values()]
     norms: list[nn.Parameter] = []
     if cfg.norms:
-        norms = [m.weight for m in student.modules() if _is_norm(m) and isinstance(getattr(m, "weight", None), nn.Parameter)]
+        norms = [m.weight for m in student.modules() if is_norm(m) and isinstance(getattr(m, "weight", None), nn.Parameter)]
         params += [t.bias for t in tunable.values() if t.bias is not None]
     if not params and not norms:
         raise ValueError("nothing to tune: no quantized layer with fp16 parameters, and norms are off")

@@ -30,7 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..algos.distill import batches, distill_loss, lm_loss, optimizer_step, progress
+from ..algos.distill import batches, distill_loss, is_norm, lm_loss, optimizer_step, progress
 from ..errors import LowbitError
 from ..formats import Grid
 from ..formats.nested import NestedIntGrid
@@ -84,10 +84,6 @@ class QATResult:
                 "last_loss": self.losses[-1], "resumed_at": self.resumed_at}
 
 
-def _is_norm(module: nn.Module) -> bool:
-    return type(module).__name__.endswith(("RMSNorm", "LayerNorm")) or isinstance(module, nn.LayerNorm)
-
-
 def prepare(model: nn.Module, recipe: Recipe, step_sizes: str = "fixed") -> tuple[dict[str, FakeQuantLinear], dict[str, str]]:
     """Replace every linear layer the recipe quantizes by a FakeQuantLinear, in place; returns them,
     and the layers kept in float with the reason."""
@@ -122,7 +118,7 @@ def trainable(model: nn.Module, fakes: dict[str, FakeQuantLinear]) -> dict[str, 
         for k, p in fake.named_parameters():
             out[f"{name}.{k}"] = p
     for name, module in model.named_modules():
-        if _is_norm(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
+        if is_norm(module) and isinstance(getattr(module, "weight", None), nn.Parameter):
             out[f"{name}.weight"] = module.weight
     for p in out.values():
         p.data = p.data.float()

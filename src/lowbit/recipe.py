@@ -369,8 +369,8 @@ class Recipe(Scheme):
         from .nn.act_linear import fits_int_act
 
         need = ("needs integer weights: format int2..int8 (symmetric or asymmetric, any group size; int8 with one "
-                "scale per row, `--bits 8 --sym --group-size -1`, is W8A8's fastest: one integer product per layer), "
-                "method rtn or gptq")
+                "scale per row, `--bits 8 --sym --group-size -1`, is W8A8's fastest: one integer product per layer) or "
+                "ternary (BitNet's W1.58A8), method rtn or gptq")
         named = [("the recipe", self._base())] + [(f"override {o.pattern!r}", _apply(self._base(), o))
                                                   for o in self.overrides if not o.skip]
         for where, s in named:

@@ -24,6 +24,7 @@ import torch
 
 from ..formats import Grid, GroupLayout
 from ..formats.int import IntGrid
+from ..formats.ternary import TernaryGrid
 from .base import register_kind
 from .quant_linear import QuantLinear
 
@@ -34,8 +35,14 @@ _QMAX = 127.0  # symmetric: -127..127, so that -x quantizes to -q
 
 def fits_int_act(grid: Grid) -> bool:
     """Whether a weight on `grid` can run in integers against int8 activations: integer grids of
-    2 to 8 bits (their codes, centred, are int8), symmetric or asymmetric, any group size."""
-    return type(grid) is IntGrid and 2 <= grid.bits <= 8
+    2 to 8 bits (their codes, centred, are int8), symmetric or asymmetric, any group size, and
+    ternary (codes -1, 0, +1: BitNet b1.58's W1.58A8)."""
+    return (type(grid) is IntGrid and 2 <= grid.bits <= 8) or isinstance(grid, TernaryGrid)
+
+
+def _centre(grid: Grid) -> int:
+    """What a stored code minus gives the signed integer level (ternary: 1; int: 2^(bits-1))."""
+    return 1 if isinstance(grid, TernaryGrid) else 2 ** (grid.bits - 1)
 
 
 def quantize_tokens(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,12 +83,12 @@ class IntActLinear(QuantLinear):
         zero points (None when symmetric), `bounds` the G column ranges."""
         if self._int is None:
             qw = self.quantized_weight()
-            c = 2 ** (self.grid.bits - 1)
+            c = _centre(self.grid)
             q = (qw.codes.to(torch.int16) - c).to(torch.int8)  # [out, in]
             g = self.layout.effective_group_size
             bounds = [(a, min(a + g, self.in_features)) for a in range(0, self.in_features, g)]
             rows = lambda t: t.float().expand(self.out_features, len(bounds))  # noqa: E731 (per-tensor: one row)
-            zero = None if self.grid.symmetric else (rows(qw.params["zero"]) - c).to(torch.int32).contiguous()
+            zero = None if getattr(self.grid, "symmetric", True) else (rows(qw.params["zero"]) - c).to(torch.int32).contiguous()
             self._int = {"q_t": q.t().contiguous(), "scale": rows(qw.params["scale"]).contiguous(), "zero": zero,
                          "bounds": bounds}
         return self._int

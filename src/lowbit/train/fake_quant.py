@@ -1,7 +1,7 @@
 """Fake-quantized linear layers for quantization-aware training, for every scalar grid.
 
 A `FakeQuantLinear` keeps a latent float weight and, on every forward, quantizes it exactly as the
-artifact will store it: the grid's own `fit` / `encode` / `decode` through the layer's group layout,
+artifact will store it (and, with `act`, its inputs to int8 per token as `nn.IntActLinear` does): the grid's own `fit` / `encode` / `decode` through the layer's group layout,
 fp16 fields rounded to fp16. Its output is the packed layer's output; `quantized_weight` gives the
 codes and parameters that `nn.QuantLinear` stores, so a trained model converts without a change.
 
@@ -32,6 +32,7 @@ from ..formats.binary import BinaryGrid
 from ..formats.int import IntGrid, IntMinGrid
 from ..formats.nested import NestedIntGrid
 from ..formats.ternary import TernaryGrid
+from ..nn.act_linear import fits_int_act, quantize_tokens
 from ..qtensor import QuantizedWeight
 
 STEP_RULES = ("fixed", "lsq", "biper")
@@ -52,11 +53,13 @@ class FakeQuantLinear(nn.Module):
     """`weight: [out, in]` latent float (trained), quantized on the fly onto `grid` by `layout`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, grid: Grid, layout: GroupLayout,
-                 steps: str = "fixed") -> None:
+                 steps: str = "fixed", act: bool = False) -> None:
         super().__init__()
         if steps not in STEP_RULES:
             raise ValueError(f"step sizes are {' or '.join(STEP_RULES)}, not {steps!r}")
-        self.grid, self.layout, self.steps = grid, layout, steps
+        self.grid, self.layout, self.steps, self.act = grid, layout, steps, act
+        if act and not fits_int_act(grid):
+            raise ValueError(f"int8 activations run against integer or ternary weights, not {grid.name}")
         self.precision: int | None = None  # a nested grid trained at a lower precision (Double Rounding)
         self.weight = nn.Parameter(weight.detach().float().clone())
         self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone())
@@ -141,6 +144,9 @@ class FakeQuantLinear(nn.Module):
         return w_hat + s * (phase - phase.detach())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act:  # int8 per token, absmax (BitNet's activations; `nn.IntActLinear` at run time), straight through
+            q, s = quantize_tokens(x.detach().float())
+            x = x + (q * s - x).detach().to(x.dtype)
         return F.linear(x, self.quantized(), self.bias)
 
     @torch.no_grad()
@@ -152,4 +158,5 @@ class FakeQuantLinear(nn.Module):
         return QuantizedWeight(codes, params, self.grid, self.layout)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, grid={self.grid.name}, steps={self.steps}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, grid={self.grid.name}, steps={self.steps}"
+                + (", act=int8 per token" if self.act else ""))

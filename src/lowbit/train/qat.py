@@ -34,7 +34,7 @@ from ..algos.distill import batches, distill_loss, is_norm, lm_loss, optimizer_s
 from ..errors import LowbitError
 from ..formats import Grid
 from ..formats.nested import NestedIntGrid
-from ..nn import QuantLinear
+from ..nn import IntActLinear, QuantLinear
 from ..quantize import plan_layers
 from ..recipe import Recipe
 from .fake_quant import FakeQuantLinear
@@ -98,7 +98,7 @@ def prepare(model: nn.Module, recipe: Recipe, step_sizes: str = "fixed") -> tupl
             raise TrainError(f"{name}: method {plan.scheme.method} has a layout of its own; train with a plain grid")
         layer = model.get_submodule(name)
         try:
-            fake = FakeQuantLinear(layer.weight, layer.bias, grid, plan.layout, step_sizes)
+            fake = FakeQuantLinear(layer.weight, layer.bias, grid, plan.layout, step_sizes, act=recipe.act == "int8")
         except ValueError as exc:
             raise TrainError(f"{name}: {exc}") from None
         model.set_submodule(name, fake)
@@ -235,8 +235,9 @@ def train(student: nn.Module, teacher: nn.Module | None, windows: torch.Tensor, 
 
 @torch.no_grad()
 def convert(model: nn.Module, fakes: dict[str, FakeQuantLinear]) -> None:
-    """Replace every FakeQuantLinear by the packed QuantLinear of its current codes and parameters
-    (same outputs), in place."""
+    """Replace every FakeQuantLinear by the packed QuantLinear (IntActLinear with int8 activations) of
+    its current codes and parameters (same outputs), in place."""
     for name, fake in fakes.items():
         bias = None if fake.bias is None else fake.bias.detach()
-        model.set_submodule(name, QuantLinear.from_quantized(fake.quantized_weight(), bias))
+        packed = IntActLinear if fake.act else QuantLinear
+        model.set_submodule(name, packed.from_quantized(fake.quantized_weight(), bias))

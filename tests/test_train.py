@@ -125,7 +125,7 @@ def test_double_rounding_trains_one_code_for_every_precision(tmp_path, calib_tex
     from lowbit.train.qat import fingerprint, prepare, train
 
     r = Recipe.from_dict({"method": "rtn", "format": "nested8", "group_size": 32})
-    cfg = QATConfig(steps=3, batch_size=2, save_every=0, precisions=(8, 4, 2))
+    cfg = QATConfig(steps=2, batch_size=2, save_every=0, precisions=(8, 4, 2))
     path, _ = train_model(str(SHAKESPEARE), r, cfg, tmp_path / "a", calib_text, seq_len=64, n_windows=8, show_progress=False)
     loaded, teacher = load_model(str(SHAKESPEARE)), load_model(str(SHAKESPEARE)).model
     windows = random_windows(loaded.tokenizer, read_text(calib_text), 64, 8, 0)

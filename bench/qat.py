@@ -68,6 +68,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--only", default=",".join(FORMATS), help="comma-separated formats: " + ", ".join(FORMATS))
     ap.add_argument("--no-control", action="store_true", help="skip the float fine-tune control")
+    ap.add_argument("--init", default="", help="only the QAT runs starting from these PTQ methods (rtn, gptq)")
+    ap.add_argument("--merge", action="store_true", help="keep the rows of the results file that this run does not redo")
     ap.add_argument("--max-tokens", type=int, default=8192, help="held-out tokens evaluated")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--nested", action="store_true", help="only the Double Rounding rows: nested8 trained at 8/6/4/2 "
@@ -106,14 +108,20 @@ def main() -> None:
                 rows.append(row)
                 print(row, flush=True)
             recipe = Recipe.from_dict({"method": "rtn", **keys})
-            runs = ([("kd", "fixed")] if name.endswith("median") else [("kd", "fixed"), ("kd", "biper")]
-                    if name.startswith("binary") else [("kd", "fixed"), ("kd", "lsq"), ("ce", "lsq")])
-            for loss, steps in runs:
+            runs = ([("kd", "fixed", "rtn")] if name.endswith("median") else
+                    [("kd", "fixed", "rtn"), ("kd", "biper", "rtn")] if name.startswith("binary") else
+                    [("kd", "fixed", "rtn"), ("kd", "lsq", "rtn"), ("ce", "lsq", "rtn"), ("kd", "lsq", "gptq")])
+            for loss, steps, init in runs:
+                if args.init and init not in args.init.split(","):
+                    continue
                 cfg = QATConfig(steps=args.steps, batch_size=BATCH, loss=loss, step_sizes=steps)
                 t = time.perf_counter()
-                path, result = train_model(str(MODEL), recipe, cfg, work / f"{name}-{loss}-{steps}", calib, seq_len=SEQ,
-                                           n_windows=WINDOWS, show_progress=False)
-                row = {"format": name, "method": f"QAT {loss.upper()}, {steps} steps", **measured(path),
+                start = Recipe.from_dict({**recipe.to_dict(), "method": init,
+                                          "calib": {"path": calib, "n_samples": 128, "seq_len": SEQ}})
+                path, result = train_model(str(MODEL), start, cfg, work / f"{name}-{loss}-{steps}-{init}", calib,
+                                           seq_len=SEQ, n_windows=WINDOWS, show_progress=False)
+                row = {"format": name, "method": f"QAT {loss.upper()}, {steps} steps, from {init.upper()}"
+                       + (f", {args.steps} steps" if args.steps != 100 else ""), **measured(path),
                        "seconds": time.perf_counter() - t}
                 row["gap_closed"] = 1 - row["kl"] / best_ptq
                 rows.append(row)
@@ -151,6 +159,12 @@ def nested_rows(args, calib: str, measured, work: Path, rows: list[dict]) -> Non
 
 
 def finish(args, rows: list[dict], name: str) -> None:
+    path = RESULTS / f"{name}.json"
+    if args.merge and path.is_file():  # earlier rows this run did not redo, in their order, then the new ones
+        import json
+
+        redone = {(r["format"], r["method"]) for r in rows}
+        rows[:0] = [r for r in json.loads(path.read_text())["rows"] if (r["format"], r["method"]) not in redone]
     payload = {"machine": machine(), "model": str(MODEL.name), "steps": args.steps, "batch": BATCH, "seq_len": SEQ,
                "max_tokens": args.max_tokens, "rows": rows}
     write_results(name, payload)

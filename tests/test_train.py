@@ -158,3 +158,22 @@ def test_biper_binarizes_by_a_square_wave_with_the_sines_gradient():
     torch.testing.assert_close(fake.weight.grad, s * fake.omega * torch.cos(fake.omega * w))
     with pytest.raises(ValueError, match="binary grid"):
         FakeQuantLinear(w, None, get_grid("int2"), GroupLayout(4, 16, 8), "biper")
+
+
+@pytest.mark.parametrize("fmt", ["int2", "int4_min"])
+def test_training_can_start_from_gptqs_codes(fmt):
+    """`from_quantized` (recipe method gptq): the latent weight is GPTQ's decoded weight and LSQ's
+    steps start at GPTQ's parameters, so the first forward, and the packed weight before any step,
+    is GPTQ's quantization exactly."""
+    from conftest import correlated_layer
+
+    from lowbit.algos import gptq_quantize
+
+    w, h = correlated_layer()
+    layout = GroupLayout(256, 512, 32)
+    qw = gptq_quantize(w, h, get_grid(fmt), layout)
+    fake = FakeQuantLinear.from_quantized(qw, None, "lsq")
+    again = fake.quantized_weight()
+    assert torch.equal(again.codes, qw.codes)
+    assert all(torch.equal(again.params[k].float(), qw.params[k].float()) for k in qw.params)
+    torch.testing.assert_close(fake.quantized().detach(), qw.dequantize(), rtol=0, atol=0)

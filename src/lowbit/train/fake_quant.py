@@ -83,6 +83,21 @@ class FakeQuantLinear(nn.Module):
         group = layout.effective_group_size if not layout.per_tensor else layout.in_features * layout.out_features
         self.grad_scale = 1.0 / math.sqrt(max(1, group) * levels)
 
+    @classmethod
+    def from_quantized(cls, qw: QuantizedWeight, bias: torch.Tensor | None, steps: str = "fixed",
+                       act: bool = False) -> "FakeQuantLinear":
+        """Start from a post-training quantization (GPTQ's codes, say): the latent weight is its
+        decoded weight, and learned steps start at its stored parameters, so the first forward is
+        that quantization exactly (`fixed` steps refit from the decoded weights instead)."""
+        layer = cls(qw.dequantize(), bias, qw.grid, qw.layout, steps, act)
+        with torch.no_grad():
+            for k, p in layer.learned.items():
+                p.copy_(qw.params[k].float())
+            for k, b in layer.named_buffers():
+                if k.startswith("fixed_"):
+                    b.copy_(qw.params[k.removeprefix("fixed_")])
+        return layer
+
     @property
     def in_features(self) -> int:
         return self.layout.in_features

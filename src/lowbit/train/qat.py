@@ -35,6 +35,7 @@ from ..errors import LowbitError
 from ..formats import Grid
 from ..formats.nested import NestedIntGrid
 from ..nn import IntActLinear, QuantLinear
+from ..qtensor import QuantizedWeight
 from ..quantize import plan_layers
 from ..recipe import Recipe
 from .fake_quant import FakeQuantLinear
@@ -84,9 +85,11 @@ class QATResult:
                 "last_loss": self.losses[-1], "resumed_at": self.resumed_at}
 
 
-def prepare(model: nn.Module, recipe: Recipe, step_sizes: str = "fixed") -> tuple[dict[str, FakeQuantLinear], dict[str, str]]:
+def prepare(model: nn.Module, recipe: Recipe, step_sizes: str = "fixed",
+            start: dict[str, QuantizedWeight] | None = None) -> tuple[dict[str, FakeQuantLinear], dict[str, str]]:
     """Replace every linear layer the recipe quantizes by a FakeQuantLinear, in place; returns them,
-    and the layers kept in float with the reason."""
+    and the layers kept in float with the reason. `start`: a post-training quantization of the
+    same model (layer name -> weight) to start from instead of rounding the float weights."""
     plans, skipped = plan_layers(model, recipe)
     fakes: dict[str, FakeQuantLinear] = {}
     for name, plan in plans.items():
@@ -97,8 +100,10 @@ def prepare(model: nn.Module, recipe: Recipe, step_sizes: str = "fixed") -> tupl
         if plan.scheme.method not in ("rtn", "gptq"):
             raise TrainError(f"{name}: method {plan.scheme.method} has a layout of its own; train with a plain grid")
         layer = model.get_submodule(name)
+        act = recipe.act == "int8"
         try:
-            fake = FakeQuantLinear(layer.weight, layer.bias, grid, plan.layout, step_sizes, act=recipe.act == "int8")
+            fake = (FakeQuantLinear.from_quantized(start[name], layer.bias, step_sizes, act) if start and name in start
+                    else FakeQuantLinear(layer.weight, layer.bias, grid, plan.layout, step_sizes, act))
         except ValueError as exc:
             raise TrainError(f"{name}: {exc}") from None
         model.set_submodule(name, fake)

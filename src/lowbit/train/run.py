@@ -1,6 +1,8 @@
 """`lowbit train`: load a model, make its linear layers fake-quantized (the recipe's format), train
 them (`train.qat`), convert to packed layers and write an ordinary artifact that `lowbit eval`,
-`lowbit.load` and the exporters take. The training state lives beside the output
+`lowbit.load` and the exporters take. The recipe's method is where training starts: `rtn` rounds
+the float weights, `gptq` (or any calibrated method) quantizes first, calibrated on the training
+windows, and training starts from its codes. The training state lives beside the output
 (`.NAME.lowbit-train/`) until the artifact is written, so a stopped run continues where it was."""
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..artifact import save
+from ..artifact import quantized_modules, save
+from ..quantize import quantize_model
 from ..calib.sources import default_text
 from ..calib.text import random_windows, read_text
 from ..models import load_model
@@ -49,7 +52,13 @@ def train_model(source: str, recipe: Recipe, cfg: QATConfig, out: str | Path, da
         teacher.eval()
     seq_len = min(seq_len, getattr(loaded.model.config, "max_position_embeddings", seq_len))
     windows = random_windows(loaded.tokenizer, text, seq_len, n_windows, cfg.seed)  # [n, seq]
-    fakes, skipped = prepare(loaded.model, recipe, cfg.step_sizes)
+    start = None
+    if recipe.method != "rtn":  # start from the recipe's post-training method, calibrated on the training windows
+        ptq = copy.deepcopy(loaded.model)
+        quantize_model(ptq, recipe, loaded.kind, list(windows.split(4)), show_progress)
+        start = {n: m.quantized_weight() for n, m in quantized_modules(ptq).items()}
+        del ptq
+    fakes, skipped = prepare(loaded.model, recipe, cfg.step_sizes, start)
     data_info = {"text": desc, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "seq_len": seq_len,
                  "n_windows": n_windows}
     key = fingerprint(windows, cfg, recipe, {"model": loaded.source, "path": loaded.path, "teacher": teacher_source,

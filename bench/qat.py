@@ -165,6 +165,8 @@ def finish(args, rows: list[dict], name: str) -> None:
 
         redone = {(r["format"], r["method"]) for r in rows}
         rows[:0] = [r for r in json.loads(path.read_text())["rows"] if (r["format"], r["method"]) not in redone]
+    order = ["float", *FORMATS]
+    rows.sort(key=lambda r: order.index(r["format"]) if r["format"] in order else len(order))  # stable: runs in order
     payload = {"machine": machine(), "model": str(MODEL.name), "steps": args.steps, "batch": BATCH, "seq_len": SEQ,
                "max_tokens": args.max_tokens, "rows": rows}
     write_results(name, payload)

@@ -74,7 +74,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--nested", action="store_true", help="only the Double Rounding rows: nested8 trained at 8/6/4/2 "
                     "at once against nested8 trained at each precision alone (and RTN), each evaluated at every precision")
+    ap.add_argument("--render-only", action="store_true", help="rewrite qat.md (or, with --nested, qat-nested.md) from "
+                    "its JSON, no runs")
     args = ap.parse_args()
+    if args.render_only:
+        args.merge = True
+        finish(args, [], "qat-nested" if args.nested else "qat")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     calib, eval_text = str(ASSETS / "calib.txt"), str(ASSETS / "eval.txt")

@@ -162,20 +162,20 @@ from lowbit.stream.safetensors_io import CheckpointReader
 def kib(field):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(field))
 r = CheckpointReader(sys.argv[1])
-base = kib("VmRSS")
+base = kib("RssAnon")
 assert r.all_finite("emb")
 table = r.map("emb")
 rows = F.embedding(torch.arange(0, table.shape[0], table.shape[0] // 8), table).float()
-print((kib("VmRSS") - base) / 1024, float(rows.abs().sum()) > 0)
+print((kib("RssAnon") - base) / 1024, float(rows.abs().sum()) > 0)
 """
 
 
 def test_a_mapped_embedding_is_resident_only_where_looked_up(tmp_path):
-    """The streamed run maps the embedding table: 8 rows looked up far apart make those rows'
-    pages resident, not the table (64 MB here); the finite check reads it through a small buffer.
-    A fault maps the whole page-cache folio it lands in, and the folio size is the kernel's choice
-    (4 KB here; 256 KB seen on CI; at most 2 MB), so the bound is 8 such folios plus the probe's own
-    small tensors, well under the table: reading the table instead would exceed it."""
+    """The streamed run maps the embedding table: looking up 8 rows copies none of it into the
+    process's own memory (RssAnon: reading the 64 MB table would add 64 MB), and the finite check
+    reads it through a small buffer that it gives back. The mapped file pages themselves are the
+    page cache's, clean and droppable; how many a fault maps is the kernel's choice (4 KB here,
+    256 KB per fault on CI, 50 MB once in a busy full suite), so they are not what is bounded."""
     import os
     import subprocess
     import sys
@@ -186,7 +186,7 @@ def test_a_mapped_embedding_is_resident_only_where_looked_up(tmp_path):
     out = subprocess.run([sys.executable, "-c", _MAP_PROBE, str(tmp_path)], capture_output=True, text=True, check=True)
     grown_mb, ok = out.stdout.split()
     assert ok == "True", out.stdout
-    assert float(grown_mb) < 8 * 2 + 4, grown_mb
+    assert float(grown_mb) < 8, grown_mb
 
 
 _HEAP_PROBE = """

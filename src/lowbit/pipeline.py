@@ -64,14 +64,7 @@ def quantize(source: str, recipe: Recipe, show_progress: bool = True, allow_pick
 
 def save_job(job: QuantizeJob, recipe: Recipe, out: str | Path, force: bool = False, max_shard_bytes: int | None = None) -> Path:
     loaded = job.loaded
-    source = {
-        "model": loaded.source,
-        "path": loaded.path,
-        "kind": loaded.kind,
-        "dtype": str(loaded.dtype).removeprefix("torch."),
-        "source_format": loaded.source_format,
-        "calibration": job.calib,
-    }
+    source = {**loaded.source_record(), "calibration": job.calib}
     if job.report.preprocess is not None:  # the quantized weights are the preprocessed source's
         # without its seconds, as the modules' seconds: the same inputs give a byte-identical artifact
         source["preprocess"] = {k: v for k, v in job.report.preprocess.items() if k != "seconds"}

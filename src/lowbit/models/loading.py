@@ -25,6 +25,11 @@ class LoadedModel:
     dtype: torch.dtype  # the checkpoint's own dtype, used to store unquantized tensors
     source_format: str | None = None  # e.g. "gguf Q4_1" when the weights were already quantized
 
+    def source_record(self) -> dict:
+        """What an artifact's header records of the model it was made from."""
+        return {"model": self.source, "path": self.path, "kind": self.kind,
+                "dtype": str(self.dtype).removeprefix("torch."), "source_format": self.source_format}
+
 
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
 

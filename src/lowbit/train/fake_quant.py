@@ -126,15 +126,15 @@ class FakeQuantLinear(nn.Module):
         """[out, in]: the weight as the artifact decodes it, differentiable (see the module docstring)."""
         w = self.weight
         params = self._params()
+        detached = {k: v.detach() for k, v in params.items()}
         if self.steps == "biper":
-            return self._biper(w, params)
-        codes = self.layout.encode(self.grid, w.detach(), {k: v.detach() for k, v in params.items()})
+            return self._biper(w, params, detached)
+        codes = self.layout.encode(self.grid, w.detach(), detached)
         w_hat = self.layout.decode(self._decoding_grid(), codes, params)  # gradient to learned fields: the level
         if self.steps == "fixed":
             return w_hat.detach() + (w - w.detach())  # straight through
         # LSQ: inside the grid's range the weight passes straight through, and the step's gradient gains
         # -(w - min) / s (and a learned min's loses its 1): the rounding's input moves with them
-        detached = {k: v.detach() for k, v in params.items()}
         big = torch.full_like(w, 1e30)
         lo = self.layout.decode(self.grid, self.layout.encode(self.grid, -big, detached), detached)
         hi = self.layout.decode(self.grid, self.layout.encode(self.grid, big, detached), detached)
@@ -149,11 +149,11 @@ class FakeQuantLinear(nn.Module):
             through = through - inside * (m - m.detach())
         return w_hat + through
 
-    def _biper(self, w: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _biper(self, w: torch.Tensor, params: dict[str, torch.Tensor], detached: dict[str, torch.Tensor]) -> torch.Tensor:
         """BiPer (Vargas et al., 2024): the sign of sin(omega w), a square wave, forward; the sine of the
         same period backward (gradient scale * omega * cos(omega w)); the scale learned."""
         phase = torch.sin(self.omega * w)
-        codes = self.layout.encode(self.grid, phase.detach(), {k: v.detach() for k, v in params.items()})
+        codes = self.layout.encode(self.grid, phase.detach(), detached)
         w_hat = self.layout.decode(self.grid, codes, params)
         s = self.layout.expand(params)["scale"].detach()
         return w_hat + s * (phase - phase.detach())

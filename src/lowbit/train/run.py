@@ -68,8 +68,7 @@ def train_model(source: str, recipe: Recipe, cfg: QATConfig, out: str | Path, da
     if len(result.losses) < cfg.steps:
         return None, result
     convert(loaded.model, fakes)
-    source_info = {"model": loaded.source, "path": loaded.path, "kind": loaded.kind,
-                   "dtype": str(loaded.dtype).removeprefix("torch."), "source_format": loaded.source_format,
+    source_info = {**loaded.source_record(),
                    "train": {**asdict(cfg), **{k: v for k, v in result.summary().items() if k != "resumed_at"},
                              "teacher": (teacher_source or loaded.source) if cfg.loss == "kd" else None, "data": data_info}}
     with torch.no_grad():

@@ -239,7 +239,7 @@ def get_grid(name: str, **options: Any) -> Grid:
     raise UnknownFormatError(
         f"unknown format {name!r}; known formats: {', '.join(EXAMPLE_NAMES + SEARCH_NAMES)} "
         "(see `lowbit formats` for the patterns: int2-8, int2-8_min, int4-6_k, fpN_eXmY, nf2-8, power2-8, post3-8, log3-8, "
-        "fpN_search, powerN_search, vqDxK[oP], rvqDxKsS[oP], grvqDxKsSgG[oP], pvqNkKaB)"
+        "fpN_search, powerN_search, vqDxK, rvqDxKsS, grvqDxKsSgG (each with an optional oP suffix), pvqNkKaB)"
     )
 
 

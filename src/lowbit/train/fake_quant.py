@@ -71,7 +71,7 @@ class FakeQuantLinear(nn.Module):
         if steps in ("lsq", "biper"):
             if steps == "lsq" and not isinstance(grid, LSQ_GRIDS):
                 raise ValueError(f"lsq learns the step of grids whose codes are evenly spaced levels (int, int*_min, "
-                                 f"ternary), not {grid.name}; use steps fixed")
+                                 f"ternary), not {grid.name}; use fixed steps (lowbit train --qat fixed)")
             with torch.no_grad():
                 fitted = layout.fit(grid, self.weight)
             fields = [f.name for f in grid.param_fields if f.kind == "float16"]

@@ -375,6 +375,13 @@ def _skeleton(root: Path, header: dict, stored_keys: list[str]) -> nn.Module:
     from accelerate import init_empty_weights
     from transformers import AutoConfig
 
+    if header["source"].get("kind") == "image-classifier":  # an architecture lowbit builds (`vision.models`)
+        from .vision.models import VisionModelError, skeleton
+
+        try:
+            return skeleton(header["source"])
+        except VisionModelError as exc:
+            raise ArtifactError(f"{root / HEADER}: {exc}") from None
     if "config.json" not in header["files"]:
         raise ArtifactError(f"{root / HEADER}: config.json is not among the checked files; pass a model skeleton to lowbit.load")
     try:
@@ -397,12 +404,18 @@ def _check_fits(model: nn.Module, root: Path, header: dict, dense_specs: dict) -
             target = model.get_submodule(name)
         except AttributeError:
             raise ArtifactError(f"{root / HEADER}: module {name} is not part of the model") from None
-        if not is_linear(target):
-            raise ArtifactError(f"{root / HEADER}: module {name} replaces a {type(target).__name__}, not a linear layer")
-        if list(linear_weight(target).shape) != list(entry["shape"]):
-            raise ArtifactError(
-                f"{root / HEADER}: module {name} is {entry['shape']} but the model's layer is {list(linear_weight(target).shape)}"
-            )
+        conv = entry.get("kind") == "conv2d"
+        if not (isinstance(target, nn.Conv2d) if conv else is_linear(target)):
+            raise ArtifactError(f"{root / HEADER}: module {name} replaces a {type(target).__name__}, not a "
+                                f"{'Conv2d' if conv else 'linear layer'}")
+        shape = [target.weight.shape[0], target.weight[0].numel()] if conv else list(linear_weight(target).shape)
+        if shape != list(entry["shape"]):
+            raise ArtifactError(f"{root / HEADER}: module {name} is {entry['shape']} but the model's layer is {shape}")
+        if conv:
+            from .nn.quant_conv import conv_geometry
+
+            if entry.get("conv") != conv_geometry(target):
+                raise ArtifactError(f"{root / HEADER}: module {name}'s conv {entry.get('conv')} is not the model's {conv_geometry(target)}")
     qnames = tuple(f"{n}." for n in header["modules"])
     wanted = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.startswith(qnames)}
     have = {k: v[0] for k, v in dense_specs.items()}

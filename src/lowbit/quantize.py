@@ -331,6 +331,9 @@ def quantize_model(
     PTQ1.61, the format searches and the preprocessing. `parallel`: this process's rank in a
     data-parallel run (`parallel.Parallel`; every rank calls this with the same arguments)."""
     started = time.perf_counter()
+    if recipe.act == "int4":
+        raise QuantizeError("act: int4 is the convolutional path's static per-tensor activations; a language model's "
+                            "activations are quantized per token in int8 (act: int8)")
     if parallel is not None and (recipe.tune.steps > 0 or recipe.preprocess.steps > 0 or recipe.rounding != "nearest"):
         raise QuantizeError("preprocessing, learned rounding and end-to-end tuning do not run data-parallel yet: run one process")
     teacher = None

@@ -18,7 +18,8 @@
     scaling: none           # awq: activation-aware scales per input channel, folded into the norm / layer before
     awq: {grid: 20, duo: true}   # AWQ's search: alpha on a grid of [0, 1); duo: divide by the weight magnitude too
     smooth: {alpha: 0.5}    # scaling: smooth (SmoothQuant): activation outliers moved into the weights, for --act
-    act: none               # int8: activations quantized per token at run time, products in integers (W8A8, W4A8)
+    act: none               # int8: activations quantized per token at run time, products in integers (W8A8, W4A8);
+                            # on a CNN int8/int4 with static per-tensor ranges (calib.act_range: minmax|percentile|mse)
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
       # {steps: 100, lr: 1e-4, batch_size: 4, norms: true, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized
@@ -242,6 +243,8 @@ class CalibOptions(_Strict):
     n_samples: int = Field(128, ge=1)
     batch_size: int = Field(8, ge=1)
     seed: int = 0
+    # convolutional models' static activation ranges (`calib.act_ranges`): minmax | percentile | mse
+    act_range: Literal["minmax", "percentile", "mse"] = "mse"
 
 
 class PreprocessOptions(_Strict):
@@ -320,7 +323,8 @@ class Recipe(Scheme):
     rotate: Literal["none", "hadamard"] = "none"
     # int8: every quantized layer's inputs quantized to int8 per token at run time and its product
     # run in integers (`nn.act_linear`: W8A8, W4A8, ...); its weights must be on an integer grid
-    act: Literal["none", "int8"] = "none"
+    # int4 (and int8) on a convolutional model: static per-tensor ranges calibrated on images (`vision`)
+    act: Literal["none", "int8", "int4"] = "none"
     # store each quantized linear's codes ANS-coded under their histogram (`lowbit.coding`): a
     # smaller file, the same codes after loading
     entropy_code: bool = False
@@ -468,7 +472,8 @@ class Recipe(Scheme):
                    | ({"rotate"} if self.rotate == "none" else set())
                    | ({"act"} if self.act == "none" else set())
                    | ({"entropy_code"} if not self.entropy_code else set()))
-        nested: dict = {k: True for k in exclude} | ({"gptq": {"sweeps"}} if self.gptq.sweeps == 0 else {})
+        nested: dict = ({k: True for k in exclude} | ({"gptq": {"sweeps"}} if self.gptq.sweeps == 0 else {})
+                        | ({"calib": {"act_range"}} if self.act == "none" else {}))
         return self.model_dump(mode="json", exclude=nested or None)
 
     @classmethod

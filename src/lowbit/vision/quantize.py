@@ -1,0 +1,222 @@
+"""Quantize a convolutional network by a recipe: batch norms folded, every Conv2d and Linear put
+on the recipe's grid (RTN or GPTQ), and optionally the inputs of every quantized layer given a
+static calibrated int8/int4 range (the integer-inference whitepaper's W8A8 / W4A8 / W4A4).
+
+Calibration is one pass of the folded float model over the calibration images, gathering at every
+quantized layer its GPTQ Hessian and its input range:
+- a conv's Hessian is that of its unfolded (im2col) input patches, whose column order is the
+  stored row order (`nn.quant_conv`);
+- a depthwise conv (groups = channels) has one small Hessian per channel, since each output
+  channel sees only its own input channel; GPTQ then solves each channel's row alone;
+- other grouped convs fall back to RTN (their groups' Hessians are not gathered).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from rich.progress import Progress
+from torch import nn
+
+from ..algos import GPTQConfig, gptq_quantize, rtn_quantize
+from ..calib.act_ranges import RangeObserver
+from ..calib.hessian import HessianAccumulator
+from ..errors import LowbitError
+from ..formats import GroupLayout, SearchSpace
+from ..formats.pvq import PVQFormat
+from ..formats.vq import VQFormat
+from ..nn import QuantConv2d, QuantLinear, StaticActLinear
+from ..nn.quant_conv import conv_geometry
+from ..nn.static_act import ACT_BITS, act_spec
+from ..qtensor import QuantizedWeight
+from ..recipe import Recipe
+from .fold import fold_batchnorm
+
+
+class VisionQuantizeError(LowbitError):
+    pass
+
+
+@dataclass
+class VisionReport:
+    modules: dict[str, dict] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    folded: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _rows(module: nn.Module) -> torch.Tensor:
+    """The weight as stored: [out, in/groups * kh * kw] for a conv, [out, in] for a linear."""
+    return module.weight.detach().float().reshape(module.weight.shape[0], -1)
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels == module.out_channels
+
+
+def find_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+
+
+def _patches(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """x: [batch, in, H, W] -> [batch * positions, in * kh * kw] unfolded input patches."""
+    cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [batch, in*kh*kw, L]
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+class _DepthwiseHessians:
+    """One Hessian per channel of a depthwise conv: [channels, k, k], k = kh * kw."""
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        self.conv = conv
+        k = conv.kernel_size[0] * conv.kernel_size[1]
+        self.sum = torch.zeros(conv.in_channels, k, k, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        c = self.conv
+        cols = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride)  # [batch, C*k, L]
+        cols = cols.reshape(x.shape[0], c.in_channels, -1, cols.shape[-1]).double()  # [batch, C, k, L]
+        self.sum += torch.einsum("bckl,bcjl->ckj", cols, cols)
+        self.count += x.shape[0] * cols.shape[-1]
+
+    def hessian(self) -> torch.Tensor:
+        return (2 * self.sum / max(self.count, 1)).float()
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, hessian_for: set[str],
+              observers: dict[str, RangeObserver], batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """One pass over `images` ([n, 3, H, W]); fills `observers` with every layer's inputs and returns
+    the Hessians of the layers in `hessian_for` ([cols, cols], or [channels, k, k] for depthwise)."""
+    accs: dict[str, object] = {}
+    for name in hessian_for:
+        m = layers[name]
+        accs[name] = _DepthwiseHessians(m) if _depthwise(m) else HessianAccumulator(_rows(m).shape[1])
+
+    def hook(name: str):
+        def pre(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if name in observers:
+                observers[name].observe(x)
+            if name in accs:
+                acc = accs[name]
+                if isinstance(acc, _DepthwiseHessians):
+                    acc.add(x)
+                else:
+                    acc.add(_patches(module, x) if isinstance(module, nn.Conv2d) else x.reshape(-1, x.shape[-1]))
+        return pre
+
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in set(accs) | set(observers)]
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("calibrating", total=images.shape[0])
+            for i in range(0, images.shape[0], batch_size):
+                model(images[i:i + batch_size])
+                bar.advance(task, min(batch_size, images.shape[0] - i))
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: a.hessian() for n, a in accs.items()}
+
+
+def _gptq_rows(w: torch.Tensor, hessians: torch.Tensor, grid, group_size: int, cfg: GPTQConfig) -> QuantizedWeight:
+    """GPTQ of each row alone under its own Hessian (a depthwise conv's channels): w [out, k], hessians [out, k, k]."""
+    parts = [gptq_quantize(w[r:r + 1], hessians[r], grid, GroupLayout(1, w.shape[1], group_size), cfg) for r in range(w.shape[0])]
+    codes = torch.cat([p.codes for p in parts])
+    params = {k: torch.cat([p.params[k] for p in parts]) for k in parts[0].params}
+    return QuantizedWeight(codes, params, grid, GroupLayout(w.shape[0], w.shape[1], group_size))
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """What the vision path runs: RTN or GPTQ on a scalar grid; activations none/int8/int4."""
+    for where, s in [("the recipe", recipe), *((f"override {o.pattern!r}", o) for o in recipe.overrides if not o.skip)]:
+        method = getattr(s, "method", None)
+        if method is not None and method not in ("rtn", "gptq"):
+            raise VisionQuantizeError(f"{where}: method {method} is not available for convolutional networks yet; use rtn or gptq")
+    grid = recipe.grid()
+    if isinstance(grid, (SearchSpace, VQFormat, PVQFormat)):
+        raise VisionQuantizeError(f"format {recipe.format} is not available for convolutional networks yet; use a scalar grid "
+                                  "(int4, int8, nf4, fp4_e2m1, ...)")
+    for key, on in (("scaling", recipe.scaling != "none"), ("rotate", recipe.rotate != "none"), ("rounding", recipe.rounding != "nearest"),
+                    ("tune", recipe.tune.steps > 0), ("preprocess", recipe.preprocess.steps > 0), ("hessian: fisher", recipe.hessian != "inputs"),
+                    ("target", recipe.target is not None), ("entropy_code", recipe.entropy_code)):
+        if on:
+            raise VisionQuantizeError(f"{key} is a language-model option; the convolutional path does not take it yet")
+
+
+def quantize_vision(model: nn.Module, recipe: Recipe, images: torch.Tensor | None, act: str = "none",
+                    act_range: str = "mse", batch_size: int = 16) -> VisionReport:
+    """Fold, calibrate and quantize `model` in place (see the module docstring). `images`
+    [n, 3, H, W] are needed for GPTQ and for activation ranges."""
+    check_recipe(recipe)
+    if act != "none" and act not in ACT_BITS:
+        raise VisionQuantizeError(f"activation format {act!r}: use none, {', '.join(ACT_BITS)}")
+    start = time.perf_counter()
+    report = VisionReport()
+    model.eval()
+    report.folded = fold_batchnorm(model)
+    layers = find_layers(model)
+    plans = {}
+    for name, m in layers.items():
+        scheme = recipe.scheme_for(name)
+        if scheme is None:
+            report.skipped[name] = "excluded by the recipe (ignore/override)"
+            continue
+        if isinstance(m, nn.Conv2d) and m.groups > 1 and not _depthwise(m) and scheme.method == "gptq":
+            scheme = scheme.model_copy(update={"method": "rtn"})
+        out_f, cols = _rows(m).shape
+        try:
+            layout = GroupLayout(out_f, cols, scheme.group_size, recipe.ragged)
+            layout.check_span(scheme.grid())
+        except ValueError as exc:
+            raise VisionQuantizeError(f"{name}: {exc}") from None
+        if _depthwise(m) and scheme.method == "gptq" and layout.per_tensor:
+            raise VisionQuantizeError(f"{name}: GPTQ of a depthwise conv solves each channel alone and needs a scale per "
+                                      "channel or group; use --group-size -1, or method rtn for one scale per tensor")
+        plans[name] = (scheme, layout)
+    if not plans:
+        raise VisionQuantizeError("no Conv2d or Linear layer to quantize: check the recipe's ignore patterns")
+    need_h = {n for n, (s, _) in plans.items() if s.method == "gptq"}
+    observers = {n: RangeObserver(act_range, ACT_BITS[act], recipe.calib.seed) for n in plans} if act != "none" else {}
+    hessians: dict[str, torch.Tensor] = {}
+    if need_h or observers:
+        if images is None or images.shape[0] == 0:
+            raise VisionQuantizeError("GPTQ and activation ranges need calibration images; pass some, or use method rtn without --act")
+        hessians = calibrate(model, layers, images, need_h, observers, batch_size)
+    spec = act_spec(act, act_range) if act != "none" else None
+    cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order, recipe.gptq.sweeps)
+    for name, (scheme, layout) in plans.items():
+        t0 = time.perf_counter()
+        m = layers[name]
+        w = _rows(m)
+        if not torch.isfinite(w).all():
+            raise VisionQuantizeError(f"{name}: the weight holds NaN or infinite values")
+        grid = scheme.grid()
+        if scheme.method == "gptq" and _depthwise(m):
+            qw = _gptq_rows(w, hessians[name], grid, layout.group_size, cfg)
+        elif scheme.method == "gptq":
+            qw = gptq_quantize(w, hessians[name], grid, layout, cfg)
+        else:
+            qw = rtn_quantize(w, grid, layout)
+        bias = None if m.bias is None else m.bias.detach()
+        if isinstance(m, nn.Conv2d):
+            layer = QuantConv2d.from_quantized_conv(qw, bias, conv_geometry(m), spec)
+        elif spec is not None:
+            layer = StaticActLinear.from_quantized_act(qw, bias, spec)
+        else:
+            layer = QuantLinear.from_quantized(qw, bias)
+        if spec is not None:
+            layer.set_act_range(*observers[name].params())
+        model.set_submodule(name, layer)
+        report.modules[name] = {"method": scheme.method, "grid": layer.entry()["grid"], "group_size": layout.group_size,
+                                "shape": list(qw.shape), "bpw": layer.bits_per_weight(), "seconds": time.perf_counter() - t0,
+                                **({"depthwise": True} if _depthwise(m) else {})}
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+__all__ = ["VisionQuantizeError", "VisionReport", "calibrate", "check_recipe", "find_layers", "quantize_vision"]

@@ -1,0 +1,54 @@
+"""The convolutional path end to end, as the CLI runs it: load a vision model, quantize it by a
+recipe on calibration crops, write the artifact; and measure an artifact against its float
+original on evaluation crops (top-1 agreement, KL, size)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..artifact import load, read_header, save
+from ..eval.size import artifact_size
+from ..recipe import Recipe
+from .eval import fidelity, logits
+from .images import random_crops
+from .models import load_vision_model
+from .quantize import VisionReport, quantize_vision
+
+CALIB_SOURCE = "photos-calib"
+EVAL_SOURCE = "photos-eval"
+EVAL_SEED = 1_000_003  # evaluation crops never share the calibration's seed
+
+
+def quantize_vision_job(source: str, recipe: Recipe, out: str | Path, force: bool = False) -> tuple[Path, VisionReport]:
+    """Quantize the vision model `source` (an alias or a state-dict file) by `recipe` and save it.
+    Calibration: `recipe.calib.n_samples` crops (seed `calib.seed`) of `calib.path` (a directory of
+    images, or the bundled calibration photos)."""
+    model, record = load_vision_model(source)
+    needs_images = recipe.method == "gptq" or recipe.act != "none" or any(o.method == "gptq" for o in recipe.overrides)
+    images_from = recipe.calib.path or CALIB_SOURCE
+    images = random_crops(recipe.calib.n_samples, recipe.calib.seed, images_from) if needs_images else None
+    report = quantize_vision(model, recipe, images, recipe.act, recipe.calib.act_range, recipe.calib.batch_size)
+    record = {**record, "folded_batchnorms": len(report.folded),
+              "calibration": {"images": str(images_from), "n_crops": recipe.calib.n_samples, "seed": recipe.calib.seed}
+              if images is not None else {}}
+    path = save(model, out, source=record, recipe=recipe.to_dict(),
+                module_info={n: {"method": m["method"]} for n, m in report.modules.items()}, skipped=report.skipped, force=force)
+    return path, report
+
+
+def evaluate_vision(path: str | Path, images: str | None = None, n_images: int = 1000, seed: int = EVAL_SEED,
+                    reference: str | None = None) -> dict:
+    """Fidelity of a vision artifact to its float original (or `reference`) on `n_images` crops."""
+    header = read_header(path)
+    quantized = load(path, verify=False, cache_weights=True)
+    src = header["source"]
+    ref_source = reference or (src.get("path") if src.get("path") and Path(src["path"]).exists() else src.get("model"))
+    ref, _ = load_vision_model(ref_source, src.get("factory", "mobilenet-v2"))
+    crops = random_crops(n_images, seed, images or EVAL_SOURCE)
+    result = {"artifact": str(path), "reference": str(ref_source), "images": str(images or EVAL_SOURCE), "crop_seed": seed}
+    result.update(fidelity(logits(ref, crops, what="float model"), logits(quantized, crops, what="quantized model")))
+    result.update(artifact_size(path, header))
+    return result
+
+
+__all__ = ["evaluate_vision", "quantize_vision_job"]

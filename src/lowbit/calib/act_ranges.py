@@ -20,6 +20,7 @@ PERCENTILE = 99.99
 SAMPLE_PER_CALL = 1 << 16
 MAX_SAMPLE = 1 << 20
 MSE_STEPS = 80
+MSE_SAMPLE = 1 << 16  # values the MSE search scores each candidate range on (seeded, from the sample)
 
 
 class RangeObserver:
@@ -56,6 +57,8 @@ class RangeObserver:
     def _mse_range(self, sample: torch.Tensor) -> tuple[float, float]:
         """Shrink [lo, hi] by a common factor in (0, 1]; keep the factor of least squared error."""
         lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        if sample.numel() > MSE_SAMPLE:
+            sample = sample[torch.randperm(sample.numel(), generator=self._gen)[:MSE_SAMPLE]]
         best, best_err = (lo, hi), float("inf")
         for i in range(MSE_STEPS):
             f = 1.0 - i / MSE_STEPS * 0.95

@@ -124,11 +124,31 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tens
 
 
 def _gptq_rows(w: torch.Tensor, hessians: torch.Tensor, grid, group_size: int, cfg: GPTQConfig) -> QuantizedWeight:
-    """GPTQ of each row alone under its own Hessian (a depthwise conv's channels): w [out, k], hessians [out, k, k]."""
-    parts = [gptq_quantize(w[r:r + 1], hessians[r], grid, GroupLayout(1, w.shape[1], group_size), cfg) for r in range(w.shape[0])]
-    codes = torch.cat([p.codes for p in parts])
-    params = {k: torch.cat([p.params[k] for p in parts]) for k in parts[0].params}
-    return QuantizedWeight(codes, params, grid, GroupLayout(w.shape[0], w.shape[1], group_size))
+    """GPTQ of each row alone under its own Hessian (a depthwise conv's channels): w [out, k],
+    hessians [out, k, k]. With one parameter set per row (the usual case: k = 9 weights) all rows are
+    solved at once, column by column in natural order, on batched Cholesky factors; otherwise row by row."""
+    out_f, k = w.shape
+    layout = GroupLayout(out_f, k, group_size)
+    if layout.n_groups != 1 or layout.per_tensor:
+        parts = [gptq_quantize(w[r:r + 1], hessians[r], grid, GroupLayout(1, k, group_size), cfg) for r in range(out_f)]
+        params = {n: torch.cat([p.params[n] for p in parts]) for n in parts[0].params}
+        return QuantizedWeight(torch.cat([p.codes for p in parts]), params, grid, layout)
+    W = w.double().clone()
+    H = hessians.double().clone()
+    diag = H.diagonal(dim1=1, dim2=2)  # a view: edits reach H
+    dead = diag == 0  # an input never active in calibration: its weight does not matter
+    diag[dead] = 1.0
+    W[dead] = 0.0
+    diag += cfg.damp * diag.mean(1, keepdim=True)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)  # [out, k, k]
+    params = layout.fit(grid, W.float())  # [out, 1] each
+    codes = torch.zeros(out_f, k, dtype=torch.uint8)
+    for j in range(k):
+        c = grid.encode(W[:, j:j + 1].float(), params)
+        codes[:, j] = c[:, 0]
+        err = (W[:, j] - grid.decode(c, params)[:, 0].double()) / U[:, j, j]
+        W[:, j:] -= err[:, None] * U[:, j, j:]  # push each row's error onto its later columns
+    return QuantizedWeight(codes, params, grid, layout)
 
 
 def check_recipe(recipe: Recipe) -> None:

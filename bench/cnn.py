@@ -24,6 +24,7 @@ THREADS = 2
 ROWS = {
     "lowbit:rtn-w8a8-minmax": ({"method": "rtn", "format": "int8"}, "int8", "minmax"),
     "lowbit:rtn-w8a8-mse": ({"method": "rtn", "format": "int8"}, "int8", "mse"),
+    "lowbit:gptq-w8-only": ({"method": "gptq", "format": "int8"}, "none", "mse"),
     "lowbit:gptq-w8a8-mse": ({"method": "gptq", "format": "int8"}, "int8", "mse"),
     "lowbit:rtn-w4a8-mse": ({"method": "rtn", "format": "int4"}, "int8", "mse"),
     "lowbit:gptq-w4a8-mse": ({"method": "gptq", "format": "int4"}, "int8", "mse"),

@@ -188,3 +188,19 @@ def test_calibrate_gathers_hessians_of_the_unfolded_inputs():
     h = calibrate(conv, {"0": conv[0]}, images, {"0"}, {}, batch_size=2)["0"]
     cols = _patches(conv[0], images)
     torch.testing.assert_close(h, 2 * cols.T @ cols / cols.shape[0], rtol=1e-4, atol=1e-5)
+
+
+def test_sequential_calibration_sees_the_quantized_prefix():
+    """Layer by layer, a layer's input range comes from what the quantized layers before it output;
+    in one pass, from the float model's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    images = torch.randn(6, 3, 8, 8)
+    recipe = Recipe(method="rtn", format="int3", group_size=-1, act="int8")
+    for sequential in (True, False):
+        m = copy.deepcopy(net)
+        quantize_vision(m, recipe, images, "int8", "minmax", sequential=sequential)
+        with torch.no_grad():
+            feeding = (m if sequential else net)[:2](images)  # what reached the second conv
+        scale, zero = range_params(float(feeding.min()), float(feeding.max()), 8)
+        assert m[2].act_scale.item() == pytest.approx(scale, rel=1e-6) and m[2].act_zero.item() == zero

@@ -2,8 +2,9 @@
 on the recipe's grid (RTN or GPTQ), and optionally the inputs of every quantized layer given a
 static calibrated int8/int4 range (the integer-inference whitepaper's W8A8 / W4A8 / W4A4).
 
-Calibration is one pass of the folded float model over the calibration images, gathering at every
-quantized layer its GPTQ Hessian and its input range:
+Calibration gathers at every quantized layer its GPTQ Hessian and its input range, by default layer
+by layer in execution order on the inputs the already quantized layers produce (so each layer's
+range and error feedback see the quantization noise before it), or in one pass of the float model:
 - a conv's Hessian is that of its unfolded (im2col) input patches, whose column order is the
   stored row order (`nn.quant_conv`);
 - a depthwise conv (groups = channels) has one small Hessian per channel, since each output
@@ -87,11 +88,17 @@ class _DepthwiseHessians:
         return (2 * self.sum / max(self.count, 1)).float()
 
 
+class _Stop(Exception):
+    """Raised by the last hook a calibration needs: the rest of the forward pass is not computed."""
+
+
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, hessian_for: set[str],
-              observers: dict[str, RangeObserver], batch_size: int = 16) -> dict[str, torch.Tensor]:
+              observers: dict[str, RangeObserver], batch_size: int = 16, stop_after: str | None = None,
+              show_progress: bool = True) -> dict[str, torch.Tensor]:
     """One pass over `images` ([n, 3, H, W]); fills `observers` with every layer's inputs and returns
-    the Hessians of the layers in `hessian_for` ([cols, cols], or [channels, k, k] for depthwise)."""
+    the Hessians of the layers in `hessian_for` ([cols, cols], or [channels, k, k] for depthwise).
+    `stop_after`: a layer after whose inputs nothing more is needed (the forward stops there)."""
     accs: dict[str, object] = {}
     for name in hessian_for:
         m = layers[name]
@@ -108,19 +115,38 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tens
                     acc.add(x)
                 else:
                     acc.add(_patches(module, x) if isinstance(module, nn.Conv2d) else x.reshape(-1, x.shape[-1]))
+            if name == stop_after:
+                raise _Stop
         return pre
 
-    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in set(accs) | set(observers)]
+    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in set(accs) | set(observers) | ({stop_after} - {None})]
     try:
-        with Progress(transient=True) as bar:
+        with Progress(transient=True, disable=not show_progress) as bar:
             task = bar.add_task("calibrating", total=images.shape[0])
             for i in range(0, images.shape[0], batch_size):
-                model(images[i:i + batch_size])
+                try:
+                    model(images[i:i + batch_size])
+                except _Stop:
+                    pass
                 bar.advance(task, min(batch_size, images.shape[0] - i))
     finally:
         for h in handles:
             h.remove()
     return {n: a.hessian() for n, a in accs.items()}
+
+
+@torch.no_grad()
+def execution_order(model: nn.Module, layers: dict[str, nn.Module], example: torch.Tensor) -> list[str]:
+    """The layers' names in the order a forward pass first calls them."""
+    order: list[str] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, n=n: order.append(n) if n not in order else None)
+               for n, m in layers.items()]
+    try:
+        model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return order + [n for n in layers if n not in order]
 
 
 def _gptq_rows(w: torch.Tensor, hessians: torch.Tensor, grid, group_size: int, cfg: GPTQConfig) -> QuantizedWeight:
@@ -168,10 +194,40 @@ def check_recipe(recipe: Recipe) -> None:
             raise VisionQuantizeError(f"{key} is a language-model option; the convolutional path does not take it yet")
 
 
+def _quantize_layer(model: nn.Module, name: str, m: nn.Module, scheme, layout: GroupLayout, hessian: torch.Tensor | None,
+                    observer: RangeObserver | None, spec: dict | None, cfg: GPTQConfig) -> dict:
+    """Quantize one Conv2d/Linear by its plan, swap the quantized module in; its report entry."""
+    t0 = time.perf_counter()
+    w = _rows(m)
+    if not torch.isfinite(w).all():
+        raise VisionQuantizeError(f"{name}: the weight holds NaN or infinite values")
+    grid = scheme.grid()
+    if scheme.method == "gptq" and _depthwise(m):
+        qw = _gptq_rows(w, hessian, grid, layout.group_size, cfg)
+    elif scheme.method == "gptq":
+        qw = gptq_quantize(w, hessian, grid, layout, cfg)
+    else:
+        qw = rtn_quantize(w, grid, layout)
+    bias = None if m.bias is None else m.bias.detach()
+    if isinstance(m, nn.Conv2d):
+        layer = QuantConv2d.from_quantized_conv(qw, bias, conv_geometry(m), spec)
+    elif spec is not None:
+        layer = StaticActLinear.from_quantized_act(qw, bias, spec)
+    else:
+        layer = QuantLinear.from_quantized(qw, bias)
+    if spec is not None:
+        layer.set_act_range(*observer.params())
+    model.set_submodule(name, layer)
+    return {"method": scheme.method, "grid": layer.entry()["grid"], "group_size": layout.group_size, "shape": list(qw.shape),
+            "bpw": layer.bits_per_weight(), "seconds": time.perf_counter() - t0, **({"depthwise": True} if _depthwise(m) else {})}
+
+
 def quantize_vision(model: nn.Module, recipe: Recipe, images: torch.Tensor | None, act: str = "none",
-                    act_range: str = "mse", batch_size: int = 16) -> VisionReport:
+                    act_range: str = "mse", batch_size: int = 16, sequential: bool = True) -> VisionReport:
     """Fold, calibrate and quantize `model` in place (see the module docstring). `images`
-    [n, 3, H, W] are needed for GPTQ and for activation ranges."""
+    [n, 3, H, W] are needed for GPTQ and for activation ranges. `sequential`: calibrate each layer
+    on the outputs of the layers already quantized before it (GPTQ's sequential order; one forward
+    prefix per layer), or all layers at once on the float model (one pass, faster)."""
     check_recipe(recipe)
     if act != "none" and act not in ACT_BITS:
         raise VisionQuantizeError(f"activation format {act!r}: use none, {', '.join(ACT_BITS)}")
@@ -202,39 +258,27 @@ def quantize_vision(model: nn.Module, recipe: Recipe, images: torch.Tensor | Non
         raise VisionQuantizeError("no Conv2d or Linear layer to quantize: check the recipe's ignore patterns")
     need_h = {n for n, (s, _) in plans.items() if s.method == "gptq"}
     observers = {n: RangeObserver(act_range, ACT_BITS[act], recipe.calib.seed) for n in plans} if act != "none" else {}
-    hessians: dict[str, torch.Tensor] = {}
-    if need_h or observers:
-        if images is None or images.shape[0] == 0:
-            raise VisionQuantizeError("GPTQ and activation ranges need calibration images; pass some, or use method rtn without --act")
-        hessians = calibrate(model, layers, images, need_h, observers, batch_size)
+    if (need_h or observers) and (images is None or images.shape[0] == 0):
+        raise VisionQuantizeError("GPTQ and activation ranges need calibration images; pass some, or use method rtn without --act")
     spec = act_spec(act, act_range) if act != "none" else None
     cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order, recipe.gptq.sweeps)
-    for name, (scheme, layout) in plans.items():
-        t0 = time.perf_counter()
-        m = layers[name]
-        w = _rows(m)
-        if not torch.isfinite(w).all():
-            raise VisionQuantizeError(f"{name}: the weight holds NaN or infinite values")
-        grid = scheme.grid()
-        if scheme.method == "gptq" and _depthwise(m):
-            qw = _gptq_rows(w, hessians[name], grid, layout.group_size, cfg)
-        elif scheme.method == "gptq":
-            qw = gptq_quantize(w, hessians[name], grid, layout, cfg)
-        else:
-            qw = rtn_quantize(w, grid, layout)
-        bias = None if m.bias is None else m.bias.detach()
-        if isinstance(m, nn.Conv2d):
-            layer = QuantConv2d.from_quantized_conv(qw, bias, conv_geometry(m), spec)
-        elif spec is not None:
-            layer = StaticActLinear.from_quantized_act(qw, bias, spec)
-        else:
-            layer = QuantLinear.from_quantized(qw, bias)
-        if spec is not None:
-            layer.set_act_range(*observers[name].params())
-        model.set_submodule(name, layer)
-        report.modules[name] = {"method": scheme.method, "grid": layer.entry()["grid"], "group_size": layout.group_size,
-                                "shape": list(qw.shape), "bpw": layer.bits_per_weight(), "seconds": time.perf_counter() - t0,
-                                **({"depthwise": True} if _depthwise(m) else {})}
+    if not (need_h or observers):
+        for name in plans:
+            report.modules[name] = _quantize_layer(model, name, layers[name], *plans[name], None, None, None, cfg)
+    elif sequential:  # each layer calibrated on the inputs the already quantized layers before it produce
+        names = [n for n in execution_order(model, layers, images[:1]) if n in plans]
+        with Progress(transient=True) as bar:
+            task = bar.add_task("calibrating and quantizing layer by layer", total=len(names))
+            for name in names:
+                obs = {name: observers[name]} if observers else {}
+                h = calibrate(model, layers, images, need_h & {name}, obs, batch_size, stop_after=name, show_progress=False)
+                report.modules[name] = _quantize_layer(model, name, layers[name], *plans[name], h.get(name), obs.get(name), spec, cfg)
+                bar.advance(task)
+    else:  # one pass of the float model gathers every layer's statistics
+        hessians = calibrate(model, layers, images, need_h, observers, batch_size)
+        for name in plans:
+            report.modules[name] = _quantize_layer(model, name, layers[name], *plans[name], hessians.get(name),
+                                                   observers.get(name), spec, cfg)
     report.seconds = time.perf_counter() - start
     return report
 

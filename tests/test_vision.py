@@ -204,3 +204,42 @@ def test_sequential_calibration_sees_the_quantized_prefix():
             feeding = (m if sequential else net)[:2](images)  # what reached the second conv
         scale, zero = range_params(float(feeding.min()), float(feeding.max()), 8)
         assert m[2].act_scale.item() == pytest.approx(scale, rel=1e-6) and m[2].act_zero.item() == zero
+
+
+def test_zeroq_distilled_inputs_match_the_batchnorm_statistics():
+    from lowbit.calib.zeroq import DistillError, distill_images
+    from lowbit.vision.run import calibration_images
+
+    # a small CNN whose BatchNorms hold the statistics of a "training" distribution unlike N(0, 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None))
+    model.train()
+    with torch.no_grad():
+        for _ in range(10):
+            model(F.interpolate(torch.randn(8, 3, 8, 8), size=32, mode="bilinear") * 2 + 0.5)
+    model.eval()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    images, info = distill_images(model, 6, size=32, steps=30, lr=0.2, batch_size=3, seed=0, show_progress=False)
+    assert images.shape == (6, 3, 32, 32)
+    assert all(end < 0.5 * start for start, end in zip(info["bn_loss_start"], info["bn_loss_end"]))
+    assert all(torch.equal(before[n], p) for n, p in model.state_dict().items())  # the model is untouched
+    again, _ = distill_images(model, 6, size=32, steps=30, lr=0.2, batch_size=3, seed=0, show_progress=False)
+    assert torch.equal(images, again)  # seeded
+    recipe = Recipe(method="gptq", format="int4", data_free="zeroq", calib={"n_samples": 2}, zeroq={"steps": 2, "batch_size": 2})
+    with pytest.raises(DistillError, match="no BatchNorm2d"):
+        folded = copy.deepcopy(model)
+        fold_batchnorm(folded)
+        distill_images(folded, 2, size=32, steps=1, show_progress=False)
+    with pytest.raises(VisionQuantizeError, match="uses no images"):
+        calibration_images(model, Recipe.from_dict({**recipe.to_dict(), "calib": {"path": "photos", "n_samples": 2}}))
+    assert "data_free" in recipe.to_dict() and "data_free" not in Recipe().to_dict()
+
+
+def test_language_models_refuse_cnn_only_options():
+    from lowbit.quantize import QuantizeError, quantize_model
+
+    lm = nn.Sequential(nn.Linear(4, 4))
+    for keys in ({"data_free": "zeroq"}, {"act": "int4", "method": "rtn"}):
+        with pytest.raises(QuantizeError, match="convolutional|BatchNorm"):
+            quantize_model(lm, Recipe(**keys))

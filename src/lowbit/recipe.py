@@ -20,6 +20,8 @@
     smooth: {alpha: 0.5}    # scaling: smooth (SmoothQuant): activation outliers moved into the weights, for --act
     act: none               # int8: activations quantized per token at run time, products in integers (W8A8, W4A8);
                             # on a CNN int8/int4 with static per-tensor ranges (calib.act_range: minmax|percentile|mse)
+    data_free: none         # zeroq: calibrate a CNN on inputs distilled from its BatchNorm statistics (ZeroQ)
+    zeroq: {steps: 100, lr: 0.5, batch_size: 32}
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
       # {steps: 100, lr: 1e-4, batch_size: 4, norms: true, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized
@@ -272,6 +274,14 @@ class PreprocessOptions(_Strict):
         return v
 
 
+class ZeroQOptions(_Strict):
+    """ZeroQ's distillation (`calib.zeroq`): optimiser steps per batch of inputs, Adam's rate, inputs per batch."""
+
+    steps: int = Field(100, ge=1, le=100_000)
+    lr: float = Field(0.5, gt=0)
+    batch_size: int = Field(32, ge=1)
+
+
 class TuneOptions(_Strict):
     """End-to-end tuning after quantization (`lowbit.algos.e2e_tune`, EfficientQAT's E2E-QP): codes
     frozen, the fp16 grid parameters, norms and biases trained against the original model's
@@ -338,6 +348,10 @@ class Recipe(Scheme):
     calib: CalibOptions = CalibOptions()
     preprocess: PreprocessOptions = PreprocessOptions()
     tune: TuneOptions = TuneOptions()
+    # zeroq: no calibration data at all: inputs distilled from the model's BatchNorm statistics
+    # (ZeroQ), calib.n_samples of them, for GPTQ and activation ranges (convolutional models)
+    data_free: Literal["none", "zeroq"] = "none"
+    zeroq: ZeroQOptions = ZeroQOptions()
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
 
@@ -471,6 +485,7 @@ class Recipe(Scheme):
                    | ({"hessian_groups"} if self.hessian_groups == 1 else set())
                    | ({"rotate"} if self.rotate == "none" else set())
                    | ({"act"} if self.act == "none" else set())
+                   | ({"data_free", "zeroq"} if self.data_free == "none" else set())
                    | ({"entropy_code"} if not self.entropy_code else set()))
         nested: dict = ({k: True for k in exclude} | ({"gptq": {"sweeps"}} if self.gptq.sweeps == 0 else {})
                         | ({"calib": {"act_range"}} if self.act == "none" else {}))

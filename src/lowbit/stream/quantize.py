@@ -256,6 +256,8 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
 
     started = time.perf_counter()
     _fix_mmap_threshold()
+    if recipe.data_free != "none":
+        raise StreamError("data_free: zeroq distils inputs for convolutional models; a streamed language model is calibrated on text")
     if recipe.act == "int4":
         raise StreamError("act: int4 is the convolutional path's static activations; a language model takes act: int8 (per token)")
     if recipe.preprocess.steps > 0 or recipe.tune.steps > 0:

@@ -189,7 +189,8 @@ def check_recipe(recipe: Recipe) -> None:
                                   "(int4, int8, nf4, fp4_e2m1, ...)")
     for key, on in (("scaling", recipe.scaling != "none"), ("rotate", recipe.rotate != "none"), ("rounding", recipe.rounding != "nearest"),
                     ("tune", recipe.tune.steps > 0), ("preprocess", recipe.preprocess.steps > 0), ("hessian: fisher", recipe.hessian != "inputs"),
-                    ("target", recipe.target is not None), ("entropy_code", recipe.entropy_code)):
+                    ("target", recipe.target is not None), ("entropy_code", recipe.entropy_code),
+                    ("sweeps", recipe.gptq.sweeps > 0)):
         if on:
             raise VisionQuantizeError(f"{key} is a language-model option; the convolutional path does not take it yet")
 

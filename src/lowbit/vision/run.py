@@ -6,13 +6,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from ..artifact import load, read_header, save
+from ..calib.zeroq import distill_images
 from ..eval.size import artifact_size
 from ..recipe import Recipe
 from .eval import fidelity, logits
 from .images import random_crops
 from .models import load_vision_model
-from .quantize import VisionReport, quantize_vision
+from .quantize import VisionQuantizeError, VisionReport, quantize_vision
 
 CALIB_SOURCE = "photos-calib"
 EVAL_SOURCE = "photos-eval"
@@ -25,15 +28,29 @@ def quantize_vision_job(source: str, recipe: Recipe, out: str | Path, force: boo
     images, or the bundled calibration photos)."""
     model, record = load_vision_model(source)
     needs_images = recipe.method == "gptq" or recipe.act != "none" or any(o.method == "gptq" for o in recipe.overrides)
-    images_from = recipe.calib.path or CALIB_SOURCE
-    images = random_crops(recipe.calib.n_samples, recipe.calib.seed, images_from) if needs_images else None
+    images, calibration = calibration_images(model, recipe) if needs_images else (None, {})
     report = quantize_vision(model, recipe, images, recipe.act, recipe.calib.act_range, recipe.calib.batch_size)
-    record = {**record, "folded_batchnorms": len(report.folded),
-              "calibration": {"images": str(images_from), "n_crops": recipe.calib.n_samples, "seed": recipe.calib.seed}
-              if images is not None else {}}
+    record = {**record, "folded_batchnorms": len(report.folded), "calibration": calibration}
     path = save(model, out, source=record, recipe=recipe.to_dict(),
                 module_info={n: {"method": m["method"]} for n, m in report.modules.items()}, skipped=report.skipped, force=force)
     return path, report
+
+
+def calibration_images(model, recipe: Recipe) -> tuple[torch.Tensor, dict]:
+    """The recipe's calibration inputs and their record: `calib.n_samples` seeded crops of `calib.path`
+    (default: the bundled calibration photos), or with `data_free: zeroq` as many inputs distilled
+    from the model's BatchNorm statistics (before folding), no image used."""
+    if recipe.data_free == "zeroq":
+        if recipe.calib.path:
+            raise VisionQuantizeError("data_free: zeroq uses no images; drop the calibration path (--calib) or data_free")
+        z = recipe.zeroq
+        images, info = distill_images(model, recipe.calib.n_samples, steps=z.steps, lr=z.lr, batch_size=z.batch_size,
+                                      seed=recipe.calib.seed)
+        return images, {"data_free": "zeroq", "n_inputs": recipe.calib.n_samples, "seed": recipe.calib.seed,
+                        "bn_loss_start": info["bn_loss_start"], "bn_loss_end": info["bn_loss_end"]}
+    source = recipe.calib.path or CALIB_SOURCE
+    return (random_crops(recipe.calib.n_samples, recipe.calib.seed, source),
+            {"images": str(source), "n_crops": recipe.calib.n_samples, "seed": recipe.calib.seed})
 
 
 def evaluate_vision(path: str | Path, images: str | None = None, n_images: int = 1000, seed: int = EVAL_SEED,

@@ -243,3 +243,37 @@ def test_language_models_refuse_cnn_only_options():
     for keys in ({"data_free": "zeroq"}, {"act": "int4", "method": "rtn"}):
         with pytest.raises(QuantizeError, match="convolutional|BatchNorm"):
             quantize_model(lm, Recipe(**keys))
+
+
+def test_zeroq_mixed_precision_allocates_within_the_budget():
+    from lowbit.mixed.allocate import allocation_of
+    from lowbit.vision.mixed import allocate_bits, mixed_recipe, sensitivities
+
+    # a small CNN whose outputs depend on every layer (the random MobileNetV2's collapse to one output)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16, momentum=None), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.BatchNorm2d(16, momentum=None), nn.ReLU(),
+                          nn.Conv2d(16, 32, 1), nn.BatchNorm2d(32, momentum=None), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    inputs = torch.randn(8, 3, 16, 16)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(32, 3, 16, 16))
+    model.eval()
+    nn.init.normal_(model[-1].weight, 0, 2.0)  # confident outputs, so that KL measures something
+    recipe = Recipe(method="rtn", format="int4", group_size=-1)
+    costs = sensitivities(model, recipe, inputs, bits=(2, 4, 8))
+    assert len(costs) == 4
+    for cost in costs.values():  # more bits store more and damage the output less
+        assert cost.bits["int2"] < cost.bits["int4"] < cost.bits["int8"]
+        assert cost.damage["int8"] < cost.damage["int2"]
+    uniform = allocation_of(costs, {n: "int4" for n in costs})
+    mixed = allocate_bits(costs, uniform.bpw)
+    assert mixed.bpw <= uniform.bpw + 1e-9 and mixed.damage <= uniform.damage
+    r = mixed_recipe(recipe, mixed)
+    for name, choice in mixed.choice.items():
+        assert r.scheme_for(name).format == choice
+    m = copy.deepcopy(model)
+    report = quantize_vision(m, r, inputs)
+    bits = sum(e["bpw"] * e["shape"][0] * e["shape"][1] for e in report.modules.values())
+    assert bits / sum(e["shape"][0] * e["shape"][1] for e in report.modules.values()) == pytest.approx(mixed.bpw, rel=1e-9)

@@ -331,6 +331,9 @@ def quantize_model(
     PTQ1.61, the format searches and the preprocessing. `parallel`: this process's rank in a
     data-parallel run (`parallel.Parallel`; every rank calls this with the same arguments)."""
     started = time.perf_counter()
+    if recipe.budget is not None:
+        raise QuantizeError(f"budget: {recipe.budget} allocates a convolutional model's bits; for a language model run "
+                            f"`lowbit search MODEL --budget {recipe.budget:g}`")
     if recipe.data_free != "none":
         raise QuantizeError(f"data_free: {recipe.data_free} distils inputs from BatchNorm statistics, which a language model "
                             "does not have; calibrate it on text instead")

@@ -22,6 +22,7 @@
                             # on a CNN int8/int4 with static per-tensor ranges (calib.act_range: minmax|percentile|mse)
     data_free: none         # zeroq: calibrate a CNN on inputs distilled from its BatchNorm statistics (ZeroQ)
     zeroq: {steps: 100, lr: 0.5, batch_size: 32}
+    budget: null            # a CNN's bits per weight: per-layer int2..int8 by ZeroQ's sensitivities (`vision.mixed`)
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
       # {steps: 100, lr: 1e-4, batch_size: 4, norms: true, seed: 0}
     ignore: [lm_head]       # regexes (re.search on the module name): keep these layers unquantized
@@ -352,6 +353,9 @@ class Recipe(Scheme):
     # (ZeroQ), calib.n_samples of them, for GPTQ and activation ranges (convolutional models)
     data_free: Literal["none", "zeroq"] = "none"
     zeroq: ZeroQOptions = ZeroQOptions()
+    # convolutional models: bits per weight over the quantized layers; each layer gets int2..int8 by
+    # ZeroQ's sensitivities and a knapsack (`vision.mixed`); language models use `lowbit search`
+    budget: float | None = Field(None, gt=0, le=32)
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
 
@@ -486,6 +490,7 @@ class Recipe(Scheme):
                    | ({"rotate"} if self.rotate == "none" else set())
                    | ({"act"} if self.act == "none" else set())
                    | ({"data_free", "zeroq"} if self.data_free == "none" else set())
+                   | ({"budget"} if self.budget is None else set())
                    | ({"entropy_code"} if not self.entropy_code else set()))
         nested: dict = ({k: True for k in exclude} | ({"gptq": {"sweeps"}} if self.gptq.sweeps == 0 else {})
                         | ({"calib": {"act_range"}} if self.act == "none" else {}))

@@ -65,9 +65,9 @@ def distill_images(model: nn.Module, n: int, size: int = 224, steps: int = 100, 
                     loss.backward()
                     opt.step()
                     if step == 0:
-                        first.append(float(loss))
+                        first.append(float(loss.detach()))
                     bar.advance(task)
-                last.append(float(loss))
+                last.append(float(loss.detach()))
                 out.append(x.detach())
     finally:
         for h in handles:

@@ -256,6 +256,8 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
 
     started = time.perf_counter()
     _fix_mmap_threshold()
+    if recipe.budget is not None:
+        raise StreamError("budget allocates a convolutional model's bits; for a language model run `lowbit search`")
     if recipe.data_free != "none":
         raise StreamError("data_free: zeroq distils inputs for convolutional models; a streamed language model is calibrated on text")
     if recipe.act == "int4":

@@ -15,6 +15,8 @@ from ..recipe import Recipe
 from .eval import fidelity, logits
 from .images import random_crops
 from .models import load_vision_model
+from ..mixed.candidates import CandidateError
+from .mixed import allocate_bits, mixed_recipe, sensitivities
 from .quantize import VisionQuantizeError, VisionReport, quantize_vision
 
 CALIB_SOURCE = "photos-calib"
@@ -27,10 +29,23 @@ def quantize_vision_job(source: str, recipe: Recipe, out: str | Path, force: boo
     Calibration: `recipe.calib.n_samples` crops (seed `calib.seed`) of `calib.path` (a directory of
     images, or the bundled calibration photos)."""
     model, record = load_vision_model(source)
+    recipe_budget = recipe.budget
     needs_images = recipe.method == "gptq" or recipe.act != "none" or any(o.method == "gptq" for o in recipe.overrides)
+    needs_images = needs_images or recipe.budget is not None
     images, calibration = calibration_images(model, recipe) if needs_images else (None, {})
+    mixed = None
+    if recipe.budget is not None:  # ZeroQ's mixed precision: sensitivities, then the knapsack
+        costs = sensitivities(model, recipe, images, batch_size=recipe.calib.batch_size)
+        try:
+            allocation = allocate_bits(costs, recipe.budget)
+        except CandidateError as exc:
+            raise VisionQuantizeError(str(exc)) from None
+        recipe = mixed_recipe(recipe.model_copy(update={"budget": None}), allocation)
+        mixed = {"budget": recipe_budget, "bpw": allocation.bpw, "predicted_kl": allocation.damage,
+                 "choice": dict(sorted(allocation.choice.items()))}
     report = quantize_vision(model, recipe, images, recipe.act, recipe.calib.act_range, recipe.calib.batch_size)
-    record = {**record, "folded_batchnorms": len(report.folded), "calibration": calibration}
+    record = {**record, "folded_batchnorms": len(report.folded), "calibration": calibration,
+              **({"mixed_precision": mixed} if mixed else {})}
     path = save(model, out, source=record, recipe=recipe.to_dict(),
                 module_info={n: {"method": m["method"]} for n, m in report.modules.items()}, skipped=report.skipped, force=force)
     return path, report

@@ -20,32 +20,47 @@ import torch
 from .common import machine, markdown_table, write_results
 
 THREADS = 2
-# id -> (recipe keys, activations, range method)
+# id -> (recipe keys, activations, calibration: "photos" crops or "zeroq" distilled inputs)
 ROWS = {
-    "lowbit:rtn-w8a8-minmax": ({"method": "rtn", "format": "int8"}, "int8", "minmax"),
-    "lowbit:rtn-w8a8-mse": ({"method": "rtn", "format": "int8"}, "int8", "mse"),
-    "lowbit:gptq-w8-only": ({"method": "gptq", "format": "int8"}, "none", "mse"),
-    "lowbit:gptq-w8a8-mse": ({"method": "gptq", "format": "int8"}, "int8", "mse"),
-    "lowbit:rtn-w4a8-mse": ({"method": "rtn", "format": "int4"}, "int8", "mse"),
-    "lowbit:gptq-w4a8-mse": ({"method": "gptq", "format": "int4"}, "int8", "mse"),
-    "lowbit:gptq-w6a8-mse": ({"method": "gptq", "format": "int6"}, "int8", "mse"),
+    "lowbit:rtn-w8a8": ({"method": "rtn", "format": "int8"}, "int8", "photos"),
+    "lowbit:gptq-w8": ({"method": "gptq", "format": "int8"}, "none", "photos"),
+    "lowbit:gptq-w8a8": ({"method": "gptq", "format": "int8"}, "int8", "photos"),
+    "lowbit:gptq-w8a8-zeroq": ({"method": "gptq", "format": "int8"}, "int8", "zeroq"),
+    "lowbit:gptq-w6a8": ({"method": "gptq", "format": "int6"}, "int8", "photos"),
+    "lowbit:gptq-w6a8-zeroq": ({"method": "gptq", "format": "int6"}, "int8", "zeroq"),
+    "lowbit:rtn-w4a8": ({"method": "rtn", "format": "int4"}, "int8", "photos"),
+    "lowbit:gptq-w4a8": ({"method": "gptq", "format": "int4"}, "int8", "photos"),
+    "lowbit:gptq-w4a8-zeroq": ({"method": "gptq", "format": "int4"}, "int8", "zeroq"),
+    # ZeroQ's mixed precision at uniform int4's size (per-channel int4 stores 4.105 bpw on MobileNetV2)
+    "lowbit:gptq-mixed4.105-a8-zeroq": ({"method": "gptq", "format": "int4", "budget": 4.105}, "int8", "zeroq"),
 }
 
 
-def _lowbit_row(model, calib, row_id: str):
+def _lowbit_row(model, inputs: dict, row_id: str):
     from lowbit.recipe import Recipe
+    from lowbit.vision.mixed import allocate_bits, mixed_recipe, sensitivities
     from lowbit.vision.quantize import quantize_vision
 
-    keys, act, rng = ROWS[row_id]
+    keys, act, data = ROWS[row_id]
     m = copy.deepcopy(model)
     recipe = Recipe(group_size=-1, act=act, **keys)
+    calib = inputs[data]
     start = time.perf_counter()
-    report = quantize_vision(m, recipe, calib, act, rng)
+    mixed = {}
+    if recipe.budget is not None:
+        allocation = allocate_bits(sensitivities(m, recipe, calib), recipe.budget)
+        recipe = mixed_recipe(recipe.model_copy(update={"budget": None}), allocation)
+        counts: dict[str, int] = {}
+        for c in allocation.choice.values():
+            counts[c] = counts.get(c, 0) + 1
+        mixed = {"predicted_kl": allocation.damage, "layers_per_format": dict(sorted(counts.items()))}
+    report = quantize_vision(m, recipe, calib, act, "mse")
     seconds = time.perf_counter() - start
     numel = sum(e["shape"][0] * e["shape"][1] for e in report.modules.values())
     bpw = sum(e["bpw"] * e["shape"][0] * e["shape"][1] for e in report.modules.values()) / numel
-    return m, {"tool": "lowbit", "method": keys["method"], "weights": f"{keys['format']} per channel", "acts": f"{act} per tensor ({rng})",
-               "bpw": bpw, "quantize_s": seconds}
+    weights = f"mixed ({keys['budget']} bpw)" if "budget" in keys else f"{keys['format']} per channel"
+    return m, {"tool": "lowbit", "method": keys["method"], "weights": weights, "acts": f"{act} per tensor (mse)" if act != "none" else "float",
+               "calibration": "ZeroQ distilled" if data == "zeroq" else "photo crops", "bpw": bpw, "quantize_s": seconds, **mixed}
 
 
 def _torch_ao_row(model, calib):
@@ -64,7 +79,7 @@ def _torch_ao_row(model, calib):
     out_ch = sum(p.shape[0] for n, p in model.named_parameters() if n.endswith("weight") and p.dim() > 1)
     bpw = (8 * numel + out_ch * (32 + 32)) / numel  # int8 weights + per-channel fp32 scale and int zero point
     return q, {"tool": "torch.ao", "method": "fx static ptq (x86)", "weights": "int8 per channel", "acts": "uint8 per tensor (histogram)",
-               "bpw": bpw, "quantize_s": seconds}
+               "calibration": "photo crops", "bpw": bpw, "quantize_s": seconds}
 
 
 def main() -> None:
@@ -82,14 +97,22 @@ def main() -> None:
 
     model, _ = load_vision_model("mobilenet-v2")
     calib = random_crops(args.n_calib, 0, "photos-calib")
+    ids = args.only.split(",") if args.only else ["torch.ao:w8a8", *ROWS]
+    inputs = {"photos": calib}
+    if any(ROWS.get(i, (None, None, ""))[2] == "zeroq" for i in ids):
+        from lowbit.calib.zeroq import distill_images
+
+        start = time.perf_counter()
+        inputs["zeroq"], zeroq_info = distill_images(model, args.n_calib, seed=0)
+        zeroq_info["seconds"] = time.perf_counter() - start
+        print("zeroq", zeroq_info, flush=True)
     crops = random_crops(args.n_eval, EVAL_SEED, "photos-eval")
     start = time.perf_counter()
     ref = logits(model, crops, what="float model")
     float_s = time.perf_counter() - start
-    ids = args.only.split(",") if args.only else ["torch.ao:w8a8", *ROWS]
     rows = []
     for row_id in ids:
-        q, row = _torch_ao_row(model, calib) if row_id == "torch.ao:w8a8" else _lowbit_row(model, calib, row_id)
+        q, row = _torch_ao_row(model, calib) if row_id == "torch.ao:w8a8" else _lowbit_row(model, inputs, row_id)
         start = time.perf_counter()
         out = logits(q, crops, what=row_id)
         row.update({"id": row_id, "eval_s": time.perf_counter() - start, "eval_vs_float": (time.perf_counter() - start) / float_s,
@@ -98,9 +121,10 @@ def main() -> None:
         print(row, flush=True)
     payload = {"machine": machine(), "model": "mobilenet-v2 (torchvision IMAGENET1K_V1)", "n_eval": args.n_eval,
                "n_calib": args.n_calib, "eval_images": "photos-eval", "calib_images": "photos-calib", "float_eval_s": float_s,
+               **({"zeroq": zeroq_info} if "zeroq" in inputs else {}),
                "rows": rows}
     write_results(args.out, payload)
-    cols = [("id", "row", ""), ("weights", "weights", ""), ("acts", "activations", ""), ("bpw", "bpw", ".3f"),
+    cols = [("id", "row", ""), ("weights", "weights", ""), ("acts", "activations", ""), ("calibration", "calibration", ""), ("bpw", "bpw", ".3f"),
             ("top1_agreement", "top-1 agree", ".3f"), ("top5_agreement", "top-5 agree", ".3f"), ("kl", "KL", ".4f"),
             ("quantize_s", "quantize s", ".1f"), ("eval_vs_float", "eval time / float", ".2f")]
     table = markdown_table(rows, cols)
@@ -108,7 +132,7 @@ def main() -> None:
 
     (RESULTS / f"{args.out}.md").write_text(
         f"# MobileNetV2: fidelity to the float model, {args.n_eval} crops of the evaluation photos, "
-        f"{args.n_calib} calibration crops of the disjoint calibration photos\n\n{table}\n\n"
+        f"{args.n_calib} calibration crops of the disjoint calibration photos (or as many ZeroQ-distilled inputs)\n\n{table}\n\n"
         "lowbit's activations are simulated integer inference (float kernels on quantized values); torch.ao runs real "
         "int8 kernels (fbgemm/x86), hence its evaluation time.\n")
     print(table)

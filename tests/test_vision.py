@@ -277,3 +277,26 @@ def test_zeroq_mixed_precision_allocates_within_the_budget():
     report = quantize_vision(m, r, inputs)
     bits = sum(e["bpw"] * e["shape"][0] * e["shape"][1] for e in report.modules.values())
     assert bits / sum(e["shape"][0] * e["shape"][1] for e in report.modules.values()) == pytest.approx(mixed.bpw, rel=1e-9)
+
+
+def test_python_api_quantizes_any_cnn_and_loads_into_a_fresh_skeleton(tmp_path):
+    import lowbit
+
+    def net() -> nn.Module:
+        torch.manual_seed(0)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 5))
+        m[1].running_mean.uniform_(-0.5, 0.5)
+        m[1].running_var.uniform_(0.5, 2.0)
+        return m.eval()
+
+    model = net()
+    images = torch.randn(8, 3, 12, 12)
+    report = lowbit.quantize(model, lowbit.Recipe(format="int4", method="gptq", act="int8"), calib=images)
+    assert set(report.modules) == {"0", "5"} and report.folded == ["1"]
+    assert model[0].layout.group_size == -1  # per channel unless a group size is given
+    out = lowbit.save(model, tmp_path / "a", source=model.lowbit_source)
+    loaded = lowbit.load(out, model=net())
+    x = torch.randn(2, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

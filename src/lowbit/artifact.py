@@ -438,7 +438,8 @@ def load(
     widen_dense: bool = False,
 ) -> nn.Module:
     """Rebuild the quantized model from an artifact. `model`: a skeleton to fill instead of the
-    one built from the stored config (for models that are not Hugging Face models).
+    one built from the stored config (for models that are not Hugging Face models; a CNN's batch
+    norms are folded into it as they were when it was quantized).
     `cache_weights`: keep each layer's dequantized weight after its first use (faster repeated
     forwards, such as evaluation or generation, at the memory cost of a float model).
     `bits`: decode every nested module (`nested8`, Double Rounding) at this precision; other
@@ -453,6 +454,10 @@ def load(
     header, dense_specs = validate(root, verify)
     if model is None:
         model = _skeleton(root, header, [*dense_specs, *header["modules"]])
+    elif header["source"].get("folded_batchnorms"):  # a CNN quantized with its batch norms folded in
+        from .vision.fold import fold_batchnorm
+
+        fold_batchnorm(model)
     _check_fits(model, root, header, dense_specs)
     quantized = load_quantized(root, header)
     switched = 0

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from ..artifact import load, read_header, save
 from ..calib.zeroq import distill_images
@@ -24,29 +25,40 @@ EVAL_SOURCE = "photos-eval"
 EVAL_SEED = 1_000_003  # evaluation crops never share the calibration's seed
 
 
-def quantize_vision_job(source: str, recipe: Recipe, out: str | Path, force: bool = False) -> tuple[Path, VisionReport]:
-    """Quantize the vision model `source` (an alias or a state-dict file) by `recipe` and save it.
-    Calibration: `recipe.calib.n_samples` crops (seed `calib.seed`) of `calib.path` (a directory of
-    images, or the bundled calibration photos)."""
-    model, record = load_vision_model(source)
-    recipe_budget = recipe.budget
-    needs_images = recipe.method == "gptq" or recipe.act != "none" or any(o.method == "gptq" for o in recipe.overrides)
-    needs_images = needs_images or recipe.budget is not None
-    images, calibration = calibration_images(model, recipe) if needs_images else (None, {})
-    mixed = None
+def quantize_cnn(model: nn.Module, recipe: Recipe, images: torch.Tensor | None = None) -> tuple[Recipe, VisionReport, dict]:
+    """Quantize `model` (Conv2d + Linear layers, batch norms folded) in place by `recipe`: inputs
+    distilled when `data_free: zeroq`, else `images` (or the recipe's calibration crops) where GPTQ,
+    activation ranges or a budget need them; with `budget`, ZeroQ's mixed precision first. Returns
+    the recipe actually applied (per-layer formats under a budget), the report, and what the artifact
+    records of the calibration and the allocation."""
+    needs = (recipe.method == "gptq" or recipe.act != "none" or recipe.budget is not None
+             or any(o.method == "gptq" for o in recipe.overrides))
+    record: dict = {}
+    if needs and (images is None or recipe.data_free != "none"):
+        images, record["calibration"] = calibration_images(model, recipe)
+    elif images is not None:
+        record["calibration"] = {"images": "given", "n_inputs": int(images.shape[0])}
     if recipe.budget is not None:  # ZeroQ's mixed precision: sensitivities, then the knapsack
         costs = sensitivities(model, recipe, images, batch_size=recipe.calib.batch_size)
         try:
             allocation = allocate_bits(costs, recipe.budget)
         except CandidateError as exc:
             raise VisionQuantizeError(str(exc)) from None
+        record["mixed_precision"] = {"budget": recipe.budget, "bpw": allocation.bpw, "predicted_kl": allocation.damage,
+                                     "choice": dict(sorted(allocation.choice.items()))}
         recipe = mixed_recipe(recipe.model_copy(update={"budget": None}), allocation)
-        mixed = {"budget": recipe_budget, "bpw": allocation.bpw, "predicted_kl": allocation.damage,
-                 "choice": dict(sorted(allocation.choice.items()))}
     report = quantize_vision(model, recipe, images, recipe.act, recipe.calib.act_range, recipe.calib.batch_size)
-    record = {**record, "folded_batchnorms": len(report.folded), "calibration": calibration,
-              **({"mixed_precision": mixed} if mixed else {})}
-    path = save(model, out, source=record, recipe=recipe.to_dict(),
+    record["folded_batchnorms"] = len(report.folded)
+    return recipe, report, record
+
+
+def quantize_vision_job(source: str, recipe: Recipe, out: str | Path, force: bool = False) -> tuple[Path, VisionReport]:
+    """Quantize the vision model `source` (an alias or a state-dict file) by `recipe` and save it.
+    Calibration: `recipe.calib.n_samples` crops (seed `calib.seed`) of `calib.path` (a directory of
+    images, or the bundled calibration photos), or ZeroQ's distilled inputs."""
+    model, source_record = load_vision_model(source)
+    applied, report, record = quantize_cnn(model, recipe)
+    path = save(model, out, source={**source_record, **record}, recipe=applied.to_dict(),
                 module_info={n: {"method": m["method"]} for n, m in report.modules.items()}, skipped=report.skipped, force=force)
     return path, report
 

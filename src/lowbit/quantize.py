@@ -331,15 +331,8 @@ def quantize_model(
     PTQ1.61, the format searches and the preprocessing. `parallel`: this process's rank in a
     data-parallel run (`parallel.Parallel`; every rank calls this with the same arguments)."""
     started = time.perf_counter()
-    if recipe.budget is not None:
-        raise QuantizeError(f"budget: {recipe.budget} allocates a convolutional model's bits; for a language model run "
-                            f"`lowbit search MODEL --budget {recipe.budget:g}`")
-    if recipe.data_free != "none":
-        raise QuantizeError(f"data_free: {recipe.data_free} distils inputs from BatchNorm statistics, which a language model "
-                            "does not have; calibrate it on text instead")
-    if recipe.act == "int4":
-        raise QuantizeError("act: int4 is the convolutional path's static per-tensor activations; a language model's "
-                            "activations are quantized per token in int8 (act: int8)")
+    if recipe.cnn_only():
+        raise QuantizeError(recipe.cnn_only())
     if parallel is not None and (recipe.tune.steps > 0 or recipe.preprocess.steps > 0 or recipe.rounding != "nearest"):
         raise QuantizeError("preprocessing, learned rounding and end-to-end tuning do not run data-parallel yet: run one process")
     teacher = None

@@ -478,6 +478,19 @@ class Recipe(Scheme):
         base = self._base()
         return any(s.needs_calibration for s in [base, *(_apply(base, o) for o in self.overrides if not o.skip)])
 
+    def cnn_only(self) -> str | None:
+        """What in this recipe only the convolutional path runs (so a language model refuses it), or None."""
+        if self.budget is not None:
+            return (f"budget: {self.budget} allocates a convolutional model's bits; for a language model run "
+                    f"`lowbit search MODEL --budget {self.budget:g}`")
+        if self.data_free != "none":
+            return (f"data_free: {self.data_free} distils inputs from BatchNorm statistics, which a language model does "
+                    "not have; calibrate it on text instead")
+        if self.act == "int4":
+            return ("act: int4 is the convolutional path's static per-tensor activations; a language model's activations "
+                    "are quantized per token in int8 (act: int8)")
+        return None
+
     def to_dict(self) -> dict:
         """JSON-able keys; without `preprocess` / `tune` / `scaling` / `rounding` when they are off and `target` when there is
         none, so artifacts read as they did before those existed."""

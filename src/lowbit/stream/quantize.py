@@ -256,12 +256,8 @@ def stream_quantize(source: str, recipe: Recipe, out: str | Path, *, force: bool
 
     started = time.perf_counter()
     _fix_mmap_threshold()
-    if recipe.budget is not None:
-        raise StreamError("budget allocates a convolutional model's bits; for a language model run `lowbit search`")
-    if recipe.data_free != "none":
-        raise StreamError("data_free: zeroq distils inputs for convolutional models; a streamed language model is calibrated on text")
-    if recipe.act == "int4":
-        raise StreamError("act: int4 is the convolutional path's static activations; a language model takes act: int8 (per token)")
+    if recipe.cnn_only():
+        raise StreamError(recipe.cnn_only())
     if recipe.preprocess.steps > 0 or recipe.tune.steps > 0:
         raise StreamError("preprocessing and end-to-end tuning train the whole model at once; they do not stream "
                           "(quantize without --stream, or set preprocess.steps / tune.steps to 0)")

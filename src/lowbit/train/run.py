@@ -39,10 +39,8 @@ def train_model(source: str, recipe: Recipe, cfg: QATConfig, out: str | Path, da
     float `source` itself). With `stop_after`, leave after that many steps (the state saved, no
     artifact: returns None)."""
     out = Path(out)
-    if recipe.data_free != "none":
-        raise TrainError("data_free is for convolutional models' calibration; lowbit train takes language models and their text")
-    if recipe.act == "int4":
-        raise TrainError("act: int4 (static per-tensor) is for convolutional models; training takes act: int8 (per token)")
+    if recipe.cnn_only():
+        raise TrainError(recipe.cnn_only())
     local = Path(source).expanduser()
     check_output(out, force=force, sources=(local,) if local.exists() else ())
     text, desc = (read_text(data), str(data)) if data else default_text("calib")

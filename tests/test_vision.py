@@ -300,3 +300,19 @@ def test_python_api_quantizes_any_cnn_and_loads_into_a_fresh_skeleton(tmp_path):
     x = torch.randn(2, 3, 12, 12)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("groups", [1, 4])
+def test_bias_correction_restores_each_channels_mean_output(groups):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1, groups=groups, bias=False))
+    images = torch.randn(6, 4, 10, 10) + 0.7  # inputs with a mean: the weight error shifts the output's
+    with torch.no_grad():
+        target = net(images).mean(dim=(0, 2, 3))
+    shifts = {}
+    for correct in (False, True):
+        m = copy.deepcopy(net)
+        quantize_vision(m, Recipe(method="rtn", format="int2", group_size=-1), images, bias_correction=correct)
+        with torch.no_grad():
+            shifts[correct] = (m(images).mean(dim=(0, 2, 3)) - target).abs().max().item()
+    assert shifts[True] < 1e-4 < shifts[False]

@@ -138,6 +138,7 @@ def build_recipe(
     sweeps: int | None = None,
     data_free: str | None = None,
     budget: float | None = None,
+    bias_correction: bool | None = None,
 ) -> Recipe:
     """A preset (if any), the recipe file (if any) laid over it, then the flags that were given."""
     data = preset(preset_name) if preset_name else {}
@@ -158,7 +159,7 @@ def build_recipe(
     flat = {"method": method, "format": fmt, "group_size": group_size, "symmetric": symmetric, "target": target,
             "scaling": scaling, "rounding": rounding, "hessian": hessian, "hessian_groups": hessian_groups,
             "rotate": rotate, "entropy_code": entropy_code, "act": act, "data_free": data_free,
-            "budget": budget}
+            "budget": budget, "bias_correction": bias_correction}
     data.update({k: v for k, v in flat.items() if v is not None})
     calib_opts = {"path": str(calib) if calib else None, "n_samples": n_samples, "seq_len": seq_len}
     data["calib"] = {**data.get("calib", {}), **{k: v for k, v in calib_opts.items() if v is not None}}
@@ -227,6 +228,7 @@ def quantize(
     act: Optional[str] = typer.Option(None, help="none | int8: each quantized layer's inputs are quantized to int8 per token at run time (dynamic, symmetric) and its product runs in integers (oneDNN's int8 GEMM through torch._int_mm; exact, so the simulation and the kernel agree bit for bit). Integer weight grids of 2-8 bits: W8A8 is --bits 8 --sym --group-size -1 (one integer product per layer, the fastest), W4A8 e.g. --bits 4 --group-size 64 (one per group). Pair with --smooth 0.5 where activations have outlier channels. On a vision model: int8 | int4, static per-tensor ranges calibrated on the images (the integer-inference whitepaper's simulated W8A8/W4A8/W4A4; the recipe's calib.act_range: mse (default), minmax, percentile). (default: none, weights only)"),
     data_free: Optional[str] = typer.Option(None, "--data-free", help="none | zeroq: calibrate a vision model without any image: --n-samples inputs are distilled from the model's BatchNorm statistics (ZeroQ: Gaussian noise optimised so every BatchNorm sees the mean and variance it stored in training; the recipe's zeroq section: steps 100, lr 0.5, batch_size 32; about 2 s a step per 32 inputs on 2 cores). (default: none)"),
     budget: Optional[float] = typer.Option(None, help="Vision models: bits per weight over the quantized layers, everything stored counted; each layer gets int2, int3, int4, int6 or int8 (with --method and --group-size) by ZeroQ's mixed precision: the output KL with that layer alone quantized, measured on the calibration inputs (with --data-free zeroq: distilled ones), then the least summed KL within the budget (dynamic programming). Language models: `lowbit search`."),
+    bias_correction: Optional[bool] = typer.Option(None, "--bias-correction", show_default=False, help="Vision models: each quantized layer's bias absorbs the mean effect of its weight error on the calibration inputs, (W - W_hat) E[x] per output channel (bias correction, from data-free quantization), so every channel's mean output stays the float layer's."),
     preset_name: Optional[str] = typer.Option(None, "--preset", help="Starting point, under --recipe and the flags: quality = GPTQ on loss-aware (Fisher) Hessians with every group's scale and zero searched for the least rounding error (mse_fit), causal LMs (SmolLM2-135M int4 g64: KL 0.0656 against llm-compressor AWQ+GPTQ's 0.0846 at the same 4.31 bpw; slower: the backward passes and the search); fast = RTN, no calibration (KL 0.305, seconds)."),
     recipe: Optional[Path] = typer.Option(None, help="YAML or JSON recipe file; flags given here override its keys."),
     force: bool = typer.Option(False, show_default=False, help="Replace the output if it is a lowbit artifact (never a model, a plain directory or a file)."),
@@ -248,7 +250,7 @@ def quantize(
             scaling = "smooth"
         r = build_recipe(recipe, method, fmt, bits, group_size, symmetric, calib, n_samples, seq_len, act_order, damp, ignore,
                          format_option, preprocess_steps, tune_steps, target, scaling, preset_name, rounding,
-                         hessian, hessian_groups, rotate, entropy_code, act, sweeps, data_free, budget)
+                         hessian, hessian_groups, rotate, entropy_code, act, sweeps, data_free, budget, bias_correction)
         if smooth is not None:
             r = Recipe.from_dict({**r.to_dict(), "smooth": {"alpha": smooth}})
         local = Path(model).expanduser()

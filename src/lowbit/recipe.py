@@ -22,6 +22,7 @@
                             # on a CNN int8/int4 with static per-tensor ranges (calib.act_range: minmax|percentile|mse)
     data_free: none         # zeroq: calibrate a CNN on inputs distilled from its BatchNorm statistics (ZeroQ)
     zeroq: {steps: 100, lr: 0.5, batch_size: 32}
+    bias_correction: false  # a CNN's biases absorb the mean effect of each layer's weight error
     budget: null            # a CNN's bits per weight: per-layer int2..int8 by ZeroQ's sensitivities (`vision.mixed`)
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
       # {steps: 100, lr: 1e-4, batch_size: 4, norms: true, seed: 0}
@@ -356,6 +357,9 @@ class Recipe(Scheme):
     # convolutional models: bits per weight over the quantized layers; each layer gets int2..int8 by
     # ZeroQ's sensitivities and a knapsack (`vision.mixed`); language models use `lowbit search`
     budget: float | None = Field(None, gt=0, le=32)
+    # convolutional models: each layer's bias absorbs the mean effect of its weight error on the
+    # calibration inputs (bias correction, Nagel et al.'s data-free quantization, empirical form)
+    bias_correction: bool = False
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
 
@@ -486,6 +490,8 @@ class Recipe(Scheme):
         if self.data_free != "none":
             return (f"data_free: {self.data_free} distils inputs from BatchNorm statistics, which a language model does "
                     "not have; calibrate it on text instead")
+        if self.bias_correction:
+            return "bias_correction is the convolutional path's; a language model's layers keep their biases"
         if self.act == "int4":
             return ("act: int4 is the convolutional path's static per-tensor activations; a language model's activations "
                     "are quantized per token in int8 (act: int8)")
@@ -504,6 +510,7 @@ class Recipe(Scheme):
                    | ({"act"} if self.act == "none" else set())
                    | ({"data_free", "zeroq"} if self.data_free == "none" else set())
                    | ({"budget"} if self.budget is None else set())
+                   | ({"bias_correction"} if not self.bias_correction else set())
                    | ({"entropy_code"} if not self.entropy_code else set()))
         nested: dict = ({k: True for k in exclude} | ({"gptq": {"sweeps"}} if self.gptq.sweeps == 0 else {})
                         | ({"calib": {"act_range"}} if self.act == "none" else {}))

@@ -95,10 +95,12 @@ class _Stop(Exception):
 @torch.no_grad()
 def calibrate(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tensor, hessian_for: set[str],
               observers: dict[str, RangeObserver], batch_size: int = 16, stop_after: str | None = None,
-              show_progress: bool = True) -> dict[str, torch.Tensor]:
+              show_progress: bool = True, means: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """One pass over `images` ([n, 3, H, W]); fills `observers` with every layer's inputs and returns
     the Hessians of the layers in `hessian_for` ([cols, cols], or [channels, k, k] for depthwise).
-    `stop_after`: a layer after whose inputs nothing more is needed (the forward stops there)."""
+    `stop_after`: a layer after whose inputs nothing more is needed (the forward stops there).
+    `means`: filled, for the layers it names, with the mean input patch ([in * kh * kw], float64)."""
+    sums: dict[str, list] = {n: [0.0, 0] for n in (means or {})}
     accs: dict[str, object] = {}
     for name in hessian_for:
         m = layers[name]
@@ -109,6 +111,14 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tens
             x = args[0]
             if name in observers:
                 observers[name].observe(x)
+            if name in sums:
+                if isinstance(module, nn.Conv2d):
+                    cols = F.unfold(x, module.kernel_size, module.dilation, module.padding, module.stride)  # [b, in*k, L]
+                    sums[name][0] = sums[name][0] + cols.double().sum(dim=(0, 2))
+                    sums[name][1] += cols.shape[0] * cols.shape[2]
+                else:
+                    sums[name][0] = sums[name][0] + x.reshape(-1, x.shape[-1]).double().sum(0)
+                    sums[name][1] += x.reshape(-1, x.shape[-1]).shape[0]
             if name in accs:
                 acc = accs[name]
                 if isinstance(acc, _DepthwiseHessians):
@@ -119,7 +129,8 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tens
                 raise _Stop
         return pre
 
-    handles = [layers[n].register_forward_pre_hook(hook(n)) for n in set(accs) | set(observers) | ({stop_after} - {None})]
+    handles = [layers[n].register_forward_pre_hook(hook(n))
+               for n in set(accs) | set(observers) | set(sums) | ({stop_after} - {None})]
     try:
         with Progress(transient=True, disable=not show_progress) as bar:
             task = bar.add_task("calibrating", total=images.shape[0])
@@ -132,7 +143,22 @@ def calibrate(model: nn.Module, layers: dict[str, nn.Module], images: torch.Tens
     finally:
         for h in handles:
             h.remove()
+    for n, (total, count) in sums.items():
+        means[n] = total / max(count, 1)
     return {n: a.hessian() for n, a in accs.items()}
+
+
+def corrected_bias(m: nn.Module, w: torch.Tensor, w_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Bias correction (Nagel et al., data-free quantization): the bias plus (W - W_hat) E[x] per
+    output channel, so the quantized layer's mean output equals the float layer's on the calibration
+    inputs. w, w_hat: [out, cols]; mean: [in * kh * kw] the mean input patch (grouped convs: each
+    group of rows reads its own slice)."""
+    groups = m.groups if isinstance(m, nn.Conv2d) else 1
+    per_group = mean.reshape(groups, -1)  # [groups, cols]
+    rows_group = torch.arange(w.shape[0]) // (w.shape[0] // groups)
+    delta = ((w.double() - w_hat.double()) * per_group[rows_group]).sum(1)
+    bias = torch.zeros(w.shape[0], dtype=torch.float64) if m.bias is None else m.bias.detach().double()
+    return (bias + delta).float()
 
 
 @torch.no_grad()
@@ -196,8 +222,9 @@ def check_recipe(recipe: Recipe) -> None:
 
 
 def _quantize_layer(model: nn.Module, name: str, m: nn.Module, scheme, layout: GroupLayout, hessian: torch.Tensor | None,
-                    observer: RangeObserver | None, spec: dict | None, cfg: GPTQConfig) -> dict:
-    """Quantize one Conv2d/Linear by its plan, swap the quantized module in; its report entry."""
+                    observer: RangeObserver | None, spec: dict | None, cfg: GPTQConfig, mean: torch.Tensor | None = None) -> dict:
+    """Quantize one Conv2d/Linear by its plan, swap the quantized module in; its report entry. With
+    `mean` (the mean input patch), the bias is corrected for the weight's quantization error."""
     t0 = time.perf_counter()
     w = _rows(m)
     if not torch.isfinite(w).all():
@@ -210,6 +237,8 @@ def _quantize_layer(model: nn.Module, name: str, m: nn.Module, scheme, layout: G
     else:
         qw = rtn_quantize(w, grid, layout)
     bias = None if m.bias is None else m.bias.detach()
+    if mean is not None:
+        bias = corrected_bias(m, w, qw.dequantize(), mean)
     if isinstance(m, nn.Conv2d):
         layer = QuantConv2d.from_quantized_conv(qw, bias, conv_geometry(m), spec)
     elif spec is not None:
@@ -224,11 +253,13 @@ def _quantize_layer(model: nn.Module, name: str, m: nn.Module, scheme, layout: G
 
 
 def quantize_vision(model: nn.Module, recipe: Recipe, images: torch.Tensor | None, act: str = "none",
-                    act_range: str = "mse", batch_size: int = 16, sequential: bool = True) -> VisionReport:
+                    act_range: str = "mse", batch_size: int = 16, sequential: bool = True,
+                    bias_correction: bool = False) -> VisionReport:
     """Fold, calibrate and quantize `model` in place (see the module docstring). `images`
     [n, 3, H, W] are needed for GPTQ and for activation ranges. `sequential`: calibrate each layer
     on the outputs of the layers already quantized before it (GPTQ's sequential order; one forward
-    prefix per layer), or all layers at once on the float model (one pass, faster)."""
+    prefix per layer), or all layers at once on the float model (one pass, faster). `bias_correction`:
+    each layer's bias absorbs its weight error's mean effect on the calibration inputs (`corrected_bias`)."""
     check_recipe(recipe)
     if act != "none" and act not in ACT_BITS:
         raise VisionQuantizeError(f"activation format {act!r}: use none, {', '.join(ACT_BITS)}")
@@ -259,11 +290,11 @@ def quantize_vision(model: nn.Module, recipe: Recipe, images: torch.Tensor | Non
         raise VisionQuantizeError("no Conv2d or Linear layer to quantize: check the recipe's ignore patterns")
     need_h = {n for n, (s, _) in plans.items() if s.method == "gptq"}
     observers = {n: RangeObserver(act_range, ACT_BITS[act], recipe.calib.seed) for n in plans} if act != "none" else {}
-    if (need_h or observers) and (images is None or images.shape[0] == 0):
+    if (need_h or observers or bias_correction) and (images is None or images.shape[0] == 0):
         raise VisionQuantizeError("GPTQ and activation ranges need calibration images; pass some, or use method rtn without --act")
     spec = act_spec(act, act_range) if act != "none" else None
     cfg = GPTQConfig(recipe.gptq.damp, recipe.gptq.block_size, recipe.gptq.act_order, recipe.gptq.sweeps)
-    if not (need_h or observers):
+    if not (need_h or observers or bias_correction):
         for name in plans:
             report.modules[name] = _quantize_layer(model, name, layers[name], *plans[name], None, None, None, cfg)
     elif sequential:  # each layer calibrated on the inputs the already quantized layers before it produce
@@ -272,14 +303,18 @@ def quantize_vision(model: nn.Module, recipe: Recipe, images: torch.Tensor | Non
             task = bar.add_task("calibrating and quantizing layer by layer", total=len(names))
             for name in names:
                 obs = {name: observers[name]} if observers else {}
-                h = calibrate(model, layers, images, need_h & {name}, obs, batch_size, stop_after=name, show_progress=False)
-                report.modules[name] = _quantize_layer(model, name, layers[name], *plans[name], h.get(name), obs.get(name), spec, cfg)
+                means: dict[str, torch.Tensor] = {name: None} if bias_correction else {}
+                h = calibrate(model, layers, images, need_h & {name}, obs, batch_size, stop_after=name, show_progress=False,
+                              means=means)
+                report.modules[name] = _quantize_layer(model, name, layers[name], *plans[name], h.get(name), obs.get(name), spec,
+                                                       cfg, means.get(name))
                 bar.advance(task)
     else:  # one pass of the float model gathers every layer's statistics
-        hessians = calibrate(model, layers, images, need_h, observers, batch_size)
+        means = dict.fromkeys(plans) if bias_correction else {}
+        hessians = calibrate(model, layers, images, need_h, observers, batch_size, means=means)
         for name in plans:
             report.modules[name] = _quantize_layer(model, name, layers[name], *plans[name], hessians.get(name),
-                                                   observers.get(name), spec, cfg)
+                                                   observers.get(name), spec, cfg, means.get(name))
     report.seconds = time.perf_counter() - start
     return report
 

@@ -31,7 +31,7 @@ def quantize_cnn(model: nn.Module, recipe: Recipe, images: torch.Tensor | None =
     activation ranges or a budget need them; with `budget`, ZeroQ's mixed precision first. Returns
     the recipe actually applied (per-layer formats under a budget), the report, and what the artifact
     records of the calibration and the allocation."""
-    needs = (recipe.method == "gptq" or recipe.act != "none" or recipe.budget is not None
+    needs = (recipe.method == "gptq" or recipe.act != "none" or recipe.budget is not None or recipe.bias_correction
              or any(o.method == "gptq" for o in recipe.overrides))
     record: dict = {}
     if needs and (images is None or recipe.data_free != "none"):
@@ -47,7 +47,8 @@ def quantize_cnn(model: nn.Module, recipe: Recipe, images: torch.Tensor | None =
         record["mixed_precision"] = {"budget": recipe.budget, "bpw": allocation.bpw, "predicted_kl": allocation.damage,
                                      "choice": dict(sorted(allocation.choice.items()))}
         recipe = mixed_recipe(recipe.model_copy(update={"budget": None}), allocation)
-    report = quantize_vision(model, recipe, images, recipe.act, recipe.calib.act_range, recipe.calib.batch_size)
+    report = quantize_vision(model, recipe, images, recipe.act, recipe.calib.act_range, recipe.calib.batch_size,
+                             bias_correction=recipe.bias_correction)
     record["folded_batchnorms"] = len(report.folded)
     return recipe, report, record
 

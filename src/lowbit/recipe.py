@@ -21,7 +21,7 @@
     act: none               # int8: activations quantized per token at run time, products in integers (W8A8, W4A8);
                             # on a CNN int8/int4 with static per-tensor ranges (calib.act_range: minmax|percentile|mse)
     data_free: none         # zeroq: calibrate a CNN on inputs distilled from its BatchNorm statistics (ZeroQ)
-    zeroq: {steps: 100, lr: 0.5, batch_size: 32}
+    zeroq: {steps: 100, lr: 0.2, batch_size: 32}
     bias_correction: false  # a CNN's biases absorb the mean effect of each layer's weight error
     budget: null            # a CNN's bits per weight: per-layer int2..int8 by ZeroQ's sensitivities (`vision.mixed`)
     tune: {steps: 0}        # end-to-end tuning of scales, norms and biases after quantization, codes frozen; 0: off
@@ -280,7 +280,7 @@ class ZeroQOptions(_Strict):
     """ZeroQ's distillation (`calib.zeroq`): optimiser steps per batch of inputs, Adam's rate, inputs per batch."""
 
     steps: int = Field(100, ge=1, le=100_000)
-    lr: float = Field(0.5, gt=0)
+    lr: float = Field(0.2, gt=0)
     batch_size: int = Field(32, ge=1)
 
 

@@ -26,14 +26,16 @@ ROWS = {
     "lowbit:gptq-w8": ({"method": "gptq", "format": "int8"}, "none", "photos"),
     "lowbit:gptq-w8a8": ({"method": "gptq", "format": "int8"}, "int8", "photos"),
     "lowbit:gptq-w8a8-zeroq": ({"method": "gptq", "format": "int8"}, "int8", "zeroq"),
-    "lowbit:gptq-w6a8": ({"method": "gptq", "format": "int6"}, "int8", "photos"),
-    "lowbit:gptq-w6a8-zeroq": ({"method": "gptq", "format": "int6"}, "int8", "zeroq"),
     "lowbit:rtn-w4a8": ({"method": "rtn", "format": "int4"}, "int8", "photos"),
     "lowbit:gptq-w4a8": ({"method": "gptq", "format": "int4"}, "int8", "photos"),
+    "lowbit:gptq-w4a8-bc": ({"method": "gptq", "format": "int4", "bias_correction": True}, "int8", "photos"),
     "lowbit:gptq-w4a8-zeroq": ({"method": "gptq", "format": "int4"}, "int8", "zeroq"),
     # ZeroQ's mixed precision at uniform int4's size (per-channel int4 stores 4.105 bpw on MobileNetV2)
     "lowbit:gptq-mixed4.105-a8-zeroq": ({"method": "gptq", "format": "int4", "budget": 4.105}, "int8", "zeroq"),
 }
+
+
+MIXED_BITS = (2, 4, 8)  # ZeroQ's own choices
 
 
 def _lowbit_row(model, inputs: dict, row_id: str):
@@ -48,17 +50,18 @@ def _lowbit_row(model, inputs: dict, row_id: str):
     start = time.perf_counter()
     mixed = {}
     if recipe.budget is not None:
-        allocation = allocate_bits(sensitivities(m, recipe, calib), recipe.budget)
+        allocation = allocate_bits(sensitivities(m, recipe, calib, bits=MIXED_BITS), recipe.budget)
         recipe = mixed_recipe(recipe.model_copy(update={"budget": None}), allocation)
         counts: dict[str, int] = {}
         for c in allocation.choice.values():
             counts[c] = counts.get(c, 0) + 1
         mixed = {"predicted_kl": allocation.damage, "layers_per_format": dict(sorted(counts.items()))}
-    report = quantize_vision(m, recipe, calib, act, "mse")
+    report = quantize_vision(m, recipe, calib, act, "mse", bias_correction=recipe.bias_correction)
     seconds = time.perf_counter() - start
     numel = sum(e["shape"][0] * e["shape"][1] for e in report.modules.values())
     bpw = sum(e["bpw"] * e["shape"][0] * e["shape"][1] for e in report.modules.values()) / numel
-    weights = f"mixed ({keys['budget']} bpw)" if "budget" in keys else f"{keys['format']} per channel"
+    weights = (f"mixed int2/4/8 ({keys['budget']} bpw)" if "budget" in keys else f"{keys['format']} per channel"
+               + (" + bias correction" if keys.get("bias_correction") else ""))
     return m, {"tool": "lowbit", "method": keys["method"], "weights": weights, "acts": f"{act} per tensor (mse)" if act != "none" else "float",
                "calibration": "ZeroQ distilled" if data == "zeroq" else "photo crops", "bpw": bpw, "quantize_s": seconds, **mixed}
 

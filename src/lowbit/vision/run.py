@@ -12,11 +12,11 @@ from torch import nn
 from ..artifact import load, read_header, save
 from ..calib.zeroq import distill_images
 from ..eval.size import artifact_size
+from ..mixed.candidates import CandidateError
 from ..recipe import Recipe
 from .eval import fidelity, logits
 from .images import random_crops
 from .models import load_vision_model
-from ..mixed.candidates import CandidateError
 from .mixed import allocate_bits, mixed_recipe, sensitivities
 from .quantize import VisionQuantizeError, VisionReport, quantize_vision
 

@@ -46,14 +46,3 @@ def fold_batchnorm(model: nn.Module) -> list[str]:
                 folded.append(f"{name}.{key}" if name else key)
     return folded
 
-
-def folded_positions(model: nn.Module) -> list[str]:
-    """The names `fold_batchnorm` would fold, without changing anything (to rebuild a folded skeleton)."""
-    names = []
-    for name, seq in model.named_modules():
-        if isinstance(seq, nn.Sequential):
-            children = list(seq.named_children())
-            for (_, a), (key, b) in zip(children, children[1:]):
-                if isinstance(a, nn.Conv2d) and isinstance(b, nn.BatchNorm2d):
-                    names.append(f"{name}.{key}" if name else key)
-    return names
